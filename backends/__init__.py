@@ -1,0 +1,7 @@
+"""The explicit backend registry. Its keys must equal the backend names the recipe schema accepts."""
+
+from backends.cpu import CpuBackend
+from backends.cuda import CudaBackend
+from backends.mps import MpsBackend
+
+BACKENDS = {b.name: b for b in (CpuBackend(), CudaBackend(), MpsBackend())}

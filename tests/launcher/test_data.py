@@ -1,0 +1,96 @@
+import json
+
+import pytest
+
+from launcher.data import build_examples, encode_examples, load_pairs_file
+from launcher.errors import DataError
+from launcher.models import load_tokenizer
+from launcher.recipe import load_recipe
+from launcher.tasks.unit_conversion import Example
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return load_tokenizer(str(tiny_model))
+
+
+EX = Example("Convert 7 feet to meters.", "1 ft = 0.3048 m, so 7 * 0.3048 = 2.1336 <answer>2.1336</answer>", 2.1336)
+
+
+def test_labels_mask_the_prompt_and_keep_answer_and_eos(tokenizer):
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the trap this guards against
+    (f,), report = encode_examples([EX], tokenizer, 128, "plain")
+    ids, labels = f["input_ids"], f["labels"]
+    prompt_len = len(tokenizer(EX.question + "\nAnswer:", add_special_tokens=False)["input_ids"])
+    assert labels[:prompt_len] == [-100] * prompt_len
+    assert labels[prompt_len:] == ids[prompt_len:]
+    assert ids[-1] == tokenizer.eos_token_id and labels[-1] == tokenizer.eos_token_id  # EOS is trained
+    assert tokenizer.decode(ids[prompt_len:-1]).strip() == EX.target
+    assert report.as_dict()["trainable_tokens_min"] == len(ids) - prompt_len
+
+
+def test_padding_uses_minus_100_for_labels_not_the_eos_id(tokenizer):
+    from transformers import DataCollatorForSeq2Seq
+
+    short = Example("1 B to KB", "<answer>0.001</answer>", 0.001)
+    feats, _ = encode_examples([EX, short], tokenizer, 128, "plain")
+    batch = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)(feats)
+    row = batch["labels"][1].tolist()
+    n = len(feats[1]["labels"])
+    assert row[:n] == feats[1]["labels"] and set(row[n:]) == {-100}
+    assert batch["input_ids"].shape[1] == max(len(f["input_ids"]) for f in feats)  # dynamic padding
+
+
+def test_truncation_cuts_the_prompt_not_the_answer(tokenizer):
+    long_q = Example("Please, " * 40 + "convert 7 feet to meters.", EX.target, EX.reference)
+    (f,), report = encode_examples([long_q], tokenizer, 64, "plain")
+    assert len(f["input_ids"]) == 64
+    assert report.prompts_cut == 1
+    target_len = sum(1 for x in f["labels"] if x != -100)
+    assert tokenizer.decode(f["input_ids"][-target_len:-1]).strip() == EX.target
+
+
+def test_answer_that_would_be_truncated_away_is_caught(tokenizer):
+    with pytest.raises(DataError, match="data.max_length"):
+        encode_examples([EX], tokenizer, 10, "plain")
+    ok = Example("1 B to KB", "<answer>0.001</answer>", 0.001)
+    feats, report = encode_examples([EX, ok], tokenizer, 16, "plain", on_truncation="drop")
+    assert report.dropped == 1 and report.samples == 1 and len(feats) == 1
+    assert "1 samples dropped" in report.render()
+    with pytest.raises(DataError, match="no training sample"):
+        encode_examples([EX], tokenizer, 10, "plain", on_truncation="drop")
+
+
+def test_chat_prompt_format(tokenizer):
+    (f,), _ = encode_examples([EX], tokenizer, 128, "chat")
+    text = tokenizer.decode(f["input_ids"])
+    assert text.startswith("<|im_start|>user\nConvert 7 feet") and "<|im_start|>assistant\n1 ft" in text
+
+
+def test_pairs_file_loads_and_bad_files_name_the_problem(tmp_path):
+    good = tmp_path / "d.json"
+    good.write_text(json.dumps([["How many m in 2 km?", 2000], ["1 ft in m?", "0.3048"]]))
+    exs = load_pairs_file(good, "reasoning")
+    assert [e.reference for e in exs] == [2000.0, 0.3048]
+    assert exs[0].target == "<answer>2000</answer>"
+    bad = tmp_path / "bad.json"
+    bad.write_text('[["q", 1],\n ["q2", ]]')
+    with pytest.raises(DataError, match=r"bad.json:2: invalid JSON"):
+        load_pairs_file(bad, "bare")
+    bad.write_text(json.dumps([["q", "lots"]]))
+    with pytest.raises(DataError, match="item 0"):
+        load_pairs_file(bad, "bare")
+    bad.write_text(json.dumps([["", 1]]))
+    with pytest.raises(DataError, match="non-empty question"):
+        load_pairs_file(bad, "bare")
+    with pytest.raises(DataError, match="cannot read"):
+        load_pairs_file(tmp_path / "missing.json", "bare")
+
+
+def test_recipe_limits_and_files(tmp_path):
+    f = tmp_path / "e.json"
+    f.write_text(json.dumps([[f"q{i}", i + 1] for i in range(10)]))
+    recipe = load_recipe(ROOT / "recipes" / "unit-conversion.yaml", [f"eval.path={f}", "eval.limit=4", "data.train_size=20"])
+    train, evals = build_examples(recipe)
+    assert len(train) == 20 and [e.question for e in evals] == ["q0", "q1", "q2", "q3"]
