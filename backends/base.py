@@ -27,10 +27,10 @@ class Backend(Protocol):
         """Problems that stop this backend from running the plan on this hardware (empty: fine)."""
         ...
 
-    def build(self, plan: Plan, run_dir: Path) -> LaunchSpec:
-        """The command, environment and files that start the workers."""
+    def build(self, plan: Plan, run_dir: Path, resume: bool = False) -> LaunchSpec:
+        """The command, environment and files that start the workers (resume: continue from a checkpoint)."""
         ...
 
 
-def worker_argv(run_dir: Path) -> tuple[str, ...]:
-    return (sys.executable, "-m", "launcher.worker", str(run_dir))
+def worker_argv(run_dir: Path, resume: bool = False) -> tuple[str, ...]:
+    return (sys.executable, "-m", "launcher.worker", str(run_dir), *(("--resume",) if resume else ()))

@@ -17,8 +17,8 @@ class CpuBackend:
             return ["fp16 training needs a CUDA GPU (hardware.precision=bf16 or fp32)"]
         return []
 
-    def build(self, plan: Plan, run_dir: Path) -> LaunchSpec:
+    def build(self, plan: Plan, run_dir: Path, resume: bool = False) -> LaunchSpec:
         threads = str(plan.threads)
         # OMP/MKL read these at start-up, before the worker can call torch.set_num_threads.
         env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": ""}
-        return LaunchSpec(argv=worker_argv(run_dir), env=env)
+        return LaunchSpec(argv=worker_argv(run_dir, resume), env=env)

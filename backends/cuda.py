@@ -15,7 +15,7 @@ class CudaBackend:
     def check(self, plan: Plan, hw: HardwareInfo) -> list[str]:
         return [] if hw.gpus else ["no CUDA GPU detected (hardware.backend=cpu or auto)"]
 
-    def build(self, plan: Plan, run_dir: Path) -> LaunchSpec:
+    def build(self, plan: Plan, run_dir: Path, resume: bool = False) -> LaunchSpec:
         # Pin one device so a multi-GPU box does not get an accidental DataParallel wrap.
         env = {"CUDA_VISIBLE_DEVICES": "0", "OMP_NUM_THREADS": str(plan.threads)}
-        return LaunchSpec(argv=worker_argv(run_dir), env=env)
+        return LaunchSpec(argv=worker_argv(run_dir, resume), env=env)

@@ -19,11 +19,11 @@ class MpsBackend:
     def check(self, plan: Plan, hw: HardwareInfo) -> list[str]:
         return [] if hw.mps else ["no Apple-silicon GPU detected (hardware.backend=cpu or auto)"]
 
-    def build(self, plan: Plan, run_dir: Path) -> LaunchSpec:
+    def build(self, plan: Plan, run_dir: Path, resume: bool = False) -> LaunchSpec:
         env = {
             # Ops without an MPS kernel run on the CPU instead of crashing the run.
             "PYTORCH_ENABLE_MPS_FALLBACK": "1",
             "PYTORCH_MPS_HIGH_WATERMARK_RATIO": MPS_HIGH_WATERMARK,
             "OMP_NUM_THREADS": str(plan.threads),
         }
-        return LaunchSpec(argv=worker_argv(run_dir), env=env)
+        return LaunchSpec(argv=worker_argv(run_dir, resume), env=env)

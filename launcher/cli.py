@@ -69,42 +69,80 @@ def main():
     """
 
 
+SMOKE_STEPS, SMOKE_ITEMS = 10, 10
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
 @click.option("--backend", help="Override the automatic backend choice (cpu, cuda, mps).")
-def run(recipe, overrides, backend):
+@click.option("--smoke", is_flag=True, help=f"Check a set-up in a minute: at most {SMOKE_STEPS} steps, {SMOKE_ITEMS} eval items.")
+def run(recipe, overrides, backend, smoke):
     """Plan, train and evaluate RECIPE (overrides: key.path=value)."""
     try:
+        if smoke:
+            overrides = _smoke_overrides(recipe, overrides)
         plan = _plan(recipe, overrides, None, backend)
-        from backends import BACKENDS
         from launcher.rundir import create_run_dir, write_status
-        from launcher.runner import run as run_spec
 
         click.echo(render_plan(plan))
-        run_dir = create_run_dir(plan, recipe)
-        click.echo(f"run directory: {run_dir}")
-        write_status(run_dir, "starting", recipe=str(recipe), overrides=list(overrides))
-        code = run_spec(BACKENDS[plan.backend].build(plan, run_dir), run_dir)
+        run_dir = create_run_dir(plan, recipe, suffix="-smoke" if smoke else "")
+        click.echo(f"run directory: {run_dir}" + ("  (smoke run)" if smoke else ""))
+        write_status(run_dir, "starting", recipe=str(recipe), overrides=list(overrides), smoke=smoke)
     except SftlaunchError as exc:
         _fail(exc)
+    _launch(plan, run_dir, resume=False)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def resume(run_dir):
+    """Continue an interrupted run from its last checkpoint, with the same plan and data order."""
+    from launcher.errors import PlanError
+    from launcher.hardware import detect
+    from launcher.plan import Plan
+
+    path = Path(run_dir)
+    if not (path / "plan.json").is_file():
+        _fail(PlanError(f"{run_dir} is not a run directory (no plan.json). Fix: pass outputs/<run>."))
+    plan = Plan.model_validate_json((path / "plan.json").read_text())
+    status = json.loads((path / "run.json").read_text()).get("status") if (path / "run.json").exists() else None
+    if status == "completed":
+        _fail(PlanError(f"{run_dir} already completed; nothing to resume."))
+    from backends import BACKENDS
+
+    problems = BACKENDS[plan.backend].check(plan, detect())
+    if problems:
+        _fail(PlanError(f"this machine cannot resume a {plan.backend} run: " + "; ".join(problems)))
+    click.echo(render_plan(plan))
+    _launch(plan, path, resume=True)
+
+
+def _launch(plan, run_dir: Path, resume: bool) -> None:
+    from backends import BACKENDS
+    from launcher.evaluate import format_comparison, format_metrics
+    from launcher.runner import run as run_spec
+
+    code = run_spec(BACKENDS[plan.backend].build(plan, run_dir, resume=resume), run_dir)
     if code != 0:
         click.echo(f"error: the {plan.backend} worker exited with code {code}; see {run_dir}/run.json", err=True)
         sys.exit(code)
-    results = json.loads((run_dir / "eval.json").read_text())
-    click.echo(_comparison(results))
+    comparison = run_dir / "comparison.json"
+    if comparison.exists():
+        click.echo(format_comparison(json.loads(comparison.read_text())))
+    else:
+        click.echo(format_metrics("trained", json.loads((run_dir / "eval.json").read_text())["trained"]))
     click.echo(f"adapter, metrics and predictions: {run_dir}")
 
 
-def _comparison(results: dict) -> str:
-    rows = [("base", results.get("base")), ("trained", results["trained"])]
-    lines = [f"{'model':<8} {'accuracy':>9} {'answer_rate':>12} {'n':>5}"]
-    for name, m in rows:
-        if m:
-            lines.append(f"{name:<8} {m['accuracy']:>9.3f} {m['answer_rate']:>12.3f} {m['n']:>5}")
-            for group, g in m.get("groups", {}).items():
-                lines.append(f"  {group:<22} {g['accuracy']:.3f} {g['answer_rate']:>8.3f} {g['n']:>5}")
-    return "\n".join(lines)
+def _smoke_overrides(recipe_path, overrides) -> list[str]:
+    """Cap steps and evaluation items (keeping a recipe's smaller values)."""
+    from launcher.recipe import load_recipe
+
+    r = load_recipe(recipe_path, overrides)
+    steps = min(SMOKE_STEPS, r.train.max_steps or SMOKE_STEPS)
+    items = min(SMOKE_ITEMS, r.eval.limit or SMOKE_ITEMS)
+    return [*overrides, f"train.max_steps={steps}", f"eval.limit={items}"]
 
 
 @main.command()
@@ -125,21 +163,29 @@ def plan(recipe, overrides, profile, backend, as_json):
 @main.command(name="eval")
 @click.argument("target", type=click.Path(exists=True))
 @click.argument("overrides", nargs=-1)
-@click.option("--data", "data_file", type=click.Path(dir_okay=False), help="JSON array of [question, answer] pairs.")
+@click.option("--data", "data_file", type=click.Path(dir_okay=False), help="Items to evaluate: a JSON array of [question, answer] (unit conversion) or a JSONL file (GSM8K).")
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate only the first N items.")
+@click.option("--all", "all_items", is_flag=True, help="The whole held-out/test split (ignore eval.limit).")
+@click.option("--compare", is_flag=False, flag_value="base", default=None, metavar="[BASE]",
+              help="Also evaluate a base model on the same items: the run's own base model, or the model given.")
+@click.option("--generations", type=click.Path(dir_okay=False, exists=True), help='Score generations made elsewhere: JSONL of {"generated": TEXT} per item, in order.')
 @click.option("--predictions", type=click.Path(dir_okay=False), help="Write one JSON line per item here.")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of the metrics.")
-def eval_cmd(target, overrides, data_file, limit, predictions, as_json):
+def eval_cmd(target, overrides, data_file, limit, all_items, compare, generations, predictions, as_json):
     """Evaluate a run directory's adapter, or a recipe's base model."""
     try:
-        from launcher.evaluate import evaluate_target
+        from launcher.eval_target import EvalRequest, run_eval
 
-        metrics = evaluate_target(target, overrides, data_file, limit, predictions)
+        out = run_eval(EvalRequest(target, tuple(overrides), data_file, limit, all_items, compare, generations, predictions))
     except SftlaunchError as exc:
         _fail(exc)
-    from launcher.evaluate import format_metrics
+    from launcher.evaluate import format_comparison, format_metrics
 
-    click.echo(format_metrics("result", metrics))
+    metrics = out["result"]
+    if "comparison" in out:
+        click.echo(format_comparison(out["comparison"]))
+    else:
+        click.echo(format_metrics("result", metrics))
     if as_json:
         click.echo(json.dumps({k: metrics[k] for k in ("accuracy", "answer_rate", "n")}))
 

@@ -7,52 +7,20 @@ EOS target and the model would never learn to stop.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from launcher.errors import DataError
 from launcher.recipe import Recipe
-from launcher.tasks import unit_conversion as uc
-from launcher.tasks.unit_conversion import Example
-
-
-def load_pairs_file(path: str | Path, style: str) -> list[Example]:
-    """A JSON array of [question, answer] pairs. An answer already holding <answer> is the target as is."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read the data file ({exc.strerror}). Fix: check data.path / eval.path.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        line = getattr(exc, "lineno", "?")
-        raise DataError(f"{path}:{line}: invalid JSON ({exc}). Fix: a JSON array of [question, answer] pairs.") from None
-    if not isinstance(data, list) or not data:
-        raise DataError(f"{path}: expected a non-empty JSON array of [question, answer] pairs.")
-    examples = []
-    for i, item in enumerate(data):
-        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and item[0].strip()):
-            raise DataError(f"{path}: item {i} is {json.dumps(item)[:80]}; expected [question, answer] with a non-empty question.")
-        question, answer = item
-        try:
-            reference = uc.reference_from_answer(answer)
-        except ValueError as exc:
-            raise DataError(f"{path}: item {i} has answer {json.dumps(answer)[:60]}: {exc}. Fix: give a number.") from None
-        target = answer if isinstance(answer, str) and "<answer>" in answer else uc.target_text(reference, "bare")
-        examples.append(Example(question, target, reference, "file"))
-    return examples
+from launcher.tasks import Example, get_task
 
 
 def build_examples(recipe: Recipe) -> tuple[list[Example], list[Example]]:
-    """Training and evaluation examples for the recipe: from files where given, else generated."""
-    d, e = recipe.data, recipe.eval
-    train, evals = uc.generate(d.train_size, e.size, recipe.train.seed, d.target_style)
-    if d.path:
-        train = load_pairs_file(d.path, d.target_style)
-    if e.path:
-        evals = load_pairs_file(e.path, d.target_style)
-    if e.limit:
-        evals = evals[: e.limit]
+    """Training and evaluation examples for the recipe's task, with data.max_samples and eval.limit applied."""
+    train, evals = get_task(recipe.data.task).examples(recipe)
+    if recipe.data.max_samples:
+        train = train[: recipe.data.max_samples]
+    if recipe.eval.limit:
+        evals = evals[: recipe.eval.limit]
     return train, evals
 
 
@@ -103,32 +71,31 @@ def encode_examples(examples: list[Example], tokenizer, max_length: int, prompt_
     if eos is None:
         raise DataError("the tokenizer has no EOS token, so the model could not learn to stop. Fix: use a model with one.")
     report = PreflightReport()
-    features = []
+    features, too_long = [], []
     for i, ex in enumerate(examples):
         prompt_ids = tokenizer(format_prompt(ex.question, tokenizer, prompt_format), add_special_tokens=False)["input_ids"]
         target_ids = tokenizer(target_for_prompt(ex.target, prompt_format), add_special_tokens=False)["input_ids"] + [eos]
         room = max_length - len(target_ids)
         if room < 1:
             # The answer (plus at least one prompt token) does not fit: training would lose answer tokens.
-            if on_truncation == "drop":
-                report.dropped += 1
-                continue
-            raise DataError(
-                f"sample {i} ({ex.question[:60]!r}) has a {len(target_ids)}-token answer, which does not fit "
-                f"data.max_length={max_length} with its prompt, so answer tokens would be cut. Fix: raise "
-                f"data.max_length to at least {len(target_ids) + len(prompt_ids)}, or set data.on_truncation=drop."
-            )
+            too_long.append((i, len(target_ids) + len(prompt_ids)))
+            continue
         if len(prompt_ids) > room:
             prompt_ids = prompt_ids[-room:]  # keep the end of the prompt, next to the answer
             report.prompts_cut += 1
         input_ids = prompt_ids + target_ids
         labels = [-100] * len(prompt_ids) + target_ids
-        trainable = sum(1 for x in labels if x != -100)
-        if trainable == 0:
-            raise DataError(f"sample {i} has no trainable tokens: its loss would be a silent zero. Fix: check the data.")
-        report.trainable_tokens.append(trainable)
+        report.trainable_tokens.append(len(target_ids))
         report.total_tokens += len(input_ids)
         features.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
+    if too_long and on_truncation == "error":
+        first, need = too_long[0][0], max(n for _, n in too_long)
+        raise DataError(
+            f"{len(too_long)} of {len(examples)} samples would lose answer tokens at data.max_length={max_length} "
+            f"(the first is sample {first}: {examples[first].question[:60]!r}). Fix: raise data.max_length to "
+            f"{need}, or set data.on_truncation=drop to drop and count them."
+        )
+    report.dropped = len(too_long)
     report.samples = len(features)
     if not features:
         raise DataError(f"no training sample is left after pre-flight ({report.dropped} dropped for truncation). "

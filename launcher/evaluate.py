@@ -7,8 +7,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from launcher.data import format_prompt
-from launcher.tasks import unit_conversion as uc
-from launcher.tasks.unit_conversion import Example
+from launcher.errors import DataError
+from launcher.tasks import Example
 
 
 def generate(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_tokens: int, device: str,
@@ -40,13 +40,15 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_t
     return [outputs[i] for i in range(len(prompts))]
 
 
-def score(examples: list[Example], generated: list[str]) -> tuple[dict, list[dict]]:
+def score(task, examples: list[Example], generated: list[str]) -> tuple[dict, list[dict]]:
     """Metrics over all items and per group, and one prediction record per item."""
+    if len(generated) != len(examples):
+        raise DataError(f"{len(generated)} generations for {len(examples)} items. Fix: one generation per evaluated item, in order.")
     records = []
-    for ex, text in zip(examples, generated, strict=True):
-        value = uc.parse_answer(text)
+    for ex, text in zip(examples, generated):
+        value = task.parse_answer(text)
         records.append({"question": ex.question, "reference": ex.reference, "generated": text, "parsed": value,
-                        "correct": uc.is_correct(value, ex.reference), "group": ex.group})
+                        "correct": task.is_correct(value, ex.reference), "group": ex.group})
     return metrics(records), records
 
 
@@ -65,12 +67,58 @@ def metrics(records: list[dict]) -> dict:
     return out
 
 
-def evaluate(model, tokenizer, examples: list[Example], *, prompt_format: str, batch_size: int, max_new_tokens: int,
-             device: str, precision: str = "fp32", label: str = "evaluating") -> tuple[dict, list[dict]]:
+def compare(base: list[dict], trained: list[dict]) -> dict:
+    """Side by side on the same items: metrics of each and how many each got right that the other missed."""
+    assert [r["question"] for r in base] == [r["question"] for r in trained]
+    pairs = list(zip(base, trained))
+    return {
+        "n": len(pairs),
+        "base": metrics(base),
+        "trained": metrics(trained),
+        "both_correct": sum(b["correct"] and t["correct"] for b, t in pairs),
+        "only_base_correct": sum(b["correct"] and not t["correct"] for b, t in pairs),
+        "only_trained_correct": sum(t["correct"] and not b["correct"] for b, t in pairs),
+    }
+
+
+def format_comparison(c: dict) -> str:
+    b, t = c["base"], c["trained"]
+    lines = [f"{'':<24}{'base':>10}{'trained':>10}",
+             f"{'accuracy':<24}{b['accuracy']:>10.3f}{t['accuracy']:>10.3f}",
+             f"{'answer_rate':<24}{b['answer_rate']:>10.3f}{t['answer_rate']:>10.3f}"]
+    for group in t.get("groups", {}):
+        lines.append(f"{'accuracy ' + group:<24}{b['groups'][group]['accuracy']:>10.3f}{t['groups'][group]['accuracy']:>10.3f}")
+    lines.append(f"{'right only here':<24}{c['only_base_correct']:>10}{c['only_trained_correct']:>10}")
+    lines.append(f"{'items':<24}{c['n']:>10}{c['n']:>10}   (both right: {c['both_correct']})")
+    return "\n".join(lines)
+
+
+def evaluate(model, tokenizer, task, examples: list[Example], *, prompt_format: str, batch_size: int,
+             max_new_tokens: int, device: str, precision: str = "fp32", label: str = "evaluating") -> tuple[dict, list[dict]]:
     prompts = [format_prompt(ex.question, tokenizer, prompt_format) for ex in examples]
     generated = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                          device=device, precision=precision, label=label)
-    return score(examples, generated)
+    return score(task, examples, generated)
+
+
+def read_generations(path: str | Path) -> list[str]:
+    """A JSONL file with one {"generated": TEXT} per evaluated item, in order."""
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{n}: invalid JSON ({exc.msg}).") from None
+                if not isinstance(row, dict) or not isinstance(row.get("generated"), str):
+                    raise DataError(f'{path}:{n}: expected {{"generated": TEXT}}.')
+                out.append(row["generated"])
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror}).") from None
+    return out
 
 
 def write_predictions(path: str | Path, records: list[dict]) -> None:
@@ -84,52 +132,3 @@ def format_metrics(name: str, m: dict) -> str:
     for group, g in m.get("groups", {}).items():
         line += f"\n{'':>10}{group}: accuracy {g['accuracy']:.3f}  answer_rate {g['answer_rate']:.3f}  (n={g['n']})"
     return line
-
-
-def evaluate_target(target: str, overrides, data_file: str | None, limit: int | None, predictions: str | None) -> dict:
-    """`sftlaunch eval`: TARGET is a run directory (base model + its adapter) or a recipe (base model only)."""
-    from launcher.data import build_examples, load_pairs_file
-    from launcher.errors import ConfigError, Problem
-    from launcher.hardware import detect
-    from launcher.models import load_model, load_tokenizer, resolve_model
-    from launcher.plan import Plan, make_plan
-    from launcher.recipe import load_recipe, merge_overrides, validate_recipe
-
-    path = Path(target)
-    adapter = None
-    if path.is_dir():
-        if not (path / "plan.json").is_file():
-            raise ConfigError([Problem("TARGET", "not a run directory (no plan.json)", "pass a run directory or a recipe", got=target)])
-        recipe = Plan.model_validate_json((path / "plan.json").read_text()).recipe
-        if overrides:
-            data = recipe.model_dump(mode="json")
-            merge_overrides(data, overrides)
-            recipe = validate_recipe(data, str(path / "plan.json"))
-        adapter = path / "adapter"
-        if not (adapter / "adapter_config.json").is_file():
-            raise ConfigError([Problem("TARGET", f"the run has no trained adapter in {adapter}", "evaluate a finished run", got=target)])
-    else:
-        recipe = load_recipe(path, overrides)
-    # Decide device and precision the same way training would on this machine.
-    plan = make_plan(recipe, detect())
-    examples = load_pairs_file(data_file, recipe.data.target_style) if data_file else build_examples(recipe)[1]
-    if limit:
-        examples = examples[:limit]
-
-    import torch
-
-    torch.set_num_threads(plan.threads)
-    model_path = resolve_model(recipe.model.name)
-    tokenizer = load_tokenizer(model_path, plan.trust_remote_code)
-    model = load_model(model_path, plan.trust_remote_code)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
-    model.to(plan.device)
-    result, records = evaluate(model, tokenizer, examples, prompt_format=recipe.data.prompt_format,
-                               batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
-                               device=plan.device, precision=plan.precision)
-    if predictions:
-        write_predictions(predictions, records)
-    return result

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from launcher.errors import PlanError
 from launcher.hardware import HardwareInfo
 from launcher.recipe import Recipe
+from launcher.tasks import get_task
 
 # Beyond this, a bigger micro-batch on a CPU only adds padding: rows of one batch are padded to its
 # longest sample, and a CPU gains little from wider matrix products.
@@ -41,6 +42,7 @@ class Plan(BaseModel):
     gradient_accumulation_steps: int
     gradient_checkpointing: bool
     threads: int
+    max_length: int
     trust_remote_code: bool
     decisions: tuple[Decision, ...]
 
@@ -49,7 +51,7 @@ class Plan(BaseModel):
 
     def summary(self) -> dict:
         """The JSON view `sftlaunch plan --json` prints."""
-        keys = ("backend", "device", "precision", "world_size", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "threads", "trust_remote_code")
+        keys = ("backend", "device", "precision", "world_size", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "threads", "max_length", "trust_remote_code")
         out = {k: getattr(self, k) for k in keys}
         out["effective_batch_size"] = self.recipe.train.effective_batch_size
         out["hardware"] = self.hardware.name
@@ -162,10 +164,16 @@ def make_plan(recipe: Recipe, hw: HardwareInfo) -> Plan:
     else:
         threads = decide("threads", hwr.threads, "requested by the recipe (hardware.threads)")
 
+    if recipe.data.max_length == "auto":
+        length, why = get_task(recipe.data.task).DEFAULT_MAX_LENGTH
+        max_length = decide("max_length", length, f"default for {recipe.data.task}: {why}")
+    else:
+        max_length = decide("max_length", recipe.data.max_length, "requested by the recipe (data.max_length)")
+
     trust = decide("trust_remote_code", recipe.model.trust_remote_code,
                    "set in the recipe: the model repository's Python code will run" if recipe.model.trust_remote_code
                    else "off (default): no code from the model repository runs")
 
     return Plan(recipe=recipe, hardware=hw, backend=backend, device=device, precision=precision, world_size=world_size,
                 micro_batch_size=micro, gradient_accumulation_steps=accumulation, gradient_checkpointing=checkpointing,
-                threads=threads, trust_remote_code=trust, decisions=tuple(decisions))
+                threads=threads, max_length=max_length, trust_remote_code=trust, decisions=tuple(decisions))

@@ -7,15 +7,33 @@ belong to the planner (launcher/plan.py).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from launcher.errors import ConfigError, Problem
 
 BACKEND_NAMES = ("cpu", "cuda", "mps")
 PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+def parse_duration(value: str | float) -> float:
+    """Seconds from 3600, '90s', '15m', '2h' or '1.5h'."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like '15m'")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        units = {"s": 1, "m": 60, "h": 3600}
+        try:
+            seconds = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+        except ValueError:
+            raise ValueError(f"'{value}' is not a duration; use seconds or '90s', '15m', '2h'") from None
+    if not 0 < seconds < 1e7:
+        raise ValueError("a duration must be positive and under 100 days")
+    return seconds
 
 
 class _Section(BaseModel):
@@ -46,30 +64,53 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
-    task: Literal["unit_conversion"] = Field(
+    task: Literal["unit_conversion", "gsm8k"] = Field(
         "unit_conversion", description="Task: builds prompts, targets and the judge."
     )
     path: str | None = Field(
         None,
-        description="Training data file (a JSON array of [question, answer] pairs). "
-        "Unset: the task's seeded generator makes train_size questions.",
+        description="Local training data. unit_conversion: a JSON array of [question, answer] pairs "
+        "(unset: generated). gsm8k: a folder with train.jsonl/test.jsonl, or one JSONL file "
+        "(unset: the Hub dataset in data.dataset).",
     )
-    train_size: int = Field(1000, ge=1, le=1_000_000, description="Generated training questions.")
+    dataset: str = Field("openai/gsm8k", min_length=1, description="gsm8k: Hub dataset id for `datasets.load_dataset`.")
+    dataset_config: str | None = Field("main", description="gsm8k: the dataset's configuration name.")
+    train_size: int = Field(1000, ge=1, le=1_000_000, description="unit_conversion: generated training questions.")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many training samples (the first N).")
     target_style: Literal["reasoning", "bare"] = Field(
         "reasoning",
-        description="'reasoning': state the factor and the product, then <answer>V</answer>; "
-        "'bare': only <answer>V</answer>.",
+        description="unit_conversion: 'reasoning' states the factor and the product, then <answer>V</answer>; "
+        "'bare' writes only <answer>V</answer>.",
     )
     prompt_format: Literal["plain", "chat"] = Field(
         "plain", description="'plain' text prompt, or the model's chat template."
     )
-    max_length: int = Field(
-        256, ge=8, le=131072, description="Longest training sample in tokens; the prompt is cut first."
+    max_length: int | Literal["auto"] = Field(
+        "auto", description="Longest training sample in tokens ('auto': the task's default, shown in the plan); "
+        "the prompt is cut first, never the answer."
     )
     on_truncation: Literal["error", "drop"] = Field(
         "error",
         description="A sample that would lose answer tokens at max_length: stop with an error, "
         "or drop it and count it in the pre-flight report.",
+    )
+
+    @field_validator("max_length")
+    @classmethod
+    def _length_range(cls, v):
+        if v != "auto" and not 8 <= v <= 131072:
+            raise ValueError("must be between 8 and 131072, or 'auto'")
+        return v
+
+
+class GuardSection(_Section):
+    max_bad_steps: int = Field(
+        0, ge=0, le=1000,
+        description="Steps with a non-finite loss or gradient that may be skipped (each is announced) "
+        "before the run stops. 0: stop at the first.",
+    )
+    zero_loss_steps: int = Field(
+        3, ge=0, le=1000, description="Stop after this many consecutive steps with a loss of exactly 0.0 (0: never)."
     )
 
 
@@ -94,13 +135,33 @@ class TrainSection(_Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for data generation, order and init.")
     logging_steps: int = Field(5, ge=1, description="Write loss/grad_norm/lr every N steps.")
+    save_steps: int = Field(50, ge=1, description="Write a checkpoint (adapter, optimizer, scheduler, RNG, data position) every N steps.")
+    keep_checkpoints: int = Field(2, ge=1, le=1000, description="Keep the last K checkpoints.")
+    guard: GuardSection = Field(default_factory=GuardSection, description="The training health guard.")
+    max_time: str | float | None = Field(
+        None,
+        description="Time budget for training: seconds, or '90s', '15m', '2h'. When it runs out, training "
+        "stops at a step boundary, saves the adapter, evaluates, and the run records that it was cut.",
+    )
+
+    @field_validator("max_time")
+    @classmethod
+    def _duration(cls, v):
+        if v is not None:
+            parse_duration(v)  # raises ValueError with the accepted forms
+        return v
+
+    @property
+    def max_time_seconds(self) -> float | None:
+        return None if self.max_time is None else parse_duration(self.max_time)
 
 
 class EvalSection(_Section):
-    size: int = Field(150, ge=1, le=100_000, description="Held-out generated questions.")
+    size: int = Field(150, ge=1, le=100_000, description="unit_conversion: held-out generated questions.")
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N held-out items.")
     path: str | None = Field(
-        None, description="Evaluation data file (JSON array of [question, answer]); unset: generated."
+        None, description="Evaluation data. unit_conversion: a JSON array of [question, answer] (unset: "
+        "generated). gsm8k: a JSONL file or a folder with test.jsonl (unset: data.path's test split, or the Hub)."
     )
     compare_base: bool = Field(True, description="Also evaluate the base model on the same items.")
     batch_size: int = Field(32, ge=1, le=4096, description="Prompts generated together.")
@@ -116,19 +177,20 @@ class HardwareSection(_Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Training precision; 'auto' picks the fastest safe one."
     )
-    micro_batch_size: int | Literal["auto"] = Field(
+    micro_batch_size: Annotated[int, Field(ge=1, le=65536)] | Literal["auto"] = Field(
         "auto", description="Samples per forward pass on one device."
     )
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="Recompute activations in backward to save memory."
     )
-    threads: int | Literal["auto"] = Field("auto", description="CPU threads for torch.")
+    threads: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = Field("auto", description="CPU threads for torch.")
 
 
 class OutputSection(_Section):
     dir: str = Field("outputs", min_length=1, description="Parent folder of run directories.")
     name: str | None = Field(
-        None, description="Run-name prefix; default: the recipe file's name."
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="Run-name prefix (letters, digits, '.', '_', '-'); default: the recipe file's name.",
     )
 
 
@@ -252,6 +314,8 @@ def _fix_for(kind: str, ctx: dict) -> str:
     for bound, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
         if bound in ctx:
             return f"use a value {word} {ctx[bound]}"
+    if "pattern" in ctx:
+        return f"match the pattern {ctx['pattern']}"
     if "min_length" in ctx:
         return "give a non-empty value"
     if kind.startswith(("int", "float")):

@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
+from launcher.errors import ConfigError, Problem
 from launcher.plan import Plan
 from launcher.recipe import recipe_to_yaml
 
 
-def create_run_dir(plan: Plan, recipe_path: str | Path) -> Path:
+def create_run_dir(plan: Plan, recipe_path: str | Path, suffix: str = "") -> Path:
     out = plan.recipe.output
-    name = out.name or Path(recipe_path).stem
+    # A recipe file's stem may hold anything; keep the run name to safe characters.
+    name = out.name or re.sub(r"[^A-Za-z0-9._-]+", "_", Path(recipe_path).stem).strip("._") or "run"
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(out.dir) / f"{name}-{stamp}"
+    run_dir = Path(out.dir) / f"{name}-{stamp}{suffix}"
     n = 1
     while run_dir.exists():  # two runs in the same second get distinct directories
         n += 1
-        run_dir = Path(out.dir) / f"{name}-{stamp}-{n}"
-    run_dir.mkdir(parents=True)
+        run_dir = Path(out.dir) / f"{name}-{stamp}{suffix}-{n}"
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as exc:
+        raise ConfigError([Problem("output.dir", f"cannot create the run directory {run_dir}: {exc.strerror}",
+                                   "choose a writable folder", got=out.dir)]) from None
     (run_dir / "recipe.yaml").write_text(recipe_to_yaml(plan.recipe))
     (run_dir / "plan.json").write_text(plan.model_dump_json(indent=2))
     (run_dir / "hardware.json").write_text(plan.hardware.model_dump_json(indent=2))

@@ -11,19 +11,22 @@ from backends.base import LaunchSpec
 
 
 def run(spec: LaunchSpec, run_dir: Path) -> int:
+    """Write the spec's files, start its command, forward SIGINT/SIGTERM once each, return the exit code."""
     for rel, content in spec.files.items():
         target = Path(run_dir) / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(content)
     env = {**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"}
-    # An argument list, never a shell string: recipe values cannot inject shell syntax.
-    proc = subprocess.Popen(list(spec.argv), env=env)
+    # An argument list, never a shell string: recipe values cannot inject shell syntax. A session of its
+    # own, so a terminal Ctrl-C reaches the workers once, through us, not twice (a second SIGINT aborts).
+    proc = subprocess.Popen(list(spec.argv), env=env, start_new_session=True)
+
+    def forward(signum, frame):
+        proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return proc.wait()
-    except KeyboardInterrupt:
-        # The worker got the same SIGINT from the terminal; give it time to stop cleanly.
-        try:
-            return proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

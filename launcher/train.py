@@ -14,9 +14,19 @@ from launcher import evaluate as ev
 from launcher.data import build_examples, encode_examples
 from launcher.models import load_model, load_tokenizer, resolve_model
 from launcher.plan import Plan
+from launcher.tasks import get_task
+from launcher.trainer import StopRequest, build_trainer, checkpoints
 
 
-def training_arguments(plan: Plan, output_dir: Path, num_samples: int):
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"interrupted at step {step}")
+        self.signum, self.step = signum, step
+
+
+def training_arguments(plan: Plan, output_dir: Path):
     from transformers import TrainingArguments
 
     t = plan.recipe.train
@@ -33,7 +43,8 @@ def training_arguments(plan: Plan, output_dir: Path, num_samples: int):
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=t.save_steps,
         report_to="none",
         seed=t.seed,
         bf16=plan.precision == "bf16",
@@ -55,7 +66,7 @@ def _metrics_callback(path: Path):
         """Append every logged step (loss, grad_norm, learning_rate) to metrics.jsonl as it happens."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs:
+            if not logs or not state.is_world_process_zero:
                 return
             record = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}
             with open(path, "a", encoding="utf-8") as f:
@@ -64,19 +75,27 @@ def _metrics_callback(path: Path):
     return MetricsFile()
 
 
-def train_and_evaluate(plan: Plan, run_dir: Path) -> dict:
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop records logged after the checkpoint: those steps are trained again."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def train_and_evaluate(plan: Plan, run_dir: Path, resume: bool = False) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+    from transformers import DataCollatorForSeq2Seq, set_seed
 
     recipe = plan.recipe
     torch.set_num_threads(plan.threads)
     set_seed(recipe.train.seed)
 
-    train_examples, eval_examples = build_examples(recipe)
     model_path = resolve_model(recipe.model.name)
     tokenizer = load_tokenizer(model_path, plan.trust_remote_code)
-    features, report = encode_examples(train_examples, tokenizer, recipe.data.max_length, recipe.data.prompt_format,
+    task = get_task(recipe.data.task)
+    train_examples, eval_examples = build_examples(recipe)
+    features, report = encode_examples(train_examples, tokenizer, plan.max_length, recipe.data.prompt_format,
                                        recipe.data.on_truncation)
     print(report.render(), flush=True)
     (run_dir / "preflight.json").write_text(json.dumps(report.as_dict(), indent=2))
@@ -85,11 +104,18 @@ def train_and_evaluate(plan: Plan, run_dir: Path) -> dict:
     eval_kwargs = dict(prompt_format=recipe.data.prompt_format, batch_size=recipe.eval.batch_size,
                        max_new_tokens=recipe.eval.max_new_tokens, device=plan.device, precision=plan.precision)
     results: dict = {"model": recipe.model.name, "eval_items": len(eval_examples)}
+    base_file = run_dir / "eval-base.json"
+    base_records = None
     if recipe.eval.compare_base:
-        t0 = time.time()
-        results["base"], base_records = ev.evaluate(model, tokenizer, eval_examples, label="evaluating base", **eval_kwargs)
-        results["base"]["seconds"] = round(time.time() - t0, 1)
-        ev.write_predictions(run_dir / "predictions-base.jsonl", base_records)
+        if resume and base_file.exists():  # evaluated before the interruption: same items, same model
+            results["base"] = json.loads(base_file.read_text())
+            base_records = [json.loads(line) for line in (run_dir / "predictions-base.jsonl").read_text().splitlines()]
+        else:
+            t0 = time.time()
+            results["base"], base_records = ev.evaluate(model, tokenizer, task, eval_examples, label="evaluating base", **eval_kwargs)
+            results["base"]["seconds"] = round(time.time() - t0, 1)
+            ev.write_predictions(run_dir / "predictions-base.jsonl", base_records)
+            base_file.write_text(json.dumps(results["base"], indent=2))
         print(ev.format_metrics("base", results["base"]), flush=True)
 
     lora = recipe.model.lora
@@ -101,28 +127,56 @@ def train_and_evaluate(plan: Plan, run_dir: Path) -> dict:
         model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing from the frozen embeddings
 
     tokenizer.padding_side = "right"
-    trainer = Trainer(
-        model=model,
-        args=training_arguments(plan, run_dir / "trainer", len(features)),
-        train_dataset=features,
+    stop = StopRequest()
+    stop.install_signal_handlers()
+    ckpt_dir = run_dir / "checkpoints"
+    trainer = build_trainer(
+        precision=plan.precision, keep_checkpoints=recipe.train.keep_checkpoints,
+        max_bad_steps=recipe.train.guard.max_bad_steps, zero_loss_steps=recipe.train.guard.zero_loss_steps,
+        max_time=recipe.train.max_time_seconds, stop=stop,
+        model=model, args=training_arguments(plan, ckpt_dir), train_dataset=features,
         # Pads labels with -100 (never with the pad id, which is EOS here) and input ids with the pad id.
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         callbacks=[_metrics_callback(run_dir / "metrics.jsonl")],
     )
+    resume_from = None
+    if resume:
+        found = checkpoints(ckpt_dir)
+        if found:
+            resume_from = found[-1]
+            step = int(resume_from.rsplit("-", 1)[1])
+            _truncate_metrics(run_dir / "metrics.jsonl", step)
+            print(f"resuming from {resume_from} (step {step})", flush=True)
+        else:
+            print("no checkpoint yet: training starts from step 0", flush=True)
+            _truncate_metrics(run_dir / "metrics.jsonl", 0)
     t0 = time.time()
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - t0
+    if stop.signal is not None:
+        raise Interrupted(stop.signal, output.global_step)
     model.save_pretrained(run_dir / "adapter")
     tokenizer.save_pretrained(run_dir / "adapter")
+    cut = stop.reason == "time budget"
     results["train"] = {"steps": output.global_step, "seconds": round(train_seconds, 1),
                         "final_loss": _last_loss(run_dir / "metrics.jsonl"), "train_loss": output.training_loss,
-                        "samples": len(features)}
+                        "samples": len(features), "cut_by_time_budget": cut,
+                        "max_time_seconds": recipe.train.max_time_seconds, "skipped_steps": trainer.skipped_steps,
+                        "resumed_from": resume_from}
+    if cut:
+        print(f"time budget train.max_time={recipe.train.max_time} ran out: training stopped after step "
+              f"{output.global_step}; the adapter is saved and evaluated", flush=True)
 
     t0 = time.time()
-    results["trained"], records = ev.evaluate(model, tokenizer, eval_examples, label="evaluating trained", **eval_kwargs)
+    results["trained"], records = ev.evaluate(model, tokenizer, task, eval_examples, label="evaluating trained", **eval_kwargs)
     results["trained"]["seconds"] = round(time.time() - t0, 1)
     ev.write_predictions(run_dir / "predictions.jsonl", records)
     print(ev.format_metrics("trained", results["trained"]), flush=True)
+    if base_records is not None:
+        comparison = ev.compare(base_records, records)
+        comparison["base_model"] = recipe.model.name
+        (run_dir / "comparison.json").write_text(json.dumps(comparison, indent=2))
+        results["comparison"] = {k: comparison[k] for k in ("both_correct", "only_base_correct", "only_trained_correct")}
     (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
     return results
 

@@ -13,6 +13,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
+SUMMARY: list[str] = []  # lines tests want shown at the end of the run (e.g. the fuzzing count)
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 
 
@@ -85,3 +86,8 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
                           cwd=cwd or ROOT, env=full_env, timeout=timeout)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in SUMMARY:
+        terminalreporter.write_line(line)

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import ROOT, run_cli
 
-RUN_FILES = {"recipe.yaml", "plan.json", "hardware.json", "versions.json", "run.json", "preflight.json", "metrics.jsonl",
+RUN_FILES = {"comparison.json", "recipe.yaml", "plan.json", "hardware.json", "versions.json", "run.json", "preflight.json", "metrics.jsonl",
              "eval.json", "predictions.jsonl", "predictions-base.jsonl", "adapter"}
 
 
@@ -105,3 +105,76 @@ def test_short_run_on_the_embedded_model(tmp_path):
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(s["grad_norm"]) for s in steps if "grad_norm" in s)
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_time_budget_stops_saves_and_still_evaluates(tiny_recipe, tmp_path):
+    result = run_cli(str(tiny_recipe), "train.max_steps=100000", "train.max_time=3s", "eval.limit=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "time budget train.max_time=3s ran out" in result.stdout
+    run_dir = _only_run_dir(tmp_path / "outputs")
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert ev["train"]["cut_by_time_budget"] is True and 1 <= ev["train"]["steps"] < 100000
+    assert ev["trained"]["n"] == 3
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+
+
+def test_smoke_run_is_capped_and_marked(tiny_recipe, tmp_path):
+    result = run_cli("run", str(tiny_recipe), "--smoke", "train.max_steps=1000", "eval.size=30")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = _only_run_dir(tmp_path / "outputs")
+    assert run_dir.name.endswith("-smoke")
+    assert json.loads((run_dir / "run.json").read_text())["smoke"] is True
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert ev["train"]["steps"] == 10 and ev["trained"]["n"] == 10
+
+
+def test_comparison_counts_are_consistent(tiny_recipe, tmp_path):
+    result = run_cli(str(tiny_recipe))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "right only here" in result.stdout
+    run_dir = _only_run_dir(tmp_path / "outputs")
+    c = json.loads((run_dir / "comparison.json").read_text())
+    base = [json.loads(line) for line in (run_dir / "predictions-base.jsonl").read_text().splitlines()]
+    trained = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert c["only_base_correct"] == sum(b["correct"] and not t["correct"] for b, t in zip(base, trained))
+    assert c["both_correct"] + c["only_trained_correct"] == round(c["trained"]["accuracy"] * c["n"])
+    (run_dir / "comparison.json").unlink()
+    # `eval --compare` on the run directory recomputes it on the same items.
+    result = run_cli("eval", str(run_dir), "--compare", "--limit", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads((run_dir / "comparison.json").read_text())
+    assert again["n"] == 4 and again["base_model"] == c["base_model"]
+
+
+def test_scoring_gsm8k_reference_solutions_gives_accuracy_one(tmp_path):
+    gsm8k = ROOT.parent / "shared" / "data" / "gsm8k"
+    rows = [json.loads(line) for line in (gsm8k / "test.jsonl").read_text().splitlines()]
+    gens = tmp_path / "gens.jsonl"
+    gens.write_text("".join(json.dumps({"generated": r["answer"]}) + "\n" for r in rows))
+    preds = tmp_path / "preds.jsonl"
+    result = run_cli("eval", str(ROOT / "recipes" / "gsm8k.yaml"), f"data.path={gsm8k}", "--all",
+                     "--generations", str(gens), "--predictions", str(preds), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"accuracy": 1.0, "answer_rate": 1.0, "n": 1319}
+    assert len(preds.read_text().splitlines()) == 1319
+    gens.write_text(json.dumps({"generated": "#### 1"}) + "\n")
+    result = run_cli("eval", str(ROOT / "recipes" / "gsm8k.yaml"), f"data.path={gsm8k}", "--all", "--generations", str(gens))
+    assert result.returncode == 2 and "1 generations for 1319 items" in result.stderr
+
+
+def test_gsm8k_recipe_trains_a_tiny_model_offline(tiny_recipe, tmp_path):
+    gsm8k = ROOT.parent / "shared" / "data" / "gsm8k"
+    result = run_cli(str(tiny_recipe), "data.task=gsm8k", f"data.path={gsm8k}", "data.max_samples=16",
+                     "data.max_length=auto", "eval.limit=4", "eval.max_new_tokens=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "max_length                  = 512" in result.stdout
+    run_dir = _only_run_dir(tmp_path / "outputs")
+    assert json.loads((run_dir / "preflight.json").read_text())["samples"] == 16
+    assert json.loads((run_dir / "comparison.json").read_text())["n"] == 4
+
+
+def test_hub_model_in_gsm8k_recipe_offline_names_the_embedded_model(tmp_path):
+    result = run_cli(str(ROOT / "recipes" / "gsm8k.yaml"), f"output.dir={tmp_path}", "data.path=" + str(ROOT.parent / "shared" / "data" / "gsm8k"),
+                     env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert "embedded:smollm2-135m-instruct" in result.stderr and "Traceback" not in result.stderr

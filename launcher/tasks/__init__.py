@@ -1,0 +1,32 @@
+"""Tasks: each builds its training and evaluation examples from a recipe and judges generations.
+
+A task is a module with `examples(recipe) -> (train, evals)`, `parse_answer(text) -> float | None`,
+`is_correct(predicted, reference) -> bool`, `load_file(path) -> list[Example]` (for `eval --data`),
+and `DEFAULT_MAX_LENGTH` with its reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Example:
+    question: str
+    target: str  # what the model is trained to write (the answer text, without EOS)
+    reference: float
+    group: str = "all"  # evaluation items can be reported by group (e.g. unseen phrasings)
+
+
+def get_task(name: str):
+    # Imported lazily: a task may pull in `datasets`, which the CLI's plan path should not load.
+    if name == "unit_conversion":
+        from launcher.tasks import unit_conversion as task
+    elif name == "gsm8k":
+        from launcher.tasks import gsm8k as task
+    else:
+        raise KeyError(name)
+    return task
+
+
+TASK_NAMES = ("unit_conversion", "gsm8k")

@@ -10,8 +10,9 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from dataclasses import dataclass
 from decimal import Decimal
+
+from launcher.tasks import Example
 
 # dimension -> [(abbreviation, singular, plural, size in the dimension's base unit)]
 DAY = 86400.0
@@ -94,14 +95,6 @@ HELDOUT_PHRASINGS = (
 )
 
 
-@dataclass(frozen=True)
-class Example:
-    question: str
-    target: str  # what the model is trained to write (the answer text, without EOS)
-    reference: float
-    group: str = "generated"  # "seen_phrasing" / "unseen_phrasing" for generated held-out items
-
-
 def fmt(x: float, sig: int = 6) -> str:
     """A number as a model should write it: `sig` significant digits, no exponent, no trailing zeros."""
     if x == 0:
@@ -123,7 +116,8 @@ def target_text(reference: float, style: str, *, factor: float | None = None, q:
     factor_text = fmt(factor, FACTOR_DIGITS)
     product = format((Decimal(factor_text) * q).normalize(), "f")
     product = product.rstrip("0").rstrip(".") if "." in product else product
-    return f"1 {a} = {factor_text} {b}, so {q} * {factor_text} = {product} <answer>{product}</answer>"
+    # Restating quantity and both units first puts them right before the factor the model must recall.
+    return f"{q} {a} in {b}: 1 {a} = {factor_text} {b}, so {q} * {factor_text} = {product} <answer>{product}</answer>"
 
 
 def _combos() -> list[tuple[str, int, int, int]]:
@@ -144,6 +138,18 @@ def _example(dim: str, i: int, j: int, q: int, phrasing: str, style: str, group:
     return Example(question, target_text(reference, style, factor=factor, q=q, a=src[0], b=dst[0]), reference, group)
 
 
+def _round_robin(combos: list) -> list:
+    """Interleave unit pairs so any prefix of the training list covers every pair about equally often."""
+    by_pair: dict[tuple, list] = {}
+    for combo in combos:
+        by_pair.setdefault(combo[:3], []).append(combo)
+    queues = list(by_pair.values())
+    out = []
+    for i in range(max(len(q) for q in queues)):
+        out.extend(q[i] for q in queues if i < len(q))
+    return out
+
+
 def generate(train_size: int, eval_size: int, seed: int, style: str = "reasoning") -> tuple[list[Example], list[Example]]:
     """Seeded train and held-out sets. They never share a (quantity, from-unit, to-unit) question.
 
@@ -155,7 +161,7 @@ def generate(train_size: int, eval_size: int, seed: int, style: str = "reasoning
     rng.shuffle(combos)
     if eval_size >= len(combos):
         raise ValueError(f"eval size {eval_size} leaves no training questions (only {len(combos)} exist)")
-    held, rest = combos[:eval_size], combos[eval_size:]
+    held, rest = combos[:eval_size], _round_robin(combos[eval_size:])
     evals = []
     for n, combo in enumerate(held):
         # Every third held-out item uses an unseen phrasing, so both groups are large enough to report.
@@ -204,3 +210,48 @@ def reference_from_answer(answer: object) -> float:
             return tagged
         return float(answer.strip())
     raise ValueError(f"answer must be a number or a string, got {type(answer).__name__}")
+
+
+DEFAULT_MAX_LENGTH = (128, "generated questions and reasoning targets stay under 80 tokens")
+
+
+def load_file(path) -> list[Example]:
+    """A JSON array of [question, answer] pairs. An answer already holding <answer> is the target as is."""
+    import json
+    from pathlib import Path
+
+    from launcher.errors import DataError
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the data file ({exc.strerror}). Fix: check data.path / eval.path.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        line = getattr(exc, "lineno", "?")
+        raise DataError(f"{path}:{line}: invalid JSON ({exc}). Fix: a JSON array of [question, answer] pairs.") from None
+    if not isinstance(data, list) or not data:
+        raise DataError(f"{path}: expected a non-empty JSON array of [question, answer] pairs.")
+    examples = []
+    for i, item in enumerate(data):
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and item[0].strip()):
+            raise DataError(f"{path}: item {i} is {json.dumps(item)[:80]}; expected [question, answer] with a non-empty question.")
+        question, answer = item
+        try:
+            reference = reference_from_answer(answer)
+        except ValueError as exc:
+            raise DataError(f"{path}: item {i} has answer {json.dumps(answer)[:60]}: {exc}. Fix: give a number.") from None
+        target = answer if isinstance(answer, str) and "<answer>" in answer else target_text(reference, "bare")
+        examples.append(Example(question, target, reference, "file"))
+    return examples
+
+
+def examples(recipe) -> tuple[list[Example], list[Example]]:
+    """Generated questions, or the recipe's data files where given."""
+    d, e = recipe.data, recipe.eval
+    train, evals = generate(d.train_size, e.size, recipe.train.seed, d.target_style)
+    if d.path:
+        train = load_file(d.path)
+    if e.path:
+        evals = load_file(e.path)
+    return train, evals

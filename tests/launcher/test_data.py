@@ -2,11 +2,12 @@ import json
 
 import pytest
 
-from launcher.data import build_examples, encode_examples, load_pairs_file
+from launcher.data import build_examples, encode_examples
+from launcher.tasks.unit_conversion import load_file as load_pairs_file
 from launcher.errors import DataError
 from launcher.models import load_tokenizer
 from launcher.recipe import load_recipe
-from launcher.tasks.unit_conversion import Example
+from launcher.tasks import Example
 from tests.conftest import ROOT
 
 
@@ -52,7 +53,7 @@ def test_truncation_cuts_the_prompt_not_the_answer(tokenizer):
 
 
 def test_answer_that_would_be_truncated_away_is_caught(tokenizer):
-    with pytest.raises(DataError, match="data.max_length"):
+    with pytest.raises(DataError, match=r"1 of 1 samples would lose answer tokens at data.max_length=10.*raise data.max_length to \d+"):
         encode_examples([EX], tokenizer, 10, "plain")
     ok = Example("1 B to KB", "<answer>0.001</answer>", 0.001)
     feats, report = encode_examples([EX, ok], tokenizer, 16, "plain", on_truncation="drop")
@@ -71,21 +72,21 @@ def test_chat_prompt_format(tokenizer):
 def test_pairs_file_loads_and_bad_files_name_the_problem(tmp_path):
     good = tmp_path / "d.json"
     good.write_text(json.dumps([["How many m in 2 km?", 2000], ["1 ft in m?", "0.3048"]]))
-    exs = load_pairs_file(good, "reasoning")
+    exs = load_pairs_file(good)
     assert [e.reference for e in exs] == [2000.0, 0.3048]
     assert exs[0].target == "<answer>2000</answer>"
     bad = tmp_path / "bad.json"
     bad.write_text('[["q", 1],\n ["q2", ]]')
     with pytest.raises(DataError, match=r"bad.json:2: invalid JSON"):
-        load_pairs_file(bad, "bare")
+        load_pairs_file(bad)
     bad.write_text(json.dumps([["q", "lots"]]))
     with pytest.raises(DataError, match="item 0"):
-        load_pairs_file(bad, "bare")
+        load_pairs_file(bad)
     bad.write_text(json.dumps([["", 1]]))
     with pytest.raises(DataError, match="non-empty question"):
-        load_pairs_file(bad, "bare")
+        load_pairs_file(bad)
     with pytest.raises(DataError, match="cannot read"):
-        load_pairs_file(tmp_path / "missing.json", "bare")
+        load_pairs_file(tmp_path / "missing.json")
 
 
 def test_recipe_limits_and_files(tmp_path):

@@ -17,7 +17,7 @@ def test_train_and_heldout_never_share_a_question():
     train, evals = uc.generate(1000, 150, seed=0)
     # The same quantity and unit pair is the same question, whatever the phrasing.
     def key(ex):
-        return (ex.reference, ex.target.split(",")[0])
+        return ex.target.split(":")[0]  # "7 ft in m"
     assert not {key(e) for e in train} & {key(e) for e in evals}
     assert len(train) == 1000 and len(evals) == 150
 
@@ -30,6 +30,14 @@ def test_heldout_phrasings_never_appear_in_training():
     for ex in train:
         assert not any(ex.question.startswith(s) for s in starts), ex.question
         assert "is the same as how many" not in ex.question
+
+
+def test_every_unit_pair_is_trained_about_equally_often():
+    from collections import Counter
+
+    train, _ = uc.generate(1000, 150, seed=0)
+    per_pair = Counter(" ".join(e.target.split(":")[0].split()[1:]) for e in train)  # "ft in m"
+    assert max(per_pair.values()) - min(per_pair.values()) <= 1
 
 
 def test_all_dimensions_are_covered():
@@ -54,11 +62,11 @@ def test_conversion_factors(question_units, factor):
 
 def test_reasoning_target_states_factor_product_and_tag():
     text = uc.target_text(2.1336, "reasoning", factor=0.3048, q=7, a="ft", b="m")
-    assert text == "1 ft = 0.3048 m, so 7 * 0.3048 = 2.1336 <answer>2.1336</answer>"
+    assert text == "7 ft in m: 1 ft = 0.3048 m, so 7 * 0.3048 = 2.1336 <answer>2.1336</answer>"
     assert uc.target_text(2.1336, "bare") == "<answer>2.134</answer>"
     # 4 significant digits for the factor; the product is exact for the written factor.
     assert uc.target_text(7 * 1.609344, "reasoning", factor=1.609344, q=7, a="mi", b="km") == \
-        "1 mi = 1.609 km, so 7 * 1.609 = 11.263 <answer>11.263</answer>"
+        "7 mi in km: 1 mi = 1.609 km, so 7 * 1.609 = 11.263 <answer>11.263</answer>"
     assert uc.target_text(10 * 1000.0, "reasoning", factor=1000.0, q=10, a="KB", b="B").endswith("= 10000 <answer>10000</answer>")
 
 

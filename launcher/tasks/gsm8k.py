@@ -1,0 +1,135 @@
+"""GSM8K: grade-school math word problems, judged by exact numeric match of the final answer.
+
+Data comes from the Hub (`openai/gsm8k`, config `main`, through `datasets`) or from a local path: a
+directory holding train.jsonl / test.jsonl, or a single JSONL file; each line {"question", "answer"}.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from launcher.errors import DataError
+from launcher.tasks import Example
+
+# The longest of the 7,473 training samples (prompt + solution + EOS) is 466 tokens with the SmolLM2
+# tokenizer (median 146); 512 keeps every answer whole.
+DEFAULT_MAX_LENGTH = (512, "the longest GSM8K training sample is 466 tokens with the SmolLM2 tokenizer (median 146)")
+
+_CALC = re.compile(r"<<[^>]*>>")
+# A number: optional minus (not after a digit, so "10-4" is 10 and 4), optional $, thousands groups.
+_NUMBER = re.compile(r"(?<!\d)-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<!\d)-?\$?\.\d+")
+
+
+def clean_solution(answer: str) -> str:
+    """The reference solution without calculator annotations: `5 * 3 = <<5*3=15>>15` -> `5 * 3 = 15`."""
+    return _CALC.sub("", answer).strip()
+
+
+def _to_float(token: str) -> float | None:
+    text = token.replace(",", "").replace("$", "").rstrip(".")
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _last_number(text: str) -> float | None:
+    found = _NUMBER.findall(text)
+    return _to_float(found[-1]) if found else None
+
+
+def _first_number(text: str) -> float | None:
+    found = _NUMBER.findall(text)
+    return _to_float(found[0]) if found else None
+
+
+def parse_answer(text: str) -> float | None:
+    """The number after the last `####`; else after "The answer is"; else the last number in the text."""
+    if "####" in text:
+        value = _first_number(text.rsplit("####", 1)[1])
+        if value is not None:
+            return value
+    match = list(re.finditer(r"[Tt]he (?:final )?answer is", text))
+    if match:
+        value = _first_number(text[match[-1].end():])
+        if value is not None:
+            return value
+    return _last_number(text)
+
+
+def is_correct(predicted: float | None, reference: float) -> bool:
+    return predicted is not None and abs(predicted - reference) < 1e-6 * max(1.0, abs(reference))
+
+
+def _example(row: dict, where: str) -> Example:
+    question, answer = row.get("question"), row.get("answer")
+    if not isinstance(question, str) or not question.strip():
+        raise DataError(f"{where}: missing or empty 'question'. Fix: each line needs {{\"question\": ..., \"answer\": ...}}.")
+    if not isinstance(answer, str) or "####" not in answer:
+        raise DataError(f"{where}: 'answer' must be a solution ending in '#### N'. Fix: use the GSM8K format.")
+    reference = _first_number(answer.rsplit("####", 1)[1])
+    if reference is None:
+        raise DataError(f"{where}: the final answer after '####' is not a number. Fix: check the data.")
+    return Example(question.strip(), clean_solution(answer), reference)
+
+
+def load_file(path: str | Path) -> list[Example]:
+    """A JSONL file of {"question", "answer"}; errors name the file and line."""
+    path = Path(path)
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{n}: invalid JSON ({exc.msg}). Fix: one JSON object per line.") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{n}: expected a JSON object with 'question' and 'answer'.")
+                out.append(_example(row, f"{path}:{n}"))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror}). Fix: check data.path / eval.path.") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text. Fix: save the file as UTF-8.") from None
+    if not out:
+        raise DataError(f"{path}: no examples in the file.")
+    return out
+
+
+def _load_split(path: str | None, split: str, dataset: str, config: str | None) -> list[Example]:
+    if path:
+        p = Path(path)
+        if p.is_dir():
+            p = p / f"{split}.jsonl"
+        return load_file(p)
+    return load_hub(dataset, config, split)
+
+
+def load_hub(dataset: str, config: str | None, split: str) -> list[Example]:
+    """A split through `datasets.load_dataset` (the Hub, or a local dataset repository)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset, config, split=split)
+    except Exception as exc:  # datasets raises many types for "not reachable / not found"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"data.dataset={dataset}: cannot load split '{split}' ({first}). Fix: check the network, "
+                        "or point data.path at a local copy (a folder with train.jsonl and test.jsonl).") from None
+    return [_example(row, f"{dataset}[{split}][{i}]") for i, row in enumerate(ds)]
+
+
+def examples(recipe) -> tuple[list[Example], list[Example]]:
+    d, e = recipe.data, recipe.eval
+    train = _load_split(d.path, "train", d.dataset, d.dataset_config)
+    if e.path:
+        evals = _load_split(e.path, "test", d.dataset, d.dataset_config)
+    elif d.path and Path(d.path).is_file():
+        raise DataError(f"data.path={d.path} is one file, used for training; say which data to evaluate on. "
+                        "Fix: set eval.path (a JSONL file or a folder with test.jsonl).")
+    else:
+        evals = _load_split(d.path, "test", d.dataset, d.dataset_config)
+    return train, evals

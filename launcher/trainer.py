@@ -1,0 +1,156 @@
+"""transformers.Trainer, extended only where it has no option for what we need.
+
+- Atomic checkpoints: Trainer writes checkpoint-N in place, so a crash mid-save leaves a folder that
+  resume would pick up and fail on. We stage the save under a temporary name, then rename.
+- The health guard: per-micro-batch raw losses and trainable-token counts, checked before every
+  optimizer step (Trainer's NaN filter would otherwise hide a NaN loss behind the running average).
+- Stop requests (SIGINT/SIGTERM, the time budget) end training at a step boundary with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import signal
+import time
+
+from launcher.health import StepRecord, TrainingHealthError, diagnose
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints(folder) -> list[str]:
+    """Complete checkpoints in a folder, oldest first (staging folders are never listed)."""
+    if not os.path.isdir(folder):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(folder) if (m := CHECKPOINT.match(name))]
+    return [os.path.join(folder, name) for _, name in sorted(found)]
+
+
+class StopRequest:
+    """Set by a signal handler or the time budget; read by the trainer at each step boundary."""
+
+    def __init__(self):
+        self.reason: str | None = None
+        self.signal: int | None = None
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            if self.signal is not None:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self.signal = signum
+            self.reason = f"signal {signal.Signals(signum).name}"
+            print(f"\n{signal.Signals(signum).name} received: finishing the current step, saving a checkpoint "
+                  "(press Ctrl-C again to abort at once)", flush=True)
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+
+def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, zero_loss_steps: int,
+                  max_time: float | None, stop: StopRequest, **trainer_kwargs):
+    from transformers import Trainer, TrainerCallback
+
+    record = StepRecord()
+
+    class Guard(TrainerCallback):
+        def __init__(self):
+            self.zero_streak = 0
+            self.bad_steps = 0
+            self.start = time.monotonic()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.monotonic()
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+            losses, tokens = record.losses, record.trainable_tokens
+            loss = sum(losses) / len(losses) if losses else None
+            grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+            grad_norm = None
+            if grads:
+                import torch
+
+                grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+            problem = None
+            if loss is not None and not math.isfinite(loss):
+                problem = f"the loss is {loss}"
+            elif grad_norm is not None and not math.isfinite(grad_norm):
+                problem = f"the gradient norm is {grad_norm}"
+            step = state.global_step + 1
+            lr = trainer.lr_scheduler.get_last_lr()[0] if trainer.lr_scheduler else args.learning_rate
+            if problem:
+                self.bad_steps += 1
+                if self.bad_steps <= max_bad_steps:
+                    # Skip the update (the optimizer ignores parameters without a gradient); never zero
+                    # or rescale the bad gradients into something that looks trainable.
+                    for p in model.parameters():
+                        p.grad = None
+                    print(f"warning: step {step}: {problem}; update skipped ({self.bad_steps} of "
+                          f"train.guard.max_bad_steps={max_bad_steps} allowed)", flush=True)
+                    trainer.skipped_steps.append(step)
+                    return
+                raise TrainingHealthError(
+                    diagnose(step=step, problem=problem, loss=loss, grad_norm=grad_norm, precision=precision,
+                             tokens=tokens, learning_rate=lr, max_learning_rate=args.learning_rate),
+                    {"step": step, "loss": loss, "grad_norm": grad_norm, "trainable_tokens": tokens, "learning_rate": lr})
+            self.zero_streak = self.zero_streak + 1 if loss == 0.0 else 0
+            if zero_loss_steps and self.zero_streak >= zero_loss_steps:
+                raise TrainingHealthError(
+                    diagnose(step=step, problem=f"the loss was exactly 0.0 for {self.zero_streak} steps in a row "
+                             "(nothing is being learned; usually every label is masked)", loss=loss,
+                             grad_norm=grad_norm, precision=precision, tokens=tokens, learning_rate=lr,
+                             max_learning_rate=args.learning_rate),
+                    {"step": step, "loss": loss, "grad_norm": grad_norm, "trainable_tokens": tokens, "learning_rate": lr})
+
+        def on_step_end(self, args, state, control, **kwargs):
+            record.losses.clear()
+            record.trainable_tokens.clear()
+            if max_time is not None and stop.reason is None and time.monotonic() - self.start >= max_time \
+                    and state.global_step < state.max_steps:
+                stop.reason = "time budget"
+            if stop.reason:
+                control.should_training_stop = True
+                control.should_save = True
+
+    class SftTrainer(Trainer):
+        skipped_steps: list[int] = []
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            # Targets are labels shifted by one: position 0 is never predicted.
+            tokens = int((inputs["labels"][:, 1:] != -100).sum())
+            record.trainable_tokens.append(tokens)
+            if tokens == 0:
+                raise TrainingHealthError(
+                    diagnose(step=self.state.global_step + 1, problem="a micro-batch has no trainable tokens (all labels masked)",
+                             loss=None, grad_norm=None, precision=precision, tokens=list(record.trainable_tokens),
+                             learning_rate=self.args.learning_rate, max_learning_rate=self.args.learning_rate),
+                    {"step": self.state.global_step + 1, "trainable_tokens": list(record.trainable_tokens)})
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            record.losses.append(float(loss.detach()))
+            return loss
+
+        def _save_checkpoint(self, model, trial):
+            out = self.args.output_dir
+            staging = os.path.join(out, ".staging")
+            name = f"checkpoint-{self.state.global_step}"
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            self.args.output_dir = staging
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = out
+            if self.args.should_save:
+                final = os.path.join(out, name)
+                if os.path.exists(final):
+                    shutil.rmtree(final)
+                os.replace(os.path.join(staging, name), final)  # the checkpoint appears whole or not at all
+                shutil.rmtree(staging, ignore_errors=True)
+                for old in checkpoints(out)[:-keep_checkpoints]:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    trainer = SftTrainer(callbacks=[*trainer_kwargs.pop("callbacks", []), Guard()], **trainer_kwargs)
+    trainer.skipped_steps = []
+    return trainer

@@ -1,0 +1,103 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from launcher.errors import DataError
+from launcher.recipe import load_recipe
+from launcher.tasks import gsm8k
+from tests.conftest import ROOT
+
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
+
+
+def _rows(split):
+    return [json.loads(line) for line in (GSM8K / f"{split}.jsonl").read_text().splitlines()]
+
+
+def test_local_folder_loads_the_official_splits():
+    recipe = load_recipe(ROOT / "recipes" / "gsm8k.yaml", [f"data.path={GSM8K}"])
+    train, test = gsm8k.examples(recipe)
+    assert (len(train), len(test)) == (7473, 1319)
+    assert test[0].reference == 18 and test[0].target.endswith("#### 18")
+    assert "<<" not in "".join(e.target for e in train)  # calculator annotations removed
+
+
+def test_extractor_gets_every_test_reference_right():
+    rows = _rows("test")
+    assert len(rows) == 1319
+    for row in rows:
+        reference = float(row["answer"].rsplit("####", 1)[1].strip().replace(",", ""))
+        # Both the raw solution (with <<...>> annotations) and the cleaned training target.
+        assert gsm8k.parse_answer(row["answer"]) == reference
+        assert gsm8k.is_correct(gsm8k.parse_answer(gsm8k.clean_solution(row["answer"])), reference)
+
+
+@pytest.mark.parametrize("text, value", [
+    ("so she has 5 + 3 = 8 apples.\n#### 8", 8),
+    ("#### 1,234", 1234),
+    ("#### -7", -7),
+    ("#### 3.50", 3.5),
+    ("The answer is $1,200.", 1200),
+    ("First 2 then 3. The answer is 42.\nThanks!", 42),
+    ("I think it is 17.", 17),
+    ("#### 5\n#### 6", 6),                    # the last ####
+    ("It costs $12.50 in total", 12.5),
+    ("10-4 = 6", 6),                          # a hyphen after a digit is not a minus sign
+    ("no numbers here", None),
+    ("#### \nthe answer is 9", 9),            # nothing after ####: fall back
+])
+def test_extractor_on_messy_generations(text, value):
+    assert gsm8k.parse_answer(text) == value
+
+
+def test_exact_numeric_match():
+    assert gsm8k.is_correct(18.0, 18)
+    assert not gsm8k.is_correct(18.01, 18)
+    assert not gsm8k.is_correct(None, 18)
+
+
+def test_hub_code_path_through_datasets_on_a_local_dataset_repo(tmp_path):
+    # A dataset repository laid out as on the Hub (configs in the README card), loaded by the same
+    # `datasets.load_dataset(id, config, split=...)` call the product makes for openai/gsm8k.
+    repo = tmp_path / "gsm8k-repo"
+    (repo / "main").mkdir(parents=True)
+    for split in ("train", "test"):
+        (repo / "main" / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in _rows(split)[:20]) + "\n")
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train.jsonl\n"
+        "  - split: test\n    path: main/test.jsonl\n---\n")
+    recipe = load_recipe(ROOT / "recipes" / "gsm8k.yaml", [f"data.dataset={repo}", "data.dataset_config=main"])
+    assert recipe.data.path is None
+    train, test = gsm8k.examples(recipe)
+    assert len(train) == 20 and len(test) == 20 and test[0].reference == 18
+
+
+def test_unreachable_hub_dataset_is_a_clear_error(tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "gsm8k.yaml", [f"data.dataset={tmp_path / 'nope'}"])
+    with pytest.raises(DataError, match="data.dataset=.*data.path"):
+        gsm8k.examples(recipe)
+
+
+def test_bad_files_name_file_and_line(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"question": "q", "answer": "a #### 1"}\n{"question": "q2", "answer": \n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: invalid JSON"):
+        gsm8k.load_file(f)
+    f.write_text('{"question": "q", "answer": "no final answer"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:1: 'answer' must"):
+        gsm8k.load_file(f)
+    f.write_text('{"answer": "#### 3"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:1: missing or empty 'question'"):
+        gsm8k.load_file(f)
+    f.write_text('{"question": "q", "answer": "#### many"}\n')
+    with pytest.raises(DataError, match="not a number"):
+        gsm8k.load_file(f)
+
+
+def test_single_file_needs_an_eval_path(tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "gsm8k.yaml", [f"data.path={GSM8K / 'train.jsonl'}"])
+    with pytest.raises(DataError, match="eval.path"):
+        gsm8k.examples(recipe)
+    recipe = load_recipe(ROOT / "recipes" / "gsm8k.yaml", [f"data.path={GSM8K / 'train.jsonl'}", f"eval.path={GSM8K / 'test.jsonl'}"])
+    assert len(gsm8k.examples(recipe)[1]) == 1319

@@ -1,0 +1,149 @@
+"""The health guard, checkpoints, resume and signals, on a tiny model through the real CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, run_cli
+
+
+def _run_dir(out: Path) -> Path:
+    (d,) = [p for p in out.iterdir() if p.is_dir()]
+    return d
+
+
+@pytest.fixture(scope="module")
+def poisoned_model(tiny_model, tmp_path_factory):
+    """The tiny model with one NaN weight: every forward pass gives a NaN loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("poisoned")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return out
+
+
+def test_nan_loss_stops_at_the_first_step_with_a_diagnosis(tiny_recipe, poisoned_model, tmp_path):
+    result = run_cli(str(tiny_recipe), f"model.name={poisoned_model}", "eval.compare_base=false")
+    assert result.returncode == 3, result.stderr[-2000:]
+    err = result.stderr
+    assert "training stopped at optimizer step 1: the loss is nan" in err
+    for needed in ("precision", "trainable tokens per micro-batch", "learning rate", "likely causes",
+                   "train.learning_rate", "hardware.precision", "data.max_length"):
+        assert needed in err, needed
+    assert "Traceback" not in err
+    run_dir = _run_dir(tmp_path / "outputs")
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "failed" and status["health"]["step"] == 1
+    assert not (run_dir / "adapter").exists()  # a broken run does not pretend to have a result
+
+
+def test_bad_steps_can_be_allowed_but_never_silently(tiny_recipe, poisoned_model):
+    result = run_cli(str(tiny_recipe), f"model.name={poisoned_model}", "eval.compare_base=false",
+                     "train.guard.max_bad_steps=2")
+    assert result.returncode == 3
+    assert result.stdout.count("update skipped") == 2
+    assert "optimizer step 3" in result.stderr
+
+
+def test_all_masked_batch_is_caught(tiny_model, tmp_path):
+    from launcher.hardware import HardwareInfo
+    from launcher.health import TrainingHealthError
+    from launcher.models import load_model, load_tokenizer
+    from launcher.plan import make_plan
+    from launcher.recipe import validate_recipe
+    from launcher.train import training_arguments
+    from launcher.trainer import StopRequest, build_trainer
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq
+
+    plan = make_plan(validate_recipe({"model": {"name": str(tiny_model)}, "train": {"max_steps": 2, "effective_batch_size": 2}}),
+                     HardwareInfo(cpu_cores=2, ram_gb=8, cpu_bf16=False))
+    tok = load_tokenizer(str(tiny_model))
+    model = get_peft_model(load_model(str(tiny_model)), LoraConfig(r=2, target_modules="all-linear"))
+    ids = tok("Convert 1 km to m.\nAnswer: 1000", add_special_tokens=False)["input_ids"]
+    features = [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(ids)}] * 4
+    trainer = build_trainer(precision="fp32", keep_checkpoints=1, max_bad_steps=0, zero_loss_steps=3, max_time=None,
+                            stop=StopRequest(), model=model, args=training_arguments(plan, tmp_path / "ck"),
+                            train_dataset=features, data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+    with pytest.raises(TrainingHealthError, match="all labels masked") as exc:
+        trainer.train()
+    assert exc.value.details["trainable_tokens"] == [0]
+
+
+def _start(args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "launcher.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def _wait_for_checkpoint(out: Path, step: int, proc, timeout=300) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        dirs = [p for p in out.iterdir()] if out.exists() else []
+        if dirs and (dirs[0] / "checkpoints" / f"checkpoint-{step}").is_dir():
+            return dirs[0]
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.005)
+    raise AssertionError("no checkpoint appeared")
+
+
+LONG = ["train.max_steps=40", "train.save_steps=5", "train.keep_checkpoints=2", "eval.compare_base=false",
+        "eval.limit=2", "data.train_size=320", "hardware.threads=1"]
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_recipe, tmp_path):
+    ref = run_cli(str(tiny_recipe), *LONG, f"output.dir={tmp_path / 'ref'}")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    ref_eval = json.loads((_run_dir(tmp_path / "ref") / "eval.json").read_text())
+
+    out = tmp_path / "outputs"
+    proc = _start([str(tiny_recipe), *LONG])
+    run_dir = _wait_for_checkpoint(out, 5, proc)
+    os.kill(json.loads((run_dir / "run.json").read_text())["worker_pid"], signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert not (run_dir / "eval.json").exists()
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert kept and all(name.startswith("checkpoint-") for name in kept) and len(kept) <= 2  # no staging left visible
+
+    resumed = run_cli("resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert ev["train"]["steps"] == ref_eval["train"]["steps"] == 40
+    assert ev["train"]["final_loss"] == pytest.approx(ref_eval["train"]["final_loss"], rel=0.02)
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == sorted(set(steps))  # no step logged twice after the resume
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+
+
+def test_sigint_saves_a_checkpoint_and_exits_130(tiny_recipe, tmp_path):
+    out = tmp_path / "outputs"
+    proc = _start([str(tiny_recipe), *LONG, "train.max_steps=400", "train.save_steps=200"])
+    # Wait until training is under way (the first logged step), then interrupt the launcher.
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        runs = list(out.iterdir()) if out.exists() else []
+        if runs and (runs[0] / "metrics.jsonl").exists():
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    run_dir = runs[0]
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "interrupted"
+    assert (run_dir / "checkpoints" / f"checkpoint-{status['step']}").is_dir()
+    assert "sftlaunch resume" in stdout
+    assert status["step"] < 400

@@ -1,0 +1,122 @@
+"""Hostile input: generated recipes and overrides either validate or fail cleanly; secrets never leak."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from launcher import cli
+from launcher.recipe import Recipe
+from tests.conftest import SUMMARY, run_cli
+
+KEYS = ["model.name", "model.lora.rank", "model.lora.alpha", "model.lora.target_modules", "model.trust_remote_code",
+        "data.task", "data.train_size", "data.max_length", "data.path", "data.max_samples", "train.learning_rate",
+        "train.epochs", "train.max_steps", "train.max_time", "train.effective_batch_size", "train.seed",
+        "train.guard.max_bad_steps", "eval.limit", "eval.size", "hardware.backend", "hardware.precision",
+        "hardware.micro_batch_size", "hardware.threads", "output.name", "bogus", "train.bogus", "model.lora.r",
+        "train.epochs.deeper", "model"]
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-10**30, max_value=10**30),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30),
+    st.sampled_from(["", "auto", "bf16", "fp8", "1e-4", "15m", "-1", "0", "1e400", "cuda", "gsm8k", "[1, 2]", "{a: 1}",
+                     "!!python/object:os.system", "&a x", "*a", "null", "~", "yes", "embedded:smollm2-135m-instruct"]),
+)
+value_yaml = st.one_of(scalars, st.lists(scalars, max_size=3), st.dictionaries(st.text(max_size=8), scalars, max_size=3))
+
+
+def _nest(pairs):
+    doc = {}
+    for key, value in pairs:
+        node = doc
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {}) if isinstance(node.get(p, {}), dict) else {}
+        node[last] = value
+    return doc
+
+
+recipe_text = st.one_of(
+    st.lists(st.tuples(st.sampled_from(KEYS), value_yaml), max_size=8).map(lambda pairs: yaml.safe_dump(_nest(pairs))),
+    st.text(max_size=200),  # arbitrary text, tags and anchors included by chance
+    st.sampled_from(["model: &m {name: x}\ndata: *m\n", "model: !!python/object/apply:os.system ['true']\n",
+                     "model: {name: x}\nmodel: {name: y}\n", "- a\n- b\n", "model:\n  name: x\n  lora: {rank: 1e9}\n",
+                     "model: !custom {name: x}\n", "model: {name: x}\ntrain: {learning_rate: .nan}\n"]),
+).map(lambda t: t.encode())
+raw_bytes = st.binary(max_size=120)  # non-UTF-8 input
+VALID_VALUES = ["1", "16", "auto", "bf16", "fp32", "cpu", "0.001", "1e-4", "true", "false", "15m", "gsm8k",
+                "unit_conversion", "x", "all-linear", "[q_proj, v_proj]", "3", "run-1"]
+overrides = st.lists(st.one_of(
+    st.builds(lambda k, v: f"{k}={v}", st.sampled_from(KEYS), st.one_of(st.text(max_size=12), st.sampled_from(VALID_VALUES))),
+    st.text(max_size=20)), max_size=5)
+
+COUNT = {"n": 0, "valid": 0}
+
+
+VALID_BASE = st.just(b"model: {name: some/model}\n")  # so that the overrides decide the outcome
+SAFE_OVERRIDES = st.lists(st.builds(lambda k, v: f"{k}={v}", st.sampled_from(["train.seed", "train.epochs", "eval.limit", "model.lora.rank"]),
+                                    st.sampled_from(["1", "3", "16", "0", "-2", "abc"])), max_size=2)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(content=st.one_of(VALID_BASE, recipe_text, raw_bytes), extra=st.one_of(SAFE_OVERRIDES, overrides))
+def test_generated_recipes_validate_or_exit_2_naming_the_key(tmp_path_factory, monkeypatch_session, content, extra):
+    COUNT["n"] += 1
+    folder = tmp_path_factory.mktemp("fuzz")
+    path = folder / "r.yaml"
+    path.write_bytes(content)
+    out = folder / "outputs"
+    result = CliRunner().invoke(cli.main, ["run", str(path), *extra, f"output.dir={out}", "hardware.backend=cpu"])
+    # Validation, planning and the run directory happen; the launch itself is replaced (see fixture).
+    if result.exit_code == 0:
+        if "--help" in extra or "-h" in extra:
+            assert result.output.startswith("Usage:")
+            return
+        COUNT["valid"] += 1
+        assert len(list(out.iterdir())) == 1
+        return
+    assert result.exit_code == 2, (result.exit_code, result.output, repr(result.exception))
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
+    text = result.output
+    assert "Traceback" not in text
+    if text.startswith("Usage:"):  # click's own usage error, e.g. an override that looks like an option
+        assert "Error: " in text and "--help" in text
+    else:
+        assert text.startswith("error: ") and ("Fix" in text or "fix" in text), text
+    assert not out.exists() or not list(out.iterdir())  # no partially created run directory
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_session():
+    mp = pytest.MonkeyPatch()
+    mp.setattr(cli, "_launch", lambda plan, run_dir, resume: None)
+    yield mp
+    mp.undo()
+    SUMMARY.append(f"fuzzed {COUNT['n']} generated recipes and override lists: {COUNT['valid']} valid, "
+                   f"{COUNT['n'] - COUNT['valid']} rejected with exit 2 and a message naming the key")
+    assert COUNT["n"] >= 500 and COUNT["valid"] > 0
+
+
+def test_trust_remote_code_is_off_by_default_and_shown():
+    assert Recipe.model_fields["model"].annotation.model_fields["trust_remote_code"].default is False
+
+
+SECRETS = {"HF_TOKEN": "hf_sEcReT1234567890", "WANDB_API_KEY": "wandb-sEcReT-0987", "HUGGING_FACE_HUB_TOKEN": "hf_oTheR5ecret",
+           "OPENAI_API_KEY": "sk-sEcReT42"}
+
+
+def test_secrets_never_reach_the_run_directory_logs_or_plans(tiny_recipe, tmp_path):
+    result = run_cli(str(tiny_recipe), env=SECRETS)
+    assert result.returncode == 0, result.stderr[-2000:]
+    plan = run_cli("plan", str(tiny_recipe), "--json", env=SECRETS)
+    env_out = run_cli("env", env=SECRETS)
+    texts = [result.stdout, result.stderr, plan.stdout, plan.stderr, env_out.stdout]
+    files = [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]
+    assert len(files) > 10
+    blobs = [p.read_bytes() for p in files]
+    for secret in SECRETS.values():
+        assert all(secret not in t for t in texts), secret
+        assert all(secret.encode() not in b for b in blobs), secret
