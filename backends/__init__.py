@@ -2,6 +2,7 @@
 
 from backends.cpu import CpuBackend
 from backends.cuda import CudaBackend
+from backends.deepspeed import DeepSpeedBackend
 from backends.mps import MpsBackend
 
-BACKENDS = {b.name: b for b in (CpuBackend(), CudaBackend(), MpsBackend())}
+BACKENDS = {b.name: b for b in (CpuBackend(), CudaBackend(), DeepSpeedBackend(), MpsBackend())}

@@ -31,7 +31,8 @@ def _hardware(profile: str | None):
     return load_profile(profile) if profile else detect()
 
 
-def _plan(recipe_path: str, overrides, profile: str | None, backend: str | None):
+def _plan(recipe_path: str, overrides, profile: str | None, backend: str | None, nnodes: int | None = None, check: bool = False):
+    from launcher.memory import find_shape
     from launcher.plan import make_plan
     from launcher.recipe import load_recipe
 
@@ -39,15 +40,34 @@ def _plan(recipe_path: str, overrides, profile: str | None, backend: str | None)
         overrides = [*overrides, f"hardware.backend={backend}"]
     recipe = load_recipe(recipe_path, overrides)
     hw = _hardware(profile)
-    plan = make_plan(recipe, hw)
+    if nnodes:
+        hw = hw.model_copy(update={"nodes": nnodes})
+    shape, source = find_shape(recipe.model.name)
+    plan = make_plan(recipe, hw, shape, source)
+    if check:
+        _check_backend(plan, hw)
+    return plan
+
+
+def _check_backend(plan, hw) -> None:
     from backends import BACKENDS
+    from launcher.errors import PlanError
 
     problems = BACKENDS[plan.backend].check(plan, hw)
     if problems:
-        from launcher.errors import PlanError
+        raise PlanError(f"the {plan.backend} backend cannot run this plan here: " + "; ".join(problems))
 
-        raise PlanError(f"backend {plan.backend} cannot run this plan: " + "; ".join(problems))
-    return plan
+
+def node_commands(plan, recipe_path: str, overrides, run_name: str) -> list[str]:
+    """The exact command each node of a multi-node job runs (same run directory on a shared filesystem)."""
+    import shlex
+
+    out = []
+    for rank in range(plan.nodes):
+        cmd = ["sftlaunch", "run", recipe_path, *overrides, "--nnodes", str(plan.nodes), "--node-rank", str(rank),
+               "--master-addr", "NODE0_ADDRESS", "--master-port", "29500", "--run-dir", f"{plan.recipe.output.dir}/{run_name}"]
+        out.append(f"node {rank}: " + " ".join(shlex.quote(c) for c in cmd))
+    return out
 
 
 def render_plan(plan) -> str:
@@ -75,23 +95,45 @@ SMOKE_STEPS, SMOKE_ITEMS = 10, 10
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
-@click.option("--backend", help="Override the automatic backend choice (cpu, cuda, mps).")
+@click.option("--backend", help="Override the automatic backend choice (cpu, cuda, deepspeed, mps).")
 @click.option("--smoke", is_flag=True, help=f"Check a set-up in a minute: at most {SMOKE_STEPS} steps, {SMOKE_ITEMS} eval items.")
-def run(recipe, overrides, backend, smoke):
+@click.option("--nnodes", type=click.IntRange(min=1), help="Nodes in a multi-node DeepSpeed job.")
+@click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True, help="This node's rank (node 0 evaluates).")
+@click.option("--master-addr", default="127.0.0.1", show_default=True, help="Address of node 0 (torchrun rendezvous).")
+@click.option("--master-port", type=click.IntRange(1, 65535), help="Port on node 0 (default: 29500 for several nodes, a free port for one).")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Use this run directory (multi-node: the same shared path on every node).")
+def run(recipe, overrides, backend, smoke, nnodes, node_rank, master_addr, master_port, run_dir):
     """Plan, train and evaluate RECIPE (overrides: key.path=value)."""
+    from launcher.errors import PlanError
+
     try:
         if smoke:
             overrides = _smoke_overrides(recipe, overrides)
-        plan = _plan(recipe, overrides, None, backend)
+        plan = _plan(recipe, overrides, None, backend, nnodes=nnodes, check=True)
+        if node_rank >= plan.nodes:
+            raise PlanError(f"--node-rank {node_rank} is outside the {plan.nodes}-node job. Fix: 0 <= --node-rank < --nnodes.")
         from launcher.rundir import create_run_dir, write_status
 
         click.echo(render_plan(plan))
-        run_dir = create_run_dir(plan, recipe, suffix="-smoke" if smoke else "")
-        click.echo(f"run directory: {run_dir}" + ("  (smoke run)" if smoke else ""))
-        write_status(run_dir, "starting", recipe=str(recipe), overrides=list(overrides), smoke=smoke)
+        path = create_run_dir(plan, recipe, suffix="-smoke" if smoke else "", explicit=run_dir)
+        click.echo(f"run directory: {path}" + ("  (smoke run)" if smoke else ""))
+        if node_rank == 0:
+            write_status(path, "starting", recipe=str(recipe), overrides=list(overrides), smoke=smoke)
     except SftlaunchError as exc:
         _fail(exc)
-    _launch(plan, run_dir, resume=False)
+    from backends.deepspeed import Rendezvous
+
+    if master_port is None:
+        master_port = 29500 if plan.nodes > 1 else _free_port()
+    _launch(plan, path, resume=False, rendezvous=Rendezvous(node_rank, master_addr, master_port))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @main.command()
@@ -109,29 +151,43 @@ def resume(run_dir):
     status = json.loads((path / "run.json").read_text()).get("status") if (path / "run.json").exists() else None
     if status == "completed":
         _fail(PlanError(f"{run_dir} already completed; nothing to resume."))
-    from backends import BACKENDS
-
-    problems = BACKENDS[plan.backend].check(plan, detect())
-    if problems:
-        _fail(PlanError(f"this machine cannot resume a {plan.backend} run: " + "; ".join(problems)))
+    try:
+        _check_backend(plan, detect())
+    except SftlaunchError as exc:
+        _fail(exc)
     click.echo(render_plan(plan))
     _launch(plan, path, resume=True)
 
 
-def _launch(plan, run_dir: Path, resume: bool) -> None:
+def _launch(plan, run_dir: Path, resume: bool, rendezvous=None) -> None:
     from backends import BACKENDS
-    from launcher.evaluate import format_comparison, format_metrics
+    from backends.deepspeed import Rendezvous
+    from launcher.evaluate import format_comparison
+    from launcher.oom import EXIT_OUT_OF_MEMORY, back_off
     from launcher.runner import run as run_spec
 
-    code = run_spec(BACKENDS[plan.backend].build(plan, run_dir, resume=resume), run_dir)
+    rendezvous = rendezvous or Rendezvous(master_port=_free_port())
+    while True:
+        extra = {"rendezvous": rendezvous} if plan.backend == "deepspeed" else {}
+        code = run_spec(BACKENDS[plan.backend].build(plan, run_dir, resume=resume, **extra), run_dir)
+        if code != EXIT_OUT_OF_MEMORY or rendezvous.node_rank != 0:
+            break
+        try:
+            plan = back_off(plan, run_dir)
+        except SftlaunchError as exc:
+            _fail(exc)
+        click.echo(f"out of memory: retrying from the last checkpoint with micro-batch {plan.micro_batch_size} "
+                   f"x accumulation {plan.gradient_accumulation_steps} (recorded in {run_dir}/oom_backoff.jsonl)")
+        resume = True
     if code != 0:
         click.echo(f"error: the {plan.backend} worker exited with code {code}; see {run_dir}/run.json", err=True)
         sys.exit(code)
+    if rendezvous.node_rank != 0:
+        click.echo(f"node {rendezvous.node_rank} finished; node 0 evaluates and writes the results")
+        return
     comparison = run_dir / "comparison.json"
-    if comparison.exists():
+    if comparison.exists():  # the worker printed each model's metrics; this is the side-by-side summary
         click.echo(format_comparison(json.loads(comparison.read_text())))
-    else:
-        click.echo(format_metrics("trained", json.loads((run_dir / "eval.json").read_text())["trained"]))
     click.echo(f"adapter, metrics and predictions: {run_dir}")
 
 
@@ -157,7 +213,17 @@ def plan(recipe, overrides, profile, backend, as_json):
         p = _plan(recipe, overrides, profile, backend)
     except SftlaunchError as exc:
         _fail(exc)
-    click.echo(json.dumps(p.summary(), indent=2) if as_json else render_plan(p))
+    if as_json:
+        summary = p.summary()
+        if p.nodes > 1:
+            summary["node_commands"] = node_commands(p, recipe, overrides, "RUN_NAME")
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(render_plan(p))
+    if p.nodes > 1:
+        click.echo(f"\nthis is a {p.nodes}-node job; run on each node (RUN_NAME: one shared run directory):")
+        for line in node_commands(p, recipe, overrides, "RUN_NAME"):
+            click.echo("  " + line)
 
 
 @main.command(name="eval")

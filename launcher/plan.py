@@ -12,15 +12,19 @@ from pydantic import BaseModel, ConfigDict
 
 from launcher.errors import PlanError
 from launcher.hardware import HardwareInfo
+from launcher.memory import GiB, ModelShape, estimate_memory
 from launcher.recipe import Recipe
 from launcher.tasks import get_task
 
 # Beyond this, a bigger micro-batch on a CPU only adds padding: rows of one batch are padded to its
 # longest sample, and a CPU gains little from wider matrix products.
 CPU_MAX_MICRO_BATCH = 32
-# Until the memory planner exists (backends issue), a GPU micro-batch this small fits any model the
-# single-GPU backend is meant for (up to ~1B parameters with LoRA at 256 tokens on 16 GB).
-GPU_DEFAULT_MICRO_BATCH = 8
+GPU_MAX_MICRO_BATCH = 64
+# With no model shape to estimate from, a GPU micro-batch this small fits models up to ~1B parameters
+# with LoRA at 512 tokens on 16 GB.
+GPU_DEFAULT_MICRO_BATCH = 4
+# MPS may allocate this share of unified memory (backends/mps.py sets the same high watermark).
+MPS_MEMORY_SHARE = 0.7
 
 
 class Decision(BaseModel):
@@ -37,12 +41,18 @@ class Plan(BaseModel):
     backend: str
     device: str
     precision: str
+    nodes: int
+    processes_per_node: int
     world_size: int
     micro_batch_size: int
     gradient_accumulation_steps: int
     gradient_checkpointing: bool
     threads: int
     max_length: int
+    zero_stage: int
+    offload: bool
+    memory_estimate_gib: float | None
+    device_memory_gib: float
     trust_remote_code: bool
     decisions: tuple[Decision, ...]
 
@@ -51,7 +61,8 @@ class Plan(BaseModel):
 
     def summary(self) -> dict:
         """The JSON view `sftlaunch plan --json` prints."""
-        keys = ("backend", "device", "precision", "world_size", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "threads", "max_length", "trust_remote_code")
+        keys = ("backend", "device", "precision", "world_size", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "threads", "max_length", "nodes", "processes_per_node", "zero_stage", "offload",
+                "memory_estimate_gib", "device_memory_gib", "trust_remote_code")
         out = {k: getattr(self, k) for k in keys}
         out["effective_batch_size"] = self.recipe.train.effective_batch_size
         out["hardware"] = self.hardware.name
@@ -63,29 +74,28 @@ def choose_backend(requested: str, hw: HardwareInfo) -> tuple[str, str]:
     """The backend to run on, and why. Raises PlanError if the hardware cannot run the request."""
     n = len(hw.gpus)
     if requested == "auto":
-        if n > 1 or hw.nodes > 1:
-            total = n * hw.nodes
-            raise PlanError(
-                f"hardware.backend=auto: this machine has {total} GPUs across {hw.nodes} node(s), which needs the "
-                "multi-GPU DeepSpeed backend, not available in this version. Fix: set hardware.backend=cuda to "
-                "train on one GPU."
-            )
+        if n * hw.nodes > 1:
+            return "deepspeed", f"{n * hw.nodes} CUDA GPUs on {hw.nodes} node(s): DeepSpeed data parallel with ZeRO sharding"
         if n == 1:
-            return "cuda", f"one CUDA GPU ({hw.gpus[0].name}, {hw.gpus[0].memory_gb:.0f} GB)"
+            return "cuda", f"one CUDA GPU ({hw.gpus[0].name}, {hw.gpus[0].memory_gb:.0f} GB): one process through accelerate"
         if hw.mps:
-            return "mps", "Apple-silicon GPU (MPS) detected, no CUDA GPU"
-        return "cpu", "no CUDA GPU and no Apple-silicon GPU detected: training runs on the CPU"
+            return "mps", "Apple-silicon GPU (MPS), no CUDA GPU"
+        return "cpu", "no CUDA GPU and no Apple-silicon GPU: training runs on the CPU"
     if requested == "cuda" and n == 0:
         raise PlanError("hardware.backend=cuda, but no CUDA GPU was detected. Fix: hardware.backend=auto (or cpu).")
     if requested == "mps" and not hw.mps:
         raise PlanError("hardware.backend=mps, but this is not an Apple-silicon Mac. Fix: hardware.backend=auto.")
+    if requested == "deepspeed" and hw.mps and n == 0:
+        raise PlanError("hardware.backend=deepspeed does not run on Apple silicon. Fix: hardware.backend=mps (or auto).")
+    if requested == "cuda" and n > 1:
+        return "cuda", f"requested by the recipe (hardware.backend): one process on GPU 0 of {n}"
     return requested, "requested by the recipe (hardware.backend)"
 
 
 def choose_precision(requested: str, backend: str, hw: HardwareInfo) -> tuple[str, str]:
     """The precision policy as one table: (precision, reason), or PlanError for an impossible request."""
-    if backend == "cuda":
-        cc = hw.gpus[0].compute_capability
+    if backend in ("cuda", "deepspeed") and hw.gpus:
+        cc = min(g.compute_capability for g in hw.gpus)
         has_bf16 = cc >= (8, 0)
         if requested == "auto":
             if has_bf16:
@@ -101,7 +111,7 @@ def choose_precision(requested: str, backend: str, hw: HardwareInfo) -> tuple[st
             return "fp32", ("MPS: fp32, because mixed-precision training on MPS is not reliable across macOS/torch "
                             "versions (bf16 autocast needs macOS 14+, fp16 has no loss scaler there)")
         raise PlanError(f"hardware.precision={requested} is not supported for training on MPS. Fix: hardware.precision=fp32 (or auto).")
-    # CPU
+    # CPU (one process, or DeepSpeed processes over gloo)
     if requested == "fp16":
         raise PlanError("hardware.precision=fp16 needs a CUDA GPU; CPUs have no fp16 training path. Fix: hardware.precision=bf16 or fp32.")
     if requested == "auto":
@@ -121,8 +131,21 @@ def _largest_pow2_divisor(n: int, cap: int) -> int:
     return m
 
 
-def make_plan(recipe: Recipe, hw: HardwareInfo) -> Plan:
-    """Decide backend, precision, batch layout, checkpointing and threads for this recipe on this hardware."""
+def _device_memory_gib(backend: str, hw: HardwareInfo) -> tuple[float, str]:
+    if backend in ("cuda", "deepspeed") and hw.gpus:
+        g = min(hw.gpus, key=lambda g: g.memory_gb)
+        return g.memory_gb, f"{g.memory_gb:.1f} GiB on {g.name}"
+    if backend == "mps":
+        return hw.ram_gb * MPS_MEMORY_SHARE, f"the {MPS_MEMORY_SHARE:.0%} of {hw.ram_gb:.0f} GB unified memory MPS may use"
+    return hw.ram_gb, f"{hw.ram_gb:.0f} GB of RAM"
+
+
+def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None, shape_source: str = "") -> Plan:
+    """Decide backend, precision, processes, batch layout, memory settings and threads.
+
+    `shape` is the model's architecture (from its config.json, launcher.memory.find_shape); without it the
+    memory planner cannot size the batch and says so.
+    """
     hwr = recipe.hardware
     decisions: list[Decision] = []
 
@@ -131,38 +154,36 @@ def make_plan(recipe: Recipe, hw: HardwareInfo) -> Plan:
         return value
 
     backend = decide("backend", *choose_backend(hwr.backend, hw))
-    device = {"cuda": "cuda", "mps": "mps"}.get(backend, "cpu")
+    device = {"cuda": "cuda", "mps": "mps"}.get(backend, "cuda" if backend == "deepspeed" and hw.gpus else "cpu")
     precision = decide("precision", *choose_precision(hwr.precision, backend, hw))
-    world_size = decide("world_size", 1, f"the {backend} backend runs one training process")
+
+    # Processes: one per GPU (DeepSpeed), else one.
+    nodes = hw.nodes if backend == "deepspeed" else 1
+    if backend != "deepspeed":
+        if hwr.processes not in ("auto", 1):
+            raise PlanError(f"hardware.processes={hwr.processes} needs hardware.backend=deepspeed (the {backend} backend runs one process). "
+                            "Fix: hardware.backend=deepspeed, or remove hardware.processes.")
+        per_node = 1
+        decide("world_size", 1, f"the {backend} backend runs one training process")
+    else:
+        available = len(hw.gpus) if hw.gpus else None
+        if hwr.processes == "auto":
+            per_node = available or 2
+            why = (f"one process per GPU ({per_node} per node x {nodes} node(s))" if available else
+                   "no GPU: 2 CPU processes over gloo (exercises the distributed path; slower than one process)")
+        else:
+            per_node = hwr.processes
+            if available and per_node > available:
+                raise PlanError(f"hardware.processes={per_node}, but each node has {available} GPUs. Fix: hardware.processes<={available} or auto.")
+            why = "requested by the recipe (hardware.processes)"
+        decide("world_size", per_node * nodes, why)
+    world_size = per_node * nodes
 
     effective = recipe.train.effective_batch_size
-    if hwr.micro_batch_size == "auto":
-        cap = CPU_MAX_MICRO_BATCH if backend == "cpu" else GPU_DEFAULT_MICRO_BATCH
-        micro = _largest_pow2_divisor(effective // world_size, cap) if effective % world_size == 0 else 1
-        why = (f"largest power of two <= {cap} that divides the effective batch {effective}"
-               + (" (a CPU has no device memory to fit; beyond this only padding grows)" if backend == "cpu"
-                  else " (default for one GPU; no memory estimate is made in this version)"))
-        decide("micro_batch_size", micro, why)
-    else:
-        micro = hwr.micro_batch_size
-        if micro < 1 or effective % (micro * world_size):
-            raise PlanError(f"hardware.micro_batch_size={micro} does not divide train.effective_batch_size={effective} "
-                            f"over {world_size} process(es). Fix: pick a divisor of {effective // world_size}, or 'auto'.")
-        decide("micro_batch_size", micro, "requested by the recipe (hardware.micro_batch_size)")
-    accumulation = decide("gradient_accumulation_steps", effective // (micro * world_size),
-                          f"effective batch {effective} = micro-batch {micro} x accumulation {effective // (micro * world_size)} x {world_size} process(es)")
-
-    if hwr.gradient_checkpointing == "auto":
-        checkpointing = decide("gradient_checkpointing", False,
-                               "off: recomputing activations costs ~30% speed and memory is not the limit here"
-                               if backend == "cpu" else "off: no memory estimate calls for it in this version")
-    else:
-        checkpointing = decide("gradient_checkpointing", hwr.gradient_checkpointing, "requested by the recipe")
-
-    if hwr.threads == "auto":
-        threads = decide("threads", hw.cpu_cores, f"one torch thread per available CPU core ({hw.cpu_cores})")
-    else:
-        threads = decide("threads", hwr.threads, "requested by the recipe (hardware.threads)")
+    if effective % world_size:
+        raise PlanError(f"train.effective_batch_size={effective} is not divisible by the {world_size} training processes. "
+                        f"Fix: use a multiple of {world_size} (e.g. {world_size * max(1, round(effective / world_size))}).")
+    per_rank = effective // world_size
 
     if recipe.data.max_length == "auto":
         length, why = get_task(recipe.data.task).DEFAULT_MAX_LENGTH
@@ -170,10 +191,120 @@ def make_plan(recipe: Recipe, hw: HardwareInfo) -> Plan:
     else:
         max_length = decide("max_length", recipe.data.max_length, "requested by the recipe (data.max_length)")
 
+    mem_gib, mem_why = _device_memory_gib(backend, hw)
+    budget = mem_gib * hwr.memory_fraction
+    lora = recipe.model.lora
+    micro, checkpointing, stage, offload, estimate = _fit_memory(
+        recipe, backend, precision, shape, per_rank, max_length, world_size, budget)
+    if estimate is not None and estimate.total / GiB > budget:
+        raise PlanError(
+            f"{recipe.model.name} does not fit: {estimate.describe()} per device at micro-batch 1 with gradient checkpointing"
+            + (f", ZeRO-3 and CPU offload over {world_size} processes" if backend == "deepspeed" else "")
+            + f", but only {budget:.1f} GiB is usable ({hwr.memory_fraction:.0%} of {mem_why}). Fix: lower data.max_length "
+            f"(now {max_length}), use a smaller model, or more GPUs with hardware.backend=deepspeed.")
+    where = f"{budget:.1f} GiB usable ({hwr.memory_fraction:.0%} of {mem_why})"
+    if estimate is None:
+        reason_tail = f"model shape unknown ({shape_source or 'no config'}): memory not estimated"
+    else:
+        reason_tail = f"estimated peak {estimate.describe()} fits {where}"
+
+    if hwr.micro_batch_size != "auto":
+        if per_rank % micro:
+            raise PlanError(f"hardware.micro_batch_size={micro} does not divide train.effective_batch_size={effective} "
+                            f"over {world_size} process(es). Fix: pick a divisor of {per_rank}, or 'auto'.")
+        decide("micro_batch_size", micro, f"requested by the recipe (hardware.micro_batch_size); {reason_tail}")
+    elif estimate is None:
+        decide("micro_batch_size", micro, f"largest power of two <= {_cap(backend)} dividing {per_rank} samples per process; {reason_tail}")
+    else:
+        decide("micro_batch_size", micro, f"largest power of two <= {_cap(backend)} dividing {per_rank} samples per process "
+               f"whose {reason_tail}")
+    accumulation = decide("gradient_accumulation_steps", per_rank // micro,
+                          f"effective batch {effective} = micro-batch {micro} x accumulation {per_rank // micro} x {world_size} process(es)")
+    if hwr.gradient_checkpointing != "auto":
+        decide("gradient_checkpointing", checkpointing, "requested by the recipe (hardware.gradient_checkpointing)")
+    elif checkpointing:
+        decide("gradient_checkpointing", True, "on: without it even micro-batch 1 does not fit; costs ~30% more compute")
+    else:
+        decide("gradient_checkpointing", False, "off: the activations fit" + ("" if estimate else " (not estimated)")
+               + "; recomputing them would cost ~30% speed")
+    if backend == "deepspeed":
+        decide("zero_stage", stage, "requested by the recipe (hardware.zero_stage)" if hwr.zero_stage != "auto" else
+               ("ZeRO-2: shards gradients and optimizer state; the model fits each device" if stage == 2 else
+                "ZeRO-3: stage 2 does not fit a device, so parameters are sharded too"))
+        decide("offload", offload, "requested by the recipe (hardware.offload)" if hwr.offload != "auto" else
+               ("optimizer state and parameters go to CPU memory: even ZeRO-3 does not fit" if offload else "off: not needed to fit"))
+    decide("memory_estimate_gib", None if estimate is None else round(estimate.total / GiB, 2),
+           reason_tail if estimate is None else f"{estimate.describe()}; {where}")
+
+    if hwr.threads == "auto":
+        cores = max(1, hw.cpu_cores // per_node)
+        threads = decide("threads", cores, f"available CPU cores ({hw.cpu_cores}) / {per_node} process(es) per node")
+    else:
+        threads = decide("threads", hwr.threads, "requested by the recipe (hardware.threads)")
+
     trust = decide("trust_remote_code", recipe.model.trust_remote_code,
                    "set in the recipe: the model repository's Python code will run" if recipe.model.trust_remote_code
                    else "off (default): no code from the model repository runs")
 
-    return Plan(recipe=recipe, hardware=hw, backend=backend, device=device, precision=precision, world_size=world_size,
-                micro_batch_size=micro, gradient_accumulation_steps=accumulation, gradient_checkpointing=checkpointing,
-                threads=threads, max_length=max_length, trust_remote_code=trust, decisions=tuple(decisions))
+    return Plan(recipe=recipe, hardware=hw, backend=backend, device=device, precision=precision, nodes=nodes,
+                processes_per_node=per_node, world_size=world_size, micro_batch_size=micro,
+                gradient_accumulation_steps=per_rank // micro, gradient_checkpointing=checkpointing, threads=threads,
+                max_length=max_length, zero_stage=stage, offload=offload,
+                memory_estimate_gib=None if estimate is None else round(estimate.total / GiB, 2),
+                device_memory_gib=round(mem_gib, 1), trust_remote_code=trust, decisions=tuple(decisions))
+
+
+def _cap(backend: str) -> int:
+    return CPU_MAX_MICRO_BATCH if backend == "cpu" else GPU_MAX_MICRO_BATCH
+
+
+def _fit_memory(recipe: Recipe, backend: str, precision: str, shape: ModelShape | None, per_rank: int,
+                max_length: int, world_size: int, budget_gib: float):
+    """(micro, checkpointing, zero_stage, offload, estimate): the first layout, in order of speed, that fits.
+
+    Order: no checkpointing before checkpointing (recompute costs ~30%), ZeRO-2 before ZeRO-3 before
+    offload; within each, the largest micro-batch. If nothing fits, the smallest layout is returned with
+    its estimate, and the caller reports it.
+    """
+    hwr, lora = recipe.hardware, recipe.model.lora
+    fixed_micro = None if hwr.micro_batch_size == "auto" else hwr.micro_batch_size
+    if shape is None:
+        micro = fixed_micro or _largest_pow2_divisor(per_rank, CPU_MAX_MICRO_BATCH if backend == "cpu" else GPU_DEFAULT_MICRO_BATCH)
+        ckpt = hwr.gradient_checkpointing if hwr.gradient_checkpointing != "auto" else False
+        stage = 2 if hwr.zero_stage == "auto" else hwr.zero_stage
+        offload = hwr.offload if hwr.offload != "auto" else False
+        return micro, ckpt, (stage if backend == "deepspeed" else 0), (offload if backend == "deepspeed" else False), None
+    ckpts = [False, True] if hwr.gradient_checkpointing == "auto" else [hwr.gradient_checkpointing]
+    if backend == "deepspeed":
+        stages = [2, 3] if hwr.zero_stage == "auto" else [hwr.zero_stage]
+        offloads = [False, True] if hwr.offload == "auto" else [hwr.offload]
+        layouts = [(s, o) for o in offloads for s in stages if not (o and s == 2 and 3 in stages)]
+    else:
+        layouts = [(0, False)]
+    cap = _cap(backend)
+    micros = [fixed_micro] if fixed_micro else sorted({_largest_pow2_divisor(per_rank, c) for c in (1, 2, 4, 8, 16, 32, 64) if c <= cap}, reverse=True)
+    # Below this micro-batch a GPU idles; recomputing activations to reach it is the better trade.
+    enough = min(4, micros[0])
+
+    def largest_fit(stage, offload, ckpt):
+        for micro in micros:
+            est = estimate_memory(shape, micro_batch=micro, seq_len=max_length, precision=precision, checkpointing=ckpt,
+                                  lora_rank=lora.rank, lora_targets=lora.target_modules, zero_stage=stage,
+                                  world_size=world_size, offload=offload)
+            if est.total / GiB <= budget_gib:
+                return (micro, ckpt, stage, offload, est)
+        return None, est
+
+    last_est = None
+    for stage, offload in layouts:
+        found = [f for f in (largest_fit(stage, offload, c) for c in ckpts)]
+        fits = [f for f in found if f[0] is not None]
+        for f in found:
+            if f[0] is None:
+                last_est = (micros[-1], ckpts[-1], stage, offload, f[1])
+        if fits:
+            plain = next((f for f in fits if not f[1]), None)
+            if plain and plain[0] >= enough:
+                return plain
+            return max(fits, key=lambda f: (f[0], not f[1]))
+    return last_est

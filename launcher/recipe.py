@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from launcher.errors import ConfigError, Problem
 
-BACKEND_NAMES = ("cpu", "cuda", "mps")
+BACKEND_NAMES = ("cpu", "cuda", "deepspeed", "mps")
 PRECISIONS = ("bf16", "fp16", "fp32")
 
 
@@ -171,19 +171,31 @@ class EvalSection(_Section):
 
 
 class HardwareSection(_Section):
-    backend: Literal["auto", "cpu", "cuda", "mps"] = Field(
-        "auto", description="Backend; 'auto' picks from the detected hardware."
+    backend: Literal["auto", "cpu", "cuda", "deepspeed", "mps"] = Field(
+        "auto", description="Backend; 'auto' picks from the detected hardware (several GPUs or nodes: deepspeed)."
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Training precision; 'auto' picks the fastest safe one."
     )
     micro_batch_size: Annotated[int, Field(ge=1, le=65536)] | Literal["auto"] = Field(
-        "auto", description="Samples per forward pass on one device."
+        "auto", description="Samples per forward pass on one device; 'auto' fits the memory estimate."
     )
     gradient_checkpointing: bool | Literal["auto"] = Field(
-        "auto", description="Recompute activations in backward to save memory."
+        "auto", description="Recompute activations in backward to save memory; 'auto': only when needed to fit."
     )
-    threads: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = Field("auto", description="CPU threads for torch.")
+    threads: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = Field("auto", description="CPU threads for torch (per process).")
+    processes: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
+        "auto", description="deepspeed: worker processes per node ('auto': one per GPU; 2 on a CPU-only machine)."
+    )
+    zero_stage: Literal["auto", 2, 3] = Field(
+        "auto", description="deepspeed: ZeRO stage ('auto': 2, or 3 when stage 2 does not fit a device)."
+    )
+    offload: bool | Literal["auto"] = Field(
+        "auto", description="deepspeed: offload optimizer state (and ZeRO-3 parameters) to CPU memory ('auto': only if needed)."
+    )
+    memory_fraction: float = Field(
+        0.85, gt=0.1, le=1.0, description="Share of device memory the memory planner may fill (the rest is headroom)."
+    )
 
 
 class OutputSection(_Section):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -56,6 +57,9 @@ def training_arguments(plan: Plan, output_dir: Path):
         # Batches of similar lengths: dynamic padding then pads little.
         train_sampling_strategy="group_by_length",
         dataloader_num_workers=0,
+        # The ZeRO JSON the deepspeed backend wrote into the run directory, "auto" fields tied to these args.
+        deepspeed=str(output_dir.parent / "ds_config.json") if plan.backend == "deepspeed" else None,
+        ddp_backend="gloo" if plan.backend == "deepspeed" and plan.device == "cpu" else None,
     )
 
 
@@ -82,7 +86,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in keep))
 
 
-def train_and_evaluate(plan: Plan, run_dir: Path, resume: bool = False) -> dict:
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def train_and_evaluate(plan: Plan, run_dir: Path, resume: bool = False) -> dict | None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, set_seed
@@ -97,16 +105,22 @@ def train_and_evaluate(plan: Plan, run_dir: Path, resume: bool = False) -> dict:
     train_examples, eval_examples = build_examples(recipe)
     features, report = encode_examples(train_examples, tokenizer, plan.max_length, recipe.data.prompt_format,
                                        recipe.data.on_truncation)
-    print(report.render(), flush=True)
-    (run_dir / "preflight.json").write_text(json.dumps(report.as_dict(), indent=2))
+    main = is_main_process()
+    distributed = plan.world_size > 1
+    if main:
+        print(report.render(), flush=True)
+        (run_dir / "preflight.json").write_text(json.dumps(report.as_dict(), indent=2))
 
-    model = load_model(model_path, plan.trust_remote_code).to(plan.device)
+    # Under DeepSpeed the engine places the model; one process places it itself.
+    model = load_model(model_path, plan.trust_remote_code)
+    if not distributed:
+        model = model.to(plan.device)
     eval_kwargs = dict(prompt_format=recipe.data.prompt_format, batch_size=recipe.eval.batch_size,
                        max_new_tokens=recipe.eval.max_new_tokens, device=plan.device, precision=plan.precision)
     results: dict = {"model": recipe.model.name, "eval_items": len(eval_examples)}
     base_file = run_dir / "eval-base.json"
     base_records = None
-    if recipe.eval.compare_base:
+    if recipe.eval.compare_base and not distributed:
         if resume and base_file.exists():  # evaluated before the interruption: same items, same model
             results["base"] = json.loads(base_file.read_text())
             base_records = [json.loads(line) for line in (run_dir / "predictions-base.jsonl").read_text().splitlines()]
@@ -122,7 +136,8 @@ def train_and_evaluate(plan: Plan, run_dir: Path, resume: bool = False) -> dict:
     model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                              target_modules=lora.target_modules, task_type="CAUSAL_LM"))
     trainable, total = model.get_nb_trainable_parameters()
-    print(f"LoRA r={lora.rank}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)", flush=True)
+    if main:
+        print(f"LoRA r={lora.rank}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)", flush=True)
     if plan.gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing from the frozen embeddings
 
@@ -145,23 +160,45 @@ def train_and_evaluate(plan: Plan, run_dir: Path, resume: bool = False) -> dict:
         if found:
             resume_from = found[-1]
             step = int(resume_from.rsplit("-", 1)[1])
-            _truncate_metrics(run_dir / "metrics.jsonl", step)
-            print(f"resuming from {resume_from} (step {step})", flush=True)
+            if main:
+                _truncate_metrics(run_dir / "metrics.jsonl", step)
+                print(f"resuming from {resume_from} (step {step})", flush=True)
         else:
-            print("no checkpoint yet: training starts from step 0", flush=True)
-            _truncate_metrics(run_dir / "metrics.jsonl", 0)
+            if main:
+                print("no checkpoint yet: training starts from step 0", flush=True)
+                _truncate_metrics(run_dir / "metrics.jsonl", 0)
     t0 = time.time()
     output = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - t0
     if stop.signal is not None:
         raise Interrupted(stop.signal, output.global_step)
-    model.save_pretrained(run_dir / "adapter")
+    skipped = list(trainer.skipped_steps)
+    # save_model gathers ZeRO-3 shards and writes from the main process only.
+    trainer.save_model(str(run_dir / "adapter"))
+    if not main:
+        return None
     tokenizer.save_pretrained(run_dir / "adapter")
+    if distributed:
+        # Evaluate in this process alone, on a fresh copy: the DeepSpeed engine's weights are sharded.
+        from peft import PeftModel
+
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        del trainer
+        unset_hf_deepspeed_config()  # else from_pretrained would build a ZeRO-3-partitioned model again
+        base = load_model(model_path, plan.trust_remote_code).to(plan.device)
+        if recipe.eval.compare_base:
+            t0 = time.time()
+            results["base"], base_records = ev.evaluate(base, tokenizer, task, eval_examples, label="evaluating base", **eval_kwargs)
+            results["base"]["seconds"] = round(time.time() - t0, 1)
+            ev.write_predictions(run_dir / "predictions-base.jsonl", base_records)
+            print(ev.format_metrics("base", results["base"]), flush=True)
+        model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).to(plan.device)
     cut = stop.reason == "time budget"
     results["train"] = {"steps": output.global_step, "seconds": round(train_seconds, 1),
                         "final_loss": _last_loss(run_dir / "metrics.jsonl"), "train_loss": output.training_loss,
                         "samples": len(features), "cut_by_time_budget": cut,
-                        "max_time_seconds": recipe.train.max_time_seconds, "skipped_steps": trainer.skipped_steps,
+                        "max_time_seconds": recipe.train.max_time_seconds, "skipped_steps": skipped,
                         "resumed_from": resume_from}
     if cut:
         print(f"time budget train.max_time={recipe.train.max_time} ran out: training stopped after step "

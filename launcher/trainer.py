@@ -49,11 +49,35 @@ class StopRequest:
         signal.signal(signal.SIGTERM, handler)
 
 
+def _any_rank(flag: bool, device) -> bool:
+    """True if any training process has the flag set: all ranks must stop at the same step."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+OOM_MARKERS = ("out of memory", "MPS backend out of memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA (torch.OutOfMemoryError) and MPS ("MPS backend out of memory") both count."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and any(m in str(exc) for m in OOM_MARKERS))
+
+
 def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, zero_loss_steps: int,
                   max_time: float | None, stop: StopRequest, **trainer_kwargs):
     from transformers import Trainer, TrainerCallback
 
     record = StepRecord()
+    # Fault injection for tests of the out-of-memory back-off: raise OOM for micro-batches above N.
+    oom_above = int(os.environ["SFTLAUNCH_FAULT_OOM_ABOVE_MICRO_BATCH"]) if os.environ.get("SFTLAUNCH_FAULT_OOM_ABOVE_MICRO_BATCH") else None
 
     class Guard(TrainerCallback):
         def __init__(self):
@@ -110,7 +134,8 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
             if max_time is not None and stop.reason is None and time.monotonic() - self.start >= max_time \
                     and state.global_step < state.max_steps:
                 stop.reason = "time budget"
-            if stop.reason:
+            if _any_rank(stop.reason is not None, args.device):
+                stop.reason = stop.reason or "another rank stopped"
                 control.should_training_stop = True
                 control.should_save = True
 
@@ -118,6 +143,12 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
         skipped_steps: list[int] = []
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            if oom_above is not None and inputs["input_ids"].shape[0] > oom_above:
+                import torch
+
+                raise torch.OutOfMemoryError(
+                    f"CUDA out of memory (injected: micro-batch {inputs['input_ids'].shape[0]} > "
+                    f"SFTLAUNCH_FAULT_OOM_ABOVE_MICRO_BATCH={oom_above})")
             # Targets are labels shifted by one: position 0 is never predicted.
             tokens = int((inputs["labels"][:, 1:] != -100).sum())
             record.trainable_tokens.append(tokens)
@@ -137,11 +168,14 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
             name = f"checkpoint-{self.state.global_step}"
             if self.args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
             self.args.output_dir = staging
             try:
                 super()._save_checkpoint(model, trial)
             finally:
                 self.args.output_dir = out
+            # DeepSpeed writes one shard per rank: rename only once every rank has finished writing.
+            self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 final = os.path.join(out, name)
                 if os.path.exists(final):

@@ -1,4 +1,7 @@
-"""Worker entry point: `python -m launcher.worker RUN_DIR [--resume]`. Reads plan.json, trains, evaluates."""
+"""Worker entry point: `python -m launcher.worker RUN_DIR [--resume]`. Reads plan.json, trains, evaluates.
+
+Under torchrun every rank runs this; only rank 0 writes the run's status and results.
+"""
 
 from __future__ import annotations
 
@@ -13,33 +16,49 @@ from launcher.health import TrainingHealthError
 from launcher.plan import Plan
 from launcher.rundir import library_versions, write_status
 
+from launcher.oom import EXIT_OUT_OF_MEMORY
+
 
 def main(argv: list[str]) -> int:
     run_dir = Path(argv[0])
     resume = "--resume" in argv[1:]
+    is_main = int(os.environ.get("RANK", "0")) == 0
+
+    def status(state: str, **extra) -> None:
+        if is_main:
+            write_status(run_dir, state, **extra)
+
     plan = Plan.model_validate_json((run_dir / "plan.json").read_text())
-    (run_dir / "versions.json").write_text(json.dumps(library_versions(), indent=2))
-    write_status(run_dir, "running", resumed=resume, worker_pid=os.getpid())
+    if is_main:
+        (run_dir / "versions.json").write_text(json.dumps(library_versions(), indent=2))
+    status("running", resumed=resume, worker_pid=os.getpid())
     from launcher.train import Interrupted, train_and_evaluate
+    from launcher.trainer import is_out_of_memory
 
     try:
         results = train_and_evaluate(plan, run_dir, resume=resume)
     except TrainingHealthError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        write_status(run_dir, "failed", error=str(exc), health=exc.details)
+        status("failed", error=str(exc), health=exc.details)
         return exc.exit_code
     except SftlaunchError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        write_status(run_dir, "failed", error=str(exc))
+        status("failed", error=str(exc))
         return exc.exit_code
     except Interrupted as exc:
-        print(f"stopped at step {exc.step} with a checkpoint; continue with: sftlaunch resume {run_dir}", flush=True)
-        write_status(run_dir, "interrupted", step=exc.step, signal=exc.signum)
+        if is_main:
+            print(f"stopped at step {exc.step} with a checkpoint; continue with: sftlaunch resume {run_dir}", flush=True)
+        status("interrupted", step=exc.step, signal=exc.signum)
         return 128 + exc.signum
     except BaseException as exc:
-        write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        if isinstance(exc, Exception) and is_out_of_memory(exc):
+            print(f"out of memory at micro-batch {plan.micro_batch_size}: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
+            status("out_of_memory", error=str(exc).splitlines()[0], micro_batch_size=plan.micro_batch_size)
+            return EXIT_OUT_OF_MEMORY
+        status("failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         raise
-    write_status(run_dir, "completed", base=results.get("base"), trained=results["trained"], train=results["train"])
+    if results is not None:
+        status("completed", base=results.get("base"), trained=results["trained"], train=results["train"])
     return 0
 
 

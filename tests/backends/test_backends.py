@@ -1,9 +1,12 @@
+import json
 import sys
 import typing
 from pathlib import Path
 
 from backends import BACKENDS
+from backends.deepspeed import Rendezvous
 from launcher.hardware import load_profile
+from launcher.memory import find_shape
 from launcher.plan import make_plan
 from launcher.recipe import BACKEND_NAMES, HardwareSection, load_recipe
 from tests.conftest import ROOT
@@ -17,9 +20,10 @@ def test_registry_matches_the_schema():
     assert all(name == b.name for name, b in BACKENDS.items())
 
 
-def _spec(backend, profile, tmp_path):
-    plan = make_plan(load_recipe(RECIPE, [f"hardware.backend={backend}"]), load_profile(profile))
-    return plan, BACKENDS[backend].build(plan, tmp_path)
+def _spec(backend, profile, tmp_path, *overrides, **build):
+    recipe = load_recipe(RECIPE, [f"hardware.backend={backend}", *overrides])
+    plan = make_plan(recipe, load_profile(profile), find_shape(recipe.model.name)[0])
+    return plan, BACKENDS[backend].build(plan, tmp_path, **build)
 
 
 def test_cpu_launch_spec(tmp_path):
@@ -45,7 +49,46 @@ def test_mps_launch_spec(tmp_path):
 
 def test_specs_are_argument_lists_not_shell_strings(tmp_path):
     weird = tmp_path / "dir; rm -rf ~"
-    for name, profile in (("cpu", "cpu-2core"), ("cuda", "t4-16gb"), ("mps", "m2-16gb")):
+    for name, profile in (("cpu", "cpu-2core"), ("cuda", "t4-16gb"), ("mps", "m2-16gb"), ("deepspeed", "a100-40gb-x8")):
         plan = make_plan(load_recipe(RECIPE, [f"hardware.backend={name}"]), load_profile(profile))
         spec = BACKENDS[name].build(plan, weird)
         assert str(weird) in spec.argv  # one argument, passed verbatim
+
+
+def test_deepspeed_launch_spec_on_eight_gpus(tmp_path):
+    plan, spec = _spec("deepspeed", "a100-40gb-x8", tmp_path, "train.effective_batch_size=64")
+    argv = list(spec.argv)
+    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--nproc_per_node=8" in argv and "--nnodes=1" in argv and "--node_rank=0" in argv
+    assert argv[-3:] == ["-m", "launcher.worker", str(tmp_path)] or argv[-4:-1] == ["-m", "launcher.worker", str(tmp_path)]
+    assert "DS_ACCELERATOR" not in spec.env  # GPUs: DeepSpeed's CUDA accelerator
+    ds = json.loads(spec.files["ds_config.json"])
+    assert ds["zero_optimization"]["stage"] == plan.zero_stage == 2
+    # Batch sizes, clipping and precision are "auto": the Trainer fills them from the same plan.
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        assert ds[key] == "auto"
+    assert ds["bf16"]["enabled"] == "auto" and "offload_optimizer" not in ds["zero_optimization"]
+    assert "hostfile" not in spec.files
+
+
+def test_deepspeed_zero3_offload_config(tmp_path):
+    _, spec = _spec("deepspeed", "a100-40gb-x8", tmp_path, "hardware.zero_stage=3", "hardware.offload=true")
+    zero = json.loads(spec.files["ds_config.json"])["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+
+
+def test_deepspeed_multi_node_spec_and_hostfile(tmp_path):
+    plan, spec = _spec("deepspeed", "h100-80gb-x8-2nodes", tmp_path, "train.effective_batch_size=64",
+                       resume=True, rendezvous=Rendezvous(node_rank=1, master_addr="10.0.0.1", master_port=29511))
+    argv = list(spec.argv)
+    for arg in ("--nnodes=2", "--node_rank=1", "--nproc_per_node=8", "--master_addr=10.0.0.1", "--master_port=29511"):
+        assert arg in argv
+    assert argv[-1] == "--resume" and plan.world_size == 16
+    assert spec.files["hostfile"] == "node-0 slots=8\nnode-1 slots=8\n"
+
+
+def test_deepspeed_on_cpu_uses_gloo_and_the_cpu_accelerator(tmp_path):
+    plan, spec = _spec("deepspeed", "cpu-2core", tmp_path)
+    assert plan.device == "cpu" and plan.world_size == 2 and plan.threads == 1
+    assert spec.env["DS_ACCELERATOR"] == "cpu" and "--nproc_per_node=2" in spec.argv

@@ -2,6 +2,7 @@ import pytest
 
 from launcher.errors import PlanError
 from launcher.hardware import GpuInfo, HardwareInfo
+from launcher.memory import KNOWN_SHAPES, ModelShape
 from launcher.plan import choose_precision, make_plan
 from launcher.recipe import load_recipe
 from tests.conftest import ROOT
@@ -18,8 +19,12 @@ M2 = HardwareInfo(cpu_cores=8, ram_gb=16, cpu_bf16=False, mps=True)
 A100x8 = HardwareInfo(cpu_cores=96, ram_gb=1152, cpu_bf16=False, gpus=(A100.gpus[0],) * 8)
 
 
-def plan_for(hw, *overrides):
-    return make_plan(load_recipe(RECIPE, list(overrides)), hw)
+SMOL = ModelShape(*KNOWN_SHAPES["embedded:smollm2-135m-instruct"])
+LLAMA8B = ModelShape(*KNOWN_SHAPES["meta-llama/Llama-3.1-8B-Instruct"])
+
+
+def plan_for(hw, *overrides, shape=SMOL):
+    return make_plan(load_recipe(RECIPE, list(overrides)), hw, shape)
 
 
 @pytest.mark.parametrize("hw, backend, precision", [
@@ -84,9 +89,12 @@ def test_unavailable_backend_is_a_clear_error():
         plan_for(CPU_BF16, "hardware.backend=cuda")
     with pytest.raises(PlanError, match="not an Apple-silicon"):
         plan_for(T4, "hardware.backend=mps")
-    with pytest.raises(PlanError, match="hardware.backend=cuda"):
-        plan_for(A100x8)  # several GPUs need DeepSpeed, not in this version: says how to use one
+    assert plan_for(A100x8).backend == "deepspeed"
     assert plan_for(A100x8, "hardware.backend=cuda").backend == "cuda"
+    with pytest.raises(PlanError, match="hardware.processes=2 needs hardware.backend=deepspeed"):
+        plan_for(CPU_BF16, "hardware.processes=2")
+    with pytest.raises(PlanError, match="not divisible by the 8 training processes"):
+        plan_for(A100x8, "train.effective_batch_size=12")
     assert plan_for(T4, "hardware.backend=cpu").backend == "cpu"
 
 
@@ -110,3 +118,55 @@ def test_plan_is_frozen_and_serialises():
 
 def test_choose_precision_is_pure():
     assert choose_precision("auto", "cuda", A100) == choose_precision("auto", "cuda", A100)
+
+
+A10G = HardwareInfo(cpu_cores=8, ram_gb=32, cpu_bf16=False, gpus=(GpuInfo(name="A10G", memory_gb=22, compute_capability=(8, 6)),))
+A10Gx8 = HardwareInfo(cpu_cores=96, ram_gb=384, cpu_bf16=False, gpus=(A10G.gpus[0],) * 8)
+T4x4 = HardwareInfo(cpu_cores=48, ram_gb=192, cpu_bf16=False, gpus=(T4.gpus[0],) * 4)
+T4x2 = HardwareInfo(cpu_cores=24, ram_gb=96, cpu_bf16=False, gpus=(T4.gpus[0],) * 2)
+
+
+def test_multi_gpu_plans_deepspeed_with_one_process_per_gpu():
+    plan = plan_for(A100x8, "train.effective_batch_size=64")
+    assert (plan.backend, plan.world_size, plan.processes_per_node, plan.zero_stage) == ("deepspeed", 8, 8, 2)
+    assert plan.micro_batch_size * plan.gradient_accumulation_steps * 8 == 64
+    two_nodes = make_plan(load_recipe(RECIPE, ["train.effective_batch_size=64"]), A100x8.model_copy(update={"nodes": 2}), SMOL)
+    assert (two_nodes.nodes, two_nodes.world_size) == (2, 16)
+    assert plan_for(T4x4).precision == "fp16"  # the oldest GPU decides
+
+
+def test_memory_planner_shrinks_the_micro_batch_for_long_samples():
+    short = plan_for(A10G, "train.effective_batch_size=64", "data.max_length=128")
+    long = plan_for(A10G, "train.effective_batch_size=64", "data.max_length=4096")
+    assert long.micro_batch_size < short.micro_batch_size
+    assert long.micro_batch_size * long.gradient_accumulation_steps == 64
+    for p in (short, long):
+        assert p.memory_estimate_gib <= 22 * 0.85
+        assert "GiB" in p.decision("micro_batch_size").reason
+
+
+def test_checkpointing_turns_on_only_when_needed():
+    assert plan_for(A10G, "data.max_length=256").gradient_checkpointing is False
+    plan = plan_for(A10G, "data.max_length=16384")
+    assert plan.gradient_checkpointing is True and "even micro-batch 1" in plan.decision("gradient_checkpointing").reason
+
+
+def test_zero3_and_offload_when_the_model_does_not_fit_a_device():
+    z = plan_for(A10Gx8, "train.effective_batch_size=64", "data.max_length=4096", shape=LLAMA8B)
+    # 8B weights in bf16 (16 GB) plus the logits of a 4096-token sample exceed a 22 GB GPU at stage 2.
+    assert z.backend == "deepspeed" and z.zero_stage == 3
+    assert "stage 2 does not fit" in z.decision("zero_stage").reason
+    # On two 15 GB T4s even ZeRO-3 (8 GB of weights each) plus a 4096-token sample does not fit: offload.
+    off = plan_for(T4x2, "train.effective_batch_size=64", "data.max_length=4096", shape=LLAMA8B)
+    assert off.zero_stage == 3 and off.offload is True
+    assert "even ZeRO-3 does not fit" in off.decision("offload").reason
+
+
+def test_a_model_that_cannot_fit_is_an_error_naming_the_numbers():
+    with pytest.raises(PlanError, match=r"does not fit: .*GiB.*data.max_length"):
+        plan_for(T4, "data.max_length=1024", shape=LLAMA8B)
+
+
+def test_without_a_model_shape_the_plan_says_memory_was_not_estimated():
+    plan = plan_for(A10G, shape=None)
+    assert plan.memory_estimate_gib is None and "not estimated" in plan.decision("micro_batch_size").reason

@@ -1,0 +1,97 @@
+"""DeepSpeed backend: one worker per device on each node, started by torchrun; ZeRO JSON from the plan.
+
+The ZeRO config leaves batch sizes, clipping and precision as "auto" so the Trainer fills them from the
+same plan values it trains with: the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from backends.base import LaunchSpec
+from launcher.hardware import HardwareInfo
+from launcher.plan import Plan
+
+DS_CONFIG = "ds_config.json"
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where this node is in a multi-node job (torchrun's static rendezvous)."""
+
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+
+def zero_config(plan: Plan) -> dict:
+    zero: dict = {"stage": plan.zero_stage, "overlap_comm": plan.device == "cuda", "contiguous_gradients": True,
+                  "reduce_bucket_size": "auto"}
+    if plan.zero_stage == 3:
+        zero.update({"stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
+                     # The adapter is saved whole from rank 0, not as shards.
+                     "stage3_gather_16bit_weights_on_model_save": True})
+    if plan.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": plan.device == "cuda"}
+        if plan.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": plan.device == "cuda"}
+    return {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        # fp16 keeps fp32 master weights inside DeepSpeed and a dynamic loss scale (loss_scale 0).
+        "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                 "hysteresis": 2, "min_loss_scale": 1},
+        "zero_optimization": zero,
+        # The Trainer's AdamW also runs on offloaded state; DeepSpeedCPUAdam would need a compiled op.
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1_000_000,
+        "wall_clock_breakdown": False,
+    }
+
+
+def hostfile(plan: Plan, hosts: list[str] | None = None) -> str:
+    """A DeepSpeed hostfile: one line per node with its slots (processes)."""
+    names = hosts or [f"node-{i}" for i in range(plan.nodes)]
+    return "".join(f"{h} slots={plan.processes_per_node}\n" for h in names)
+
+
+class DeepSpeedBackend:
+    name = "deepspeed"
+
+    def check(self, plan: Plan, hw: HardwareInfo) -> list[str]:
+        problems = []
+        if hw.mps and not hw.gpus:
+            problems.append("DeepSpeed does not run on Apple silicon (hardware.backend=mps)")
+        if plan.device == "cuda" and len(hw.gpus) < plan.processes_per_node:
+            problems.append(f"the plan needs {plan.processes_per_node} GPUs per node, this node has {len(hw.gpus)}")
+        try:
+            import importlib.util
+
+            if importlib.util.find_spec("deepspeed") is None:
+                problems.append("DeepSpeed is not installed (pip install deepspeed; DS_BUILD_OPS=0 for a pure-Python install)")
+        except ValueError:
+            pass
+        return problems
+
+    def build(self, plan: Plan, run_dir: Path, resume: bool = False, rendezvous: Rendezvous = Rendezvous()) -> LaunchSpec:
+        argv = [sys.executable, "-m", "torch.distributed.run",
+                f"--nnodes={plan.nodes}", f"--node_rank={rendezvous.node_rank}",
+                f"--nproc_per_node={plan.processes_per_node}",
+                f"--master_addr={rendezvous.master_addr}", f"--master_port={rendezvous.master_port}",
+                "-m", "launcher.worker", str(run_dir)]
+        if resume:
+            argv.append("--resume")
+        env = {"OMP_NUM_THREADS": str(plan.threads)}
+        if plan.device == "cpu":
+            # DeepSpeed on CPU: its CPU accelerator, collectives over gloo.
+            env.update({"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""})
+        files = {DS_CONFIG: json.dumps(zero_config(plan), indent=2)}
+        if plan.nodes > 1:
+            files["hostfile"] = hostfile(plan)
+        return LaunchSpec(argv=tuple(argv), env=env, files=files)

@@ -1,0 +1,79 @@
+"""Estimated vs measured peak training memory on this CPU, for a tiny Llama and the embedded SmolLM2.
+
+Each case runs in a fresh process: peak RSS (ru_maxrss) after a few LoRA training steps minus the peak
+before the model was loaded, against launcher.memory.estimate_memory for the same shape and batch.
+Prints one line per case with the ratio estimate/measured; the target is within 25% (0.75-1.25).
+
+    .venv/bin/python benchmarks/memory_estimate.py [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CHILD = r'''
+import json, resource, sys
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+torch.set_num_threads(2)
+path, micro, seq, precision, ckpt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"
+def peak(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = peak()
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+if ckpt:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+vocab = model.config.vocab_size
+g = torch.Generator().manual_seed(0)
+for step in range(3):
+    ids = torch.randint(0, vocab, (micro, seq), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step(); opt.zero_grad()
+print(json.dumps({"measured": peak() - base}))
+'''
+
+
+def measure(path: str, micro: int, seq: int, precision: str, ckpt: bool) -> int:
+    out = subprocess.run([sys.executable, "-c", CHILD, path, str(micro), str(seq), precision, "1" if ckpt else "0"],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["measured"]
+
+
+def main() -> None:
+    from launcher.memory import estimate_memory, find_shape
+    from launcher.models import resolve_model
+    from tests.conftest import build_tiny_model
+
+    quick = "--quick" in sys.argv
+    tiny = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
+    # The tiny test model is too small to stress memory: a wider tiny-vocab variant is measured too.
+    cases = [("tiny (2 layers, hidden 64)", str(tiny), 8, 128)]
+    embedded = resolve_model("embedded:smollm2-135m-instruct")
+    cases += [("SmolLM2-135M", embedded, 8, 128), ("SmolLM2-135M", embedded, 16, 128)]
+    if not quick:
+        cases += [("SmolLM2-135M", embedded, 32, 128), ("SmolLM2-135M", embedded, 8, 512)]
+    print(f"{'model':<28}{'micro':>6}{'seq':>6}{'prec':>6}{'ckpt':>6}{'estimate GiB':>14}{'measured GiB':>14}{'ratio':>7}")
+    for name, path, micro, seq in cases:
+        shape, _ = find_shape(path if name.startswith("tiny") else "embedded:smollm2-135m-instruct")
+        for precision, ckpt in (("bf16", False), ("fp32", False), ("bf16", True)):
+            est = estimate_memory(shape, micro_batch=micro, seq_len=seq, precision=precision, checkpointing=ckpt,
+                                  lora_rank=8, lora_targets="all-linear").total
+            got = measure(path, micro, seq, precision, ckpt)
+            print(f"{name:<28}{micro:>6}{seq:>6}{precision:>6}{str(ckpt):>6}{est / 2**30:>14.3f}{got / 2**30:>14.3f}{est / got:>7.2f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+import json
+
+from launcher.memory import GiB, KNOWN_SHAPES, ModelShape, estimate_memory, find_shape
+
+SMOL = ModelShape(*KNOWN_SHAPES["embedded:smollm2-135m-instruct"])
+
+
+def test_parameter_counts_match_the_real_models():
+    assert SMOL.params == 134_515_008  # SmolLM2-135M as loaded by transformers
+    # PEFT printed 2,442,240 trainable parameters for LoRA r=8 on all linear layers of this model.
+    assert SMOL.lora_params(8, "all-linear") == 2_442_240
+    assert SMOL.lora_params(8, ["q_proj", "v_proj"]) == 30 * 8 * ((576 + 576) + (576 + 192))
+    qwen = ModelShape(*KNOWN_SHAPES["Qwen/Qwen2.5-0.5B-Instruct"])
+    assert 480e6 < qwen.params < 500e6  # 494M (its qkv biases are not counted)
+
+
+def _est(**kw):
+    args = dict(micro_batch=8, seq_len=256, precision="bf16", checkpointing=False, lora_rank=8, lora_targets="all-linear")
+    args.update(kw)
+    return estimate_memory(SMOL, **args)
+
+
+def test_estimate_grows_with_batch_and_length_and_shrinks_with_checkpointing():
+    base = _est()
+    assert _est(micro_batch=16).total > base.total and _est(seq_len=512).total > base.total
+    assert _est(checkpointing=True).activations < base.activations / 5
+    assert _est(precision="fp32").weights < base.weights  # autocast keeps a half copy of the weights
+    # The logits buffer is vocab x sequence x micro-batch: large for a 49k vocabulary.
+    assert base.logits == 8 * 256 * 49152 * 10
+
+
+def test_zero_sharding_divides_the_right_parts():
+    one = _est()
+    z2 = _est(zero_stage=2, world_size=8)
+    z3 = _est(zero_stage=3, world_size=8)
+    # Under DeepSpeed the module is cast to bf16 (fp32 masters only for the trainable LoRA weights).
+    assert z2.weights == SMOL.params * 2 < one.weights and z2.lora_states == one.lora_states / 8
+    assert z3.weights == z2.weights / 8
+    assert _est(zero_stage=3, world_size=8, offload=True).lora_states == 0
+
+
+def test_find_shape_reads_a_local_config(tiny_model):
+    shape, source = find_shape(str(tiny_model))
+    config = json.loads((tiny_model / "config.json").read_text())
+    assert shape.hidden == config["hidden_size"] == 64 and "config.json" in source
+    shape, source = find_shape("embedded:smollm2-135m-instruct")
+    assert shape == SMOL
+    assert find_shape("/no/such/dir")[0] is None
