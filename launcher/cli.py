@@ -256,6 +256,70 @@ def eval_cmd(target, overrides, data_file, limit, all_items, compare, generation
         click.echo(json.dumps({k: metrics[k] for k in ("accuracy", "answer_rate", "n")}))
 
 
+@main.group()
+def docker():
+    """Build the image, or run a recipe in a container (the docker Python SDK)."""
+
+
+@docker.command(name="build")
+@click.option("--target", type=click.Choice(["cuda", "cpu"]), help="Image target (default: cuda if this host has NVIDIA GPUs, else cpu).")
+@click.option("--tag", help="Image tag (default: sftlaunch:TARGET).")
+@click.option("--build-arg", "build_args", multiple=True, metavar="KEY=VALUE", help="Docker build argument, e.g. BASE_IMAGE=...")
+@click.option("--network", help="Build network mode (e.g. host).")
+@click.option("--context", type=click.Path(exists=True, file_okay=False), help="Build context (default: this project).")
+def docker_build(target, tag, build_args, network, context):
+    """Build the image with the project's pinned versions."""
+    from launcher import docker_cmd
+    from launcher.hardware import detect
+
+    target = target or docker_cmd.default_target(bool(detect().gpus))
+    args = {}
+    for item in build_args:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _fail(docker_cmd.DockerError(f"--build-arg {item!r} must be KEY=VALUE"))
+        args[key] = value
+    tag = tag or f"sftlaunch:{target}"
+    try:
+        image = docker_cmd.build(target=target, tag=tag, context=Path(context) if context else docker_cmd.ROOT,
+                                 build_args=args, network=network, log=click.echo)
+    except SftlaunchError as exc:
+        _fail(exc)
+    click.echo(f"built {tag} ({image})")
+
+
+@docker.command(name="run")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--image", help="Image to run (default: sftlaunch:cuda with GPUs, else sftlaunch:cpu).")
+@click.option("--outputs", type=click.Path(file_okay=False), default="outputs", show_default=True, help="Host folder for run directories.")
+@click.option("--hf-cache", type=click.Path(file_okay=False), help="Host Hugging Face cache to mount (default: ~/.cache/huggingface).")
+@click.option("--mount", "mounts", multiple=True, metavar="HOST:CONTAINER", help="Extra read-only mount (data, local models).")
+@click.option("--smoke", is_flag=True, help="Smoke run inside the container.")
+@click.option("--network", help="Container network mode (e.g. none, host).")
+def docker_run(recipe, overrides, image, outputs, hf_cache, mounts, smoke, network):
+    """Run RECIPE in a container: GPUs when present, caches and outputs mounted, the container's exit code returned."""
+    from launcher import docker_cmd
+    from launcher.hardware import detect
+
+    gpus = bool(detect().gpus)
+    pairs = []
+    for m in mounts:
+        host, sep, inside = m.partition(":")
+        if not sep or not inside.startswith("/"):
+            _fail(docker_cmd.DockerError(f"--mount {m!r} must be HOST:/container/path"))
+        pairs.append((host, inside))
+    req = docker_cmd.RunRequest(
+        image=image or f"sftlaunch:{docker_cmd.default_target(gpus)}", recipe=Path(recipe), overrides=tuple(overrides),
+        outputs=Path(outputs), hf_cache=Path(hf_cache) if hf_cache else Path.home() / ".cache" / "huggingface",
+        gpus=gpus, smoke=smoke, mounts=tuple(pairs), network=network)
+    try:
+        code = docker_cmd.run(req, log=click.echo)
+    except SftlaunchError as exc:
+        _fail(exc)
+    sys.exit(code)
+
+
 @main.command()
 def env():
     """Show the detected hardware and library versions."""

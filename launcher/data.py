@@ -29,7 +29,9 @@ def format_prompt(question: str, tokenizer, prompt_format: str) -> str:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("data.prompt_format=chat, but the tokenizer has no chat template. Fix: data.prompt_format=plain.")
         return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
-    return f"{question}\nAnswer:"
+    # A fixed first token: without a BOS token, the sequence's first position acts as an attention sink
+    # and a number there (as in "3 cups is ...") is copied wrongly a fifth of the time (measured).
+    return f"Question: {question}\nAnswer:"
 
 
 def target_for_prompt(target: str, prompt_format: str) -> str:

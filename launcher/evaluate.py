@@ -8,6 +8,7 @@ from pathlib import Path
 
 from launcher.data import format_prompt
 from launcher.errors import DataError
+from launcher.jsonl import read_jsonl
 from launcher.tasks import Example
 
 
@@ -104,20 +105,10 @@ def evaluate(model, tokenizer, task, examples: list[Example], *, prompt_format: 
 def read_generations(path: str | Path) -> list[str]:
     """A JSONL file with one {"generated": TEXT} per evaluated item, in order."""
     out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{n}: invalid JSON ({exc.msg}).") from None
-                if not isinstance(row, dict) or not isinstance(row.get("generated"), str):
-                    raise DataError(f'{path}:{n}: expected {{"generated": TEXT}}.')
-                out.append(row["generated"])
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror}).") from None
+    for n, row in read_jsonl(path):
+        if not isinstance(row, dict) or not isinstance(row.get("generated"), str):
+            raise DataError(f'{path}:{n}: expected {{"generated": TEXT}}.')
+        out.append(row["generated"])
     return out
 
 

@@ -26,7 +26,7 @@ def build_tiny_model(path: Path) -> Path:
     from launcher.tasks.unit_conversion import generate
 
     train, evals = generate(300, 30, seed=1)
-    corpus = [f"{e.question}\nAnswer: {e.target}" for e in train + evals]
+    corpus = [f"Question: {e.question}\nAnswer: {e.target}" for e in train + evals]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

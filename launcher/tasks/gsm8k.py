@@ -6,11 +6,11 @@ directory holding train.jsonl / test.jsonl, or a single JSONL file; each line {"
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from launcher.errors import DataError
+from launcher.jsonl import read_jsonl
 from launcher.tasks import Example
 
 # The longest of the 7,473 training samples (prompt + solution + EOS) is 466 tokens with the SmolLM2
@@ -77,24 +77,11 @@ def _example(row: dict, where: str) -> Example:
 
 def load_file(path: str | Path) -> list[Example]:
     """A JSONL file of {"question", "answer"}; errors name the file and line."""
-    path = Path(path)
     out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{n}: invalid JSON ({exc.msg}). Fix: one JSON object per line.") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{n}: expected a JSON object with 'question' and 'answer'.")
-                out.append(_example(row, f"{path}:{n}"))
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror}). Fix: check data.path / eval.path.") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text. Fix: save the file as UTF-8.") from None
+    for n, row in read_jsonl(path):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object with 'question' and 'answer'.")
+        out.append(_example(row, f"{path}:{n}"))
     if not out:
         raise DataError(f"{path}: no examples in the file.")
     return out

@@ -23,7 +23,7 @@ def test_labels_mask_the_prompt_and_keep_answer_and_eos(tokenizer):
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the trap this guards against
     (f,), report = encode_examples([EX], tokenizer, 128, "plain")
     ids, labels = f["input_ids"], f["labels"]
-    prompt_len = len(tokenizer(EX.question + "\nAnswer:", add_special_tokens=False)["input_ids"])
+    prompt_len = len(tokenizer("Question: " + EX.question + "\nAnswer:", add_special_tokens=False)["input_ids"])
     assert labels[:prompt_len] == [-100] * prompt_len
     assert labels[prompt_len:] == ids[prompt_len:]
     assert ids[-1] == tokenizer.eos_token_id and labels[-1] == tokenizer.eos_token_id  # EOS is trained

@@ -12,7 +12,7 @@ def test_shipped_recipe_loads_with_documented_keys():
     assert r.model.name == "embedded:smollm2-135m-instruct"
     assert r.model.lora.rank == 8
     assert r.data.train_size == 1000
-    assert r.train.learning_rate == 1e-3 and r.train.epochs == 3 and r.train.max_steps is None
+    assert r.train.learning_rate == 2e-3 and r.train.epochs == 3 and r.train.max_steps is None
     assert r.train.effective_batch_size == 16 and r.train.seed == 0
     assert r.eval.limit is None and r.output.dir == "outputs"
 

@@ -1,0 +1,26 @@
+"""Reading JSON Lines with errors that name the file and line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from launcher.errors import DataError
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank line; DataError names file:line on bad input."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{n}: invalid JSON ({exc.msg}). Fix: one JSON object per line.") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror}). Fix: check the path.") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text. Fix: save the file as UTF-8.") from None
