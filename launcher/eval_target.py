@@ -105,8 +105,10 @@ def run_eval(req: EvalRequest) -> dict:
             with model.disable_adapter():
                 base_metrics, base_records = ev.evaluate(model, tokenizer, task, items, label="evaluating base", **kwargs)
         else:
-            other = load_model(resolve_model(req.compare), plan.trust_remote_code).to(plan.device)
-            base_metrics, base_records = ev.evaluate(other, tokenizer, task, items, label="evaluating base", **kwargs)
+            other_path = resolve_model(req.compare)
+            other = load_model(other_path, plan.trust_remote_code).to(plan.device)
+            other_tokenizer = load_tokenizer(other_path, plan.trust_remote_code)  # another model, its own vocabulary
+            base_metrics, base_records = ev.evaluate(other, other_tokenizer, task, items, label="evaluating base", **kwargs)
         comparison = ev.compare(base_records, records)
         comparison["base_model"] = recipe.model.name if req.compare == "base" else req.compare
         out["comparison"] = comparison

@@ -25,19 +25,22 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_t
     outputs: dict[int, str] = {}
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     model.eval()
-    with Progress(transient=True) as progress, torch.inference_mode():
-        task = progress.add_task(label, total=len(prompts))
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            new_tokens = out[:, batch["input_ids"].shape[1]:]
-            for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-                outputs[i] = text
-            progress.advance(task, len(idx))
-    tokenizer.padding_side = "right"
+    try:
+        with Progress(transient=True) as progress, torch.inference_mode():
+            task = progress.add_task(label, total=len(prompts))
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype or torch.float32,
+                                    enabled=autocast_dtype is not None):
+                    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                new_tokens = out[:, batch["input_ids"].shape[1]:]
+                for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                    outputs[i] = text
+                progress.advance(task, len(idx))
+    finally:
+        tokenizer.padding_side = "right"  # training pads on the right
     return [outputs[i] for i in range(len(prompts))]
 
 
