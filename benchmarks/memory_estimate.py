@@ -69,7 +69,7 @@ def main() -> None:
         shape, _ = find_shape(path if name.startswith("tiny") else "embedded:smollm2-135m-instruct")
         for precision, ckpt in (("bf16", False), ("fp32", False), ("bf16", True)):
             est = estimate_memory(shape, micro_batch=micro, seq_len=seq, precision=precision, checkpointing=ckpt,
-                                  lora_rank=8, lora_targets="all-linear").total
+                                  lora_rank=8, lora_targets="all-linear", device="cpu").total
             got = measure(path, micro, seq, precision, ckpt)
             print(f"{name:<28}{micro:>6}{seq:>6}{precision:>6}{str(ckpt):>6}{est / 2**30:>14.3f}{got / 2**30:>14.3f}{est / got:>7.2f}",
                   flush=True)

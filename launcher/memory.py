@@ -28,10 +28,11 @@ KNOWN_SHAPES = {
     "meta-llama/Llama-3.1-8B-Instruct": (4096, 32, 32, 8, 14336, 128256, False),
 }
 
-# Bytes kept for backward per token per layer, in units of (hidden, intermediate) activations: the
-# inputs of the 7 LoRA-wrapped projections, norms, attention output, the MLP's gate/up/act products.
-# Calibrated on CPU against measured peaks (benchmarks/memory_estimate.py prints the ratio).
-ACT_HIDDEN_TERMS, ACT_INTERMEDIATE_TERMS = 12, 5
+# Tensors kept for backward per token per layer, in units of (hidden, intermediate) activations: the
+# inputs of the 7 LoRA-wrapped projections, norms, attention output, the MLP's gate/up/act products,
+# and the fp32 residual stream and norm statistics autocast keeps. Calibrated on CPU against measured
+# peaks of SmolLM2-135M (benchmarks/memory_estimate.py prints the ratio).
+ACT_HIDDEN_TERMS, ACT_INTERMEDIATE_TERMS = 17, 7
 # Logits: model-dtype logits, their fp32 upcast in the loss, and the gradient of the upcast.
 LOGITS_BYTES_PER_ELEMENT = 10
 ADAM_BYTES_PER_PARAM = 16  # fp32 LoRA weight, fp32 gradient, two fp32 Adam moments
@@ -108,7 +109,7 @@ class MemoryEstimate:
 
 def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, precision: str, checkpointing: bool,
                     lora_rank: int, lora_targets, zero_stage: int = 0, world_size: int = 1,
-                    offload: bool = False) -> MemoryEstimate:
+                    offload: bool = False, device: str = "cuda") -> MemoryEstimate:
     """Peak bytes on one device for one micro-batch step of LoRA training."""
     half = precision in ("bf16", "fp16")
     act_bytes = 2 if half else 4
@@ -120,6 +121,10 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, precis
         weights = shape.params * 2.0
     else:
         weights = shape.params * (4.0 + (2 if half else 0))
+    if device in ("cpu", "mps"):
+        # from_pretrained reads the checkpoint next to the model it builds; in host (or unified) memory
+        # that transient copy stays in the process's peak. A GPU only ever receives the finished model.
+        weights += shape.params * 4.0
     if zero_stage == 3:
         # Parameter offload leaves about two layers' worth on the device (the one computing and the prefetch).
         weights = weights * 2 / shape.layers if offload else weights / world_size
