@@ -8,7 +8,6 @@ step (no zeroing of NaN gradients, no replacing a zero loss).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from launcher.errors import SftlaunchError
@@ -58,7 +57,3 @@ def diagnose(*, step: int, problem: str, loss: float | None, grad_norm: float | 
     lines.append("  The last good checkpoint and all metrics so far are in the run directory; "
                  "train.guard.max_bad_steps lets a run skip a few bad steps (it says so each time).")
     return "\n".join(lines)
-
-
-def is_bad(value: float | None) -> bool:
-    return value is not None and not math.isfinite(value)

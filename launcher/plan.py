@@ -266,9 +266,9 @@ def _fit_memory(recipe: Recipe, backend: str, precision: str, shape: ModelShape 
                 max_length: int, world_size: int, budget_gib: float, hw_has_gpu: bool = False):
     """(micro, checkpointing, zero_stage, offload, estimate): the first layout, in order of speed, that fits.
 
-    Order: no checkpointing before checkpointing (recompute costs ~30%), ZeRO-2 before ZeRO-3 before
-    offload; within each, the largest micro-batch. If nothing fits, the smallest layout is returned with
-    its estimate, and the caller reports it.
+    Order: ZeRO-2 before ZeRO-3 before offload; within each, the largest micro-batch without
+    checkpointing (recompute costs ~30%), unless checkpointing is what buys a micro-batch of at least 4.
+    If nothing fits, the smallest layout is returned with its estimate, and the caller reports it.
     """
     hwr, lora = recipe.hardware, recipe.model.lora
     fixed_micro = None if hwr.micro_batch_size == "auto" else hwr.micro_batch_size
