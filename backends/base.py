@@ -12,6 +12,15 @@ from launcher.plan import Plan
 
 
 @dataclass(frozen=True)
+class Rendezvous:
+    """Where this node is in a job (torchrun's static rendezvous); one-process backends ignore it."""
+
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+
+@dataclass(frozen=True)
 class LaunchSpec:
     """What the runner executes: an argument list (never a shell string), extra env, files to write."""
 
@@ -27,7 +36,7 @@ class Backend(Protocol):
         """Problems that stop this backend from running the plan on this hardware (empty: fine)."""
         ...
 
-    def build(self, plan: Plan, run_dir: Path, resume: bool = False) -> LaunchSpec:
+    def build(self, plan: Plan, run_dir: Path, resume: bool = False, rendezvous: Rendezvous = Rendezvous()) -> LaunchSpec:
         """The command, environment and files that start the workers (resume: continue from a checkpoint)."""
         ...
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backends.base import LaunchSpec, worker_argv
+from backends.base import LaunchSpec, Rendezvous, worker_argv
 from launcher.hardware import HardwareInfo
 from launcher.plan import Plan
 
@@ -17,7 +17,7 @@ class CpuBackend:
             return ["fp16 training needs a CUDA GPU (hardware.precision=bf16 or fp32)"]
         return []
 
-    def build(self, plan: Plan, run_dir: Path, resume: bool = False) -> LaunchSpec:
+    def build(self, plan: Plan, run_dir: Path, resume: bool = False, rendezvous: Rendezvous = Rendezvous()) -> LaunchSpec:
         threads = str(plan.threads)
         # OMP/MKL read these at start-up, before the worker can call torch.set_num_threads.
         env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": ""}

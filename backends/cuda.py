@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backends.base import LaunchSpec, worker_argv
+from backends.base import LaunchSpec, Rendezvous, worker_argv
 from launcher.hardware import HardwareInfo
 from launcher.plan import Plan
 
@@ -15,7 +15,7 @@ class CudaBackend:
     def check(self, plan: Plan, hw: HardwareInfo) -> list[str]:
         return [] if hw.gpus else ["no CUDA GPU detected (hardware.backend=cpu or auto)"]
 
-    def build(self, plan: Plan, run_dir: Path, resume: bool = False) -> LaunchSpec:
+    def build(self, plan: Plan, run_dir: Path, resume: bool = False, rendezvous: Rendezvous = Rendezvous()) -> LaunchSpec:
         # Pin one device so a multi-GPU box does not get an accidental DataParallel wrap.
         env = {"CUDA_VISIBLE_DEVICES": "0", "OMP_NUM_THREADS": str(plan.threads)}
         return LaunchSpec(argv=worker_argv(run_dir, resume), env=env)

@@ -8,23 +8,13 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from backends.base import LaunchSpec
+from backends.base import LaunchSpec, Rendezvous
 from launcher.hardware import HardwareInfo
 from launcher.plan import Plan
 
 DS_CONFIG = "ds_config.json"
-
-
-@dataclass(frozen=True)
-class Rendezvous:
-    """Where this node is in a multi-node job (torchrun's static rendezvous)."""
-
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
 
 
 def zero_config(plan: Plan) -> dict:

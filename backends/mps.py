@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backends.base import LaunchSpec, worker_argv
+from backends.base import LaunchSpec, Rendezvous, worker_argv
 from launcher.hardware import HardwareInfo
 from launcher.plan import Plan
 
@@ -19,7 +19,7 @@ class MpsBackend:
     def check(self, plan: Plan, hw: HardwareInfo) -> list[str]:
         return [] if hw.mps else ["no Apple-silicon GPU detected (hardware.backend=cpu or auto)"]
 
-    def build(self, plan: Plan, run_dir: Path, resume: bool = False) -> LaunchSpec:
+    def build(self, plan: Plan, run_dir: Path, resume: bool = False, rendezvous: Rendezvous = Rendezvous()) -> LaunchSpec:
         env = {
             # Ops without an MPS kernel run on the CPU instead of crashing the run.
             "PYTORCH_ENABLE_MPS_FALLBACK": "1",

@@ -121,7 +121,7 @@ def run(recipe, overrides, backend, smoke, nnodes, node_rank, master_addr, maste
             write_status(path, "starting", recipe=str(recipe), overrides=list(overrides), smoke=smoke)
     except SftlaunchError as exc:
         _fail(exc)
-    from backends.deepspeed import Rendezvous
+    from backends.base import Rendezvous
 
     if master_port is None:
         master_port = 29500 if plan.nodes > 1 else _free_port()
@@ -161,15 +161,14 @@ def resume(run_dir):
 
 def _launch(plan, run_dir: Path, resume: bool, rendezvous=None) -> None:
     from backends import BACKENDS
-    from backends.deepspeed import Rendezvous
+    from backends.base import Rendezvous
     from launcher.evaluate import format_comparison
     from launcher.oom import EXIT_OUT_OF_MEMORY, back_off
     from launcher.runner import run as run_spec
 
     rendezvous = rendezvous or Rendezvous(master_port=_free_port())
     while True:
-        extra = {"rendezvous": rendezvous} if plan.backend == "deepspeed" else {}
-        code = run_spec(BACKENDS[plan.backend].build(plan, run_dir, resume=resume, **extra), run_dir)
+        code = run_spec(BACKENDS[plan.backend].build(plan, run_dir, resume=resume, rendezvous=rendezvous), run_dir)
         if code != EXIT_OUT_OF_MEMORY or rendezvous.node_rank != 0:
             break
         try:

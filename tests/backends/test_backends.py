@@ -4,7 +4,7 @@ import typing
 from pathlib import Path
 
 from backends import BACKENDS
-from backends.deepspeed import Rendezvous
+from backends.base import Rendezvous
 from launcher.hardware import load_profile
 from launcher.memory import find_shape
 from launcher.plan import make_plan
