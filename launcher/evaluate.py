@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 from launcher.data import format_prompt
@@ -16,7 +19,6 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_t
              precision: str = "fp32", label: str = "generating") -> list[str]:
     """Greedy continuations of each prompt, batched with left padding and the KV cache."""
     import torch
-    from rich.progress import Progress
 
     # Left padding: every row's last prompt token sits at the same position, where generation starts.
     tokenizer.padding_side = "left"
@@ -26,8 +28,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_t
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     model.eval()
     try:
-        with Progress(transient=True) as progress, torch.inference_mode():
-            task = progress.add_task(label, total=len(prompts))
+        with progress_bar(label, len(prompts)) as advance, torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -38,10 +39,36 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_t
                 new_tokens = out[:, batch["input_ids"].shape[1]:]
                 for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                     outputs[i] = text
-                progress.advance(task, len(idx))
+                advance(len(idx))
     finally:
         tokenizer.padding_side = "right"  # training pads on the right
     return [outputs[i] for i in range(len(prompts))]
+
+
+@contextmanager
+def progress_bar(label: str, total: int):
+    """A rich progress bar on a terminal; elsewhere (a log file, `docker logs`, CI) one plain line per
+    step with the count, elapsed time and an estimate of what is left, since rich draws nothing there."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if console.is_terminal:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=console, transient=True) as progress:
+            task = progress.add_task(label, total=total)
+            yield lambda n: progress.advance(task, n)
+        return
+    start, done = time.monotonic(), 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        elapsed = time.monotonic() - start
+        left = elapsed / done * (total - done) if done else 0.0
+        print(f"{label}: {done}/{total} items, {elapsed:.0f} s elapsed, ~{left:.0f} s left", file=sys.stderr, flush=True)
+
+    yield advance
 
 
 def score(task, examples: list[Example], generated: list[str]) -> tuple[dict, list[dict]]:
