@@ -194,7 +194,7 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
     mem_gib, mem_why = _device_memory_gib(backend, hw)
     budget = mem_gib * hwr.memory_fraction
     lora = recipe.model.lora
-    micro, checkpointing, stage, offload, estimate = _fit_memory(
+    micro, checkpointing, stage, offload, estimate, ckpt_why = _fit_memory(
         recipe, backend, precision, shape, per_rank, max_length, world_size, budget, bool(hw.gpus))
     if estimate is not None and estimate.total / GiB > budget:
         raise PlanError(
@@ -223,7 +223,7 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
     if hwr.gradient_checkpointing != "auto":
         decide("gradient_checkpointing", checkpointing, "requested by the recipe (hardware.gradient_checkpointing)")
     elif checkpointing:
-        decide("gradient_checkpointing", True, "on: without it even micro-batch 1 does not fit; costs ~30% more compute")
+        decide("gradient_checkpointing", True, ckpt_why)
     else:
         decide("gradient_checkpointing", False, "off: the activations fit" + ("" if estimate else " (not estimated)")
                + "; recomputing them would cost ~30% speed")
@@ -264,7 +264,8 @@ def _estimate_device(backend: str, has_gpu: bool) -> str:
 
 def _fit_memory(recipe: Recipe, backend: str, precision: str, shape: ModelShape | None, per_rank: int,
                 max_length: int, world_size: int, budget_gib: float, hw_has_gpu: bool = False):
-    """(micro, checkpointing, zero_stage, offload, estimate): the first layout, in order of speed, that fits.
+    """(micro, checkpointing, zero_stage, offload, estimate, why checkpointing): the first layout, in order of
+    speed, that fits.
 
     Order: ZeRO-2 before ZeRO-3 before offload; within each, the largest micro-batch without
     checkpointing (recompute costs ~30%), unless checkpointing is what buys a micro-batch of at least 4.
@@ -277,7 +278,7 @@ def _fit_memory(recipe: Recipe, backend: str, precision: str, shape: ModelShape 
         ckpt = hwr.gradient_checkpointing if hwr.gradient_checkpointing != "auto" else False
         stage = 2 if hwr.zero_stage == "auto" else hwr.zero_stage
         offload = hwr.offload if hwr.offload != "auto" else False
-        return micro, ckpt, (stage if backend == "deepspeed" else 0), (offload if backend == "deepspeed" else False), None
+        return micro, ckpt, (stage if backend == "deepspeed" else 0), (offload if backend == "deepspeed" else False), None, ""
     ckpts = [False, True] if hwr.gradient_checkpointing == "auto" else [hwr.gradient_checkpointing]
     if backend == "deepspeed":
         stages = [2, 3] if hwr.zero_stage == "auto" else [hwr.zero_stage]
@@ -296,7 +297,7 @@ def _fit_memory(recipe: Recipe, backend: str, precision: str, shape: ModelShape 
                                   lora_rank=lora.rank, lora_targets=lora.target_modules, zero_stage=stage,
                                   world_size=world_size, offload=offload, device=_estimate_device(backend, hw_has_gpu))
             if est.total / GiB <= budget_gib:
-                return (micro, ckpt, stage, offload, est)
+                return (micro, ckpt, stage, offload, est, "")
         return None, est
 
     last_est = None
@@ -305,10 +306,18 @@ def _fit_memory(recipe: Recipe, backend: str, precision: str, shape: ModelShape 
         fits = [f for f in found if f[0] is not None]
         for f in found:
             if f[0] is None:
-                last_est = (micros[-1], ckpts[-1], stage, offload, f[1])
+                last_est = (micros[-1], ckpts[-1], stage, offload, f[1], "")
         if fits:
             plain = next((f for f in fits if not f[1]), None)
             if plain and plain[0] >= enough:
                 return plain
-            return max(fits, key=lambda f: (f[0], not f[1]))
+            best = max(fits, key=lambda f: (f[0], not f[1]))
+            if best[1] and plain:
+                why = (f"on: without it the largest micro-batch that fits is {plain[0]} (estimated {plain[4].total / GiB:.2f} GiB), "
+                       f"with it {best[0]} ({best[4].total / GiB:.2f} GiB); below {enough} samples per step the device idles, "
+                       "which costs more than the ~30% of recomputation")
+            else:
+                why = (f"on: without it even micro-batch {micros[-1]} does not fit (estimated {found[0][1].total / GiB:.2f} GiB); "
+                       "costs ~30% more compute")
+            return best[:5] + (why,)
     return last_est

@@ -151,6 +151,16 @@ def test_checkpointing_turns_on_only_when_needed():
     assert plan.gradient_checkpointing is True and "even micro-batch 1" in plan.decision("gradient_checkpointing").reason
 
 
+def test_checkpointing_chosen_for_a_usable_micro_batch_says_what_it_bought():
+    # Qwen2.5-0.5B at 512 tokens on a 16 GB Mac: micro-batch 1 fits without checkpointing, 4 only with it.
+    qwen = ModelShape(*KNOWN_SHAPES["Qwen/Qwen2.5-0.5B-Instruct"])
+    plan = plan_for(M2, "data.max_length=512", "train.effective_batch_size=32", shape=qwen)
+    reason = plan.decision("gradient_checkpointing").reason
+    assert plan.gradient_checkpointing is True and plan.micro_batch_size == 4
+    assert "largest micro-batch that fits is 1" in reason and "with it 4" in reason
+    assert "even micro-batch" not in reason
+
+
 def test_zero3_and_offload_when_the_model_does_not_fit_a_device():
     z = plan_for(A10Gx8, "train.effective_batch_size=64", "data.max_length=4096", shape=LLAMA8B)
     # 8B weights in bf16 (16 GB) plus the logits of a 4096-token sample exceed a 22 GB GPU at stage 2.
