@@ -38,7 +38,9 @@ def main() -> None:
     tokenizer, model = load_tokenizer(path), load_model(path)
     items = gsm8k.load_file(Path(args.data) / "test.jsonl")[: args.n]
     prompts = [format_prompt(ex.question, tokenizer, "plain") for ex in items]
-    kw = dict(max_new_tokens=args.max_new_tokens, device="cpu", precision="bf16")
+    # As evaluation runs it under mixed precision (launcher.evaluate.inference_weights): a bf16 copy.
+    model = model.to(torch.bfloat16)
+    kw = dict(max_new_tokens=args.max_new_tokens, device="cpu")
 
     t0 = time.perf_counter()
     one = [generate(model, tokenizer, [p], batch_size=1, **kw)[0] for p in prompts]
@@ -47,7 +49,7 @@ def main() -> None:
     batched_out = generate(model, tokenizer, prompts, batch_size=args.batch_size, **kw)
     batched = time.perf_counter() - t0
     same = sum(gsm8k.parse_answer(a) == gsm8k.parse_answer(b) for a, b in zip(one, batched_out))
-    print(f"{args.n} GSM8K questions, max_new_tokens={args.max_new_tokens}, bf16 autocast, {torch.get_num_threads()} threads")
+    print(f"{args.n} GSM8K questions, max_new_tokens={args.max_new_tokens}, bf16 weights, {torch.get_num_threads()} threads")
     print(f"one at a time: {sequential:.1f} s   batched (batch {args.batch_size}): {batched:.1f} s   "
           f"speed-up: {sequential / batched:.2f}x   same parsed answer: {same}/{args.n}")
 

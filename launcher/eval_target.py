@@ -78,7 +78,7 @@ def run_eval(req: EvalRequest) -> dict:
     plan = make_plan(recipe, detect())
     torch.set_num_threads(plan.threads)
     kwargs = dict(prompt_format=recipe.data.prompt_format, batch_size=recipe.eval.batch_size,
-                  max_new_tokens=recipe.eval.max_new_tokens, device=plan.device, precision=plan.precision)
+                  max_new_tokens=recipe.eval.max_new_tokens, device=plan.device, precision=plan.eval_precision)
     model_path = resolve_model(recipe.model.name)
     tokenizer = load_tokenizer(model_path, plan.trust_remote_code)
     model = load_model(model_path, plan.trust_remote_code)

@@ -16,8 +16,8 @@ from launcher.tasks import Example
 
 
 def generate(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_tokens: int, device: str,
-             precision: str = "fp32", label: str = "generating") -> list[str]:
-    """Greedy continuations of each prompt, batched with left padding and the KV cache."""
+             label: str = "generating") -> list[str]:
+    """Greedy continuations of each prompt, batched with left padding and the KV cache, in the model's dtype."""
     import torch
 
     # Left padding: every row's last prompt token sits at the same position, where generation starts.
@@ -25,17 +25,14 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_t
     # Longest prompts first, so batches hold similar lengths and little padding; order restored below.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     outputs: dict[int, str] = {}
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     model.eval()
     try:
         with progress_bar(label, len(prompts)) as advance, torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-                with torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype or torch.float32,
-                                    enabled=autocast_dtype is not None):
-                    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
                 new_tokens = out[:, batch["input_ids"].shape[1]:]
                 for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                     outputs[i] = text
@@ -127,9 +124,33 @@ def format_comparison(c: dict) -> str:
 def evaluate(model, tokenizer, task, examples: list[Example], *, prompt_format: str, batch_size: int,
              max_new_tokens: int, device: str, precision: str = "fp32", label: str = "evaluating") -> tuple[dict, list[dict]]:
     prompts = [format_prompt(ex.question, tokenizer, prompt_format) for ex in examples]
-    generated = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                         device=device, precision=precision, label=label)
+    with inference_weights(model, precision) as weights:
+        generated = generate(weights, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                             device=device, label=label)
     return score(task, examples, generated)
+
+
+@contextmanager
+def inference_weights(model, precision: str):
+    """The model to generate with: a bf16/fp16 copy under mixed precision (plan.eval_precision), else itself.
+
+    Training keeps fp32 weights for the optimizer, and autocast casts each of them again at every decoding
+    step; a half-precision copy skips that (1.5x faster here). It is a copy, so the fp32 weights that
+    training goes on with are untouched; it costs half the fp32 weights' memory while it exists.
+    """
+    import copy
+
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        yield model
+        return
+    half = copy.deepcopy(model).to(dtype)
+    try:
+        yield half
+    finally:
+        del half
 
 
 def read_generations(path: str | Path) -> list[str]:

@@ -30,3 +30,14 @@ def _ex(reference):
     from launcher.tasks import Example
 
     return Example(question=f"q{reference}", target=f"#### {reference:g}", reference=reference, group="test")
+
+
+def test_mixed_precision_evaluation_generates_on_a_half_copy_and_leaves_training_weights_fp32():
+    import torch
+
+    model = torch.nn.Linear(4, 4)
+    with ev.inference_weights(model, "bf16") as weights:
+        assert weights.weight.dtype == torch.bfloat16
+    assert model.weight.dtype == torch.float32
+    with ev.inference_weights(model, "fp32") as weights:
+        assert weights is model

@@ -151,6 +151,14 @@ def test_checkpointing_turns_on_only_when_needed():
     assert plan.gradient_checkpointing is True and "even micro-batch 1" in plan.decision("gradient_checkpointing").reason
 
 
+def test_evaluation_precision_follows_training_precision_and_says_why():
+    plan = plan_for(A100)
+    assert plan.precision == "bf16" and plan.eval_precision == "bf16"
+    assert "copy of the weights" in plan.decision("eval_precision").reason
+    assert plan_for(T4).eval_precision == "fp16"
+    assert plan_for(M2).eval_precision == "fp32"
+
+
 def test_checkpointing_chosen_for_a_usable_micro_batch_says_what_it_bought():
     # Qwen2.5-0.5B at 512 tokens on a 16 GB Mac: micro-batch 1 fits without checkpointing, 4 only with it.
     qwen = ModelShape(*KNOWN_SHAPES["Qwen/Qwen2.5-0.5B-Instruct"])
