@@ -33,8 +33,10 @@ KNOWN_SHAPES = {
 # and the fp32 residual stream and norm statistics autocast keeps. Calibrated on CPU against measured
 # peaks of SmolLM2-135M (benchmarks/memory_estimate.py prints the ratio).
 ACT_HIDDEN_TERMS, ACT_INTERMEDIATE_TERMS = 17, 7
-# Logits: model-dtype logits, their fp32 upcast in the loss, and the gradient of the upcast.
-LOGITS_BYTES_PER_ELEMENT = 10
+# Logits, at the loss's backward (its peak): transformers upcasts the logits to fp32 for the loss, whose
+# log-softmax output (4 bytes) is kept, and backward holds the incoming gradient (4) and the one it
+# produces (4) at once; the model-dtype logits themselves are freed by then.
+LOGITS_BYTES_PER_ELEMENT = 12
 ADAM_BYTES_PER_PARAM = 16  # fp32 LoRA weight, fp32 gradient, two fp32 Adam moments
 
 
@@ -136,8 +138,10 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, precis
     tokens = micro_batch * seq_len
     per_layer = tokens * act_bytes * (ACT_HIDDEN_TERMS * shape.hidden + ACT_INTERMEDIATE_TERMS * shape.intermediate)
     if checkpointing:
-        # Only each layer's input is kept; one layer's activations exist again during its recomputation.
-        activations = shape.layers * tokens * act_bytes * shape.hidden + per_layer
+        # Only each layer's input is kept: the residual stream, fp32 even under autocast (fp32 embeddings plus
+        # half-precision sublayer outputs promote to fp32); one layer's activations exist again during its
+        # recomputation.
+        activations = shape.layers * tokens * 4 * shape.hidden + per_layer
     else:
         activations = shape.layers * per_layer
     logits = tokens * shape.vocab * LOGITS_BYTES_PER_ELEMENT
