@@ -93,7 +93,8 @@ def main() -> None:
         cases += [("tiny (2 layers, hidden 64)", tiny, 32, 128)]
     cases += [("SmolLM2-135M", embedded, 8, 128)]
     if not quick:
-        cases += [("SmolLM2-135M", embedded, 16, 128), ("SmolLM2-135M", embedded, 8, 512), ("SmolLM2-135M", embedded, 16, 512)]
+        cases += [("SmolLM2-135M", embedded, 16, 128), ("SmolLM2-135M", embedded, 32, 128), ("SmolLM2-135M", embedded, 8, 512),
+                  ("SmolLM2-135M", embedded, 16, 512)]
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     print(f"{'model':<28}{'micro':>6}{'seq':>6}{'prec':>6}{'ckpt':>6}{'estimate GiB':>14}{'measured GiB':>14}{'ratio':>7}")
     ratios, rows = [], []

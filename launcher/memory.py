@@ -31,13 +31,16 @@ KNOWN_SHAPES = {
 # Tensors kept for backward per token per layer, in units of (hidden, intermediate) activations: the
 # inputs of the 7 LoRA-wrapped projections, norms, attention output, the MLP's gate/up/act products,
 # and the fp32 residual stream and norm statistics autocast keeps. Calibrated on CPU against measured
-# peaks of SmolLM2-135M (benchmarks/memory_estimate.py prints the ratio).
-ACT_HIDDEN_TERMS, ACT_INTERMEDIATE_TERMS = 17, 7
+# peaks of SmolLM2-135M at 1024-8192 tokens per micro-batch: the peak grows by 2.07 MB per token in bf16
+# and 3.6-3.8 MB in fp32 over a 6 (bf16) / 4 (fp32) bytes-per-parameter intercept, which is logits at
+# 12 bytes per vocabulary entry plus these terms (benchmarks/memory_estimate.py prints the ratios).
+ACT_HIDDEN_TERMS, ACT_INTERMEDIATE_TERMS = 21, 8
 # Logits, at the loss's backward (its peak): transformers upcasts the logits to fp32 for the loss, whose
 # log-softmax output (4 bytes) is kept, and backward holds the incoming gradient (4) and the one it
 # produces (4) at once; the model-dtype logits themselves are freed by then.
 LOGITS_BYTES_PER_ELEMENT = 12
-ADAM_BYTES_PER_PARAM = 16  # fp32 LoRA weight, fp32 gradient, two fp32 Adam moments
+ADAM_BYTES_PER_PARAM = 16
+CPU_CKPT_ATTENTION_BYTES = 3  # fp32 LoRA weight, fp32 gradient, two fp32 Adam moments
 
 
 @dataclass(frozen=True)
@@ -123,10 +126,10 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, precis
         weights = shape.params * 2.0
     else:
         weights = shape.params * (4.0 + (2 if half else 0))
-    if device in ("cpu", "mps"):
-        # from_pretrained reads the checkpoint next to the model it builds; in host (or unified) memory
-        # that transient copy stays in the process's peak. A GPU only ever receives the finished model.
-        weights += shape.params * 4.0
+    # No loading transient: a checkpoint stored in fp32 is memory-mapped (its pages become resident as the
+    # forward pass touches them, and are the weights counted above), and a half-precision one is converted
+    # and unmapped before training allocates anything (measured: +0.13 GiB resident right after loading
+    # SmolLM2's 0.5 GiB fp32 checkpoint; the training peaks fit 6 bytes per parameter under bf16).
     if zero_stage == 3:
         # Parameter offload leaves about two layers' worth on the device (the one computing and the prefetch).
         weights = weights * 2 / shape.layers if offload else weights / world_size
@@ -142,6 +145,11 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, precis
         # half-precision sublayer outputs promote to fp32); one layer's activations exist again during its
         # recomputation.
         activations = shape.layers * tokens * 4 * shape.hidden + per_layer
+        if device == "cpu":
+            # Measured, cause not pinned down: checkpointed training on CPU holds a further ~3 bytes per
+            # attention-matrix entry per layer (heads x seq^2 x layers per sample), which is what made peaks at
+            # 512 tokens 45% above this estimate without the term (SmolLM2, 1024-8192 tokens, fit within 5%).
+            activations += CPU_CKPT_ATTENTION_BYTES * micro_batch * shape.layers * shape.heads * seq_len**2
     else:
         activations = shape.layers * per_layer
     logits = tokens * shape.vocab * LOGITS_BYTES_PER_ELEMENT
