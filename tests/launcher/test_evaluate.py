@@ -41,3 +41,45 @@ def test_mixed_precision_evaluation_generates_on_a_half_copy_and_leaves_training
     assert model.weight.dtype == torch.float32
     with ev.inference_weights(model, "fp32") as weights:
         assert weights is model
+
+
+def test_dropping_finished_rows_gives_the_tokens_of_one_uninterrupted_generate_call(tiny_model, monkeypatch):
+    # Rows that finish leave the batch every few steps; the rest continue from the pruned KV cache. A
+    # wide-initialised random model (its outputs vary by prompt) and a frequent token standing in for EOS
+    # make rows of one batch finish at different steps.
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from launcher.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5,
+                                         tie_word_embeddings=True)).eval()
+    prompts = [f"Question: {q} ft in m?\nAnswer:" for q in range(1, 25)]
+
+    def one_by_one(eos):
+        tok.padding_side = "left"
+        out = []
+        for p in prompts:
+            batch = tok([p], return_tensors="pt", add_special_tokens=False)
+            ids = model.generate(**batch, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=eos)
+            ids = ids[0, batch["input_ids"].shape[1]:].tolist()
+            out.append(ids[:ids.index(eos)] if eos in ids else ids)
+        return out
+
+    free = one_by_one(eos=-1 % len(tok))  # an id the model never emits here: 40 tokens each
+    first = {x: {ids.index(x) for ids in free if x in ids} for x in range(len(tok))}
+    eos = max((x for x in first if first[x] and 0 not in first[x]), key=lambda x: len(first[x]))
+    assert len(first[eos]) >= 5  # rows really do finish at different steps
+    tok.eos_token = tok.convert_ids_to_tokens(eos)
+    expected = [tok.decode(ids, skip_special_tokens=True) for ids in one_by_one(eos)]
+
+    monkeypatch.setattr(ev, "DROP_FINISHED_EVERY", 4)
+    calls = []
+    original = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw["input_ids"].shape[0]) or original(**kw))
+    got = ev.generate(model, tok, prompts, batch_size=8, max_new_tokens=40, device="cpu")
+    assert got == expected
+    assert min(calls) < 8  # finished rows did leave their batches
