@@ -35,7 +35,7 @@ def status(key):
             return int(line.split()[1]) * 1024
 
 
-def train(model, steps):
+def train(model, steps, micro, seq):
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -47,7 +47,7 @@ def train(model, steps):
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     for step in range(steps):
-        ids = torch.randint(0, vocab, (micro if vocab > 16 else 1, seq if vocab > 16 else 4), generator=g)
+        ids = torch.randint(0, vocab, (micro, seq), generator=g)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -60,7 +60,7 @@ def train(model, steps):
 before_warmup = status("VmRSS")
 warm = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                     num_attention_heads=2, num_key_value_heads=1))
-train(warm, 1)
+train(warm, 1, 1, 4)
 del warm
 gc.collect()
 # The imports pass through a higher transient peak than small runs ever reach: reset the kernel's
@@ -68,16 +68,20 @@ gc.collect()
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 base = status("VmRSS")
-train(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), 3)
+train(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), 3, micro, seq)
 print(json.dumps({"measured": status("VmHWM") - base, "runtime": base - before_warmup}))
 '''
 
 
-def measure(path: str, micro: int, seq: int, precision: str, ckpt: bool, *, runtime: bool = False):
+def run_case(path: str, micro: int, seq: int, precision: str, ckpt: bool) -> dict:
+    """{"measured": peak bytes above the baseline, "runtime": bytes of the library warm-up before it}."""
     out = subprocess.run([sys.executable, "-c", CHILD, path, str(micro), str(seq), precision, "1" if ckpt else "0"],
                          capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    return (result["measured"], result["runtime"]) if runtime else result["measured"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(path: str, micro: int, seq: int, precision: str, ckpt: bool) -> int:
+    return run_case(path, micro, seq, precision, ckpt)["measured"]
 
 
 def main() -> None:
@@ -97,7 +101,7 @@ def main() -> None:
                   ("SmolLM2-135M", embedded, 16, 512)]
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     print(f"{'model':<28}{'micro':>6}{'seq':>6}{'prec':>6}{'ckpt':>6}{'estimate GiB':>14}{'measured GiB':>14}{'ratio':>7}")
-    ratios, rows = [], []
+    rows = []
     for name, path, micro, seq in cases:
         shape, _ = find_shape(path if name.startswith("tiny") else "embedded:smollm2-135m-instruct")
         for precision, ckpt in (("bf16", False), ("fp32", False), ("bf16", True)):
@@ -107,15 +111,18 @@ def main() -> None:
             if est > 0.7 * ram:  # would push this machine into swap or the OOM killer: say so, do not run it
                 print(f"{row}{'skipped':>14}   (estimate above 70% of this machine's {ram / 2**30:.0f} GiB)", flush=True)
                 continue
-            got = measure(path, micro, seq, precision, ckpt)
-            ratios.append(est / got)
+            result = run_case(path, micro, seq, precision, ckpt)
+            got = result["measured"]
             rows.append({"model": name, "micro": micro, "seq": seq, "precision": precision, "checkpointing": ckpt,
-                         "estimate": est, "measured": got})
+                         "estimate": est, "measured": got, "runtime": result["runtime"]})
             print(f"{row}{got / 2**30:>14.3f}{est / got:>7.2f}", flush=True)
+    ratios = [r["estimate"] / r["measured"] for r in rows]
     inside = sum(0.75 <= r <= 1.25 for r in ratios)
+    runtime = [r["runtime"] / 2**20 for r in rows]
     if "--save" in sys.argv:  # raw numbers, for recalibrating launcher/memory.py
         Path(sys.argv[sys.argv.index("--save") + 1]).write_text(json.dumps(rows, indent=1))
-    print(f"{inside} of {len(ratios)} cases within 25% (ratio 0.75-1.25); ratios {min(ratios):.2f}-{max(ratios):.2f}")
+    print(f"{inside} of {len(ratios)} cases within 25% (ratio 0.75-1.25); ratios {min(ratios):.2f}-{max(ratios):.2f}; "
+          f"library warm-up before each baseline (not counted): {min(runtime):.0f}-{max(runtime):.0f} MiB")
 
 
 if __name__ == "__main__":

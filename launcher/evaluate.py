@@ -188,11 +188,7 @@ def inference_weights(model, precision: str):
     if dtype is None:
         yield model
         return
-    half = copy.deepcopy(model).to(dtype)
-    try:
-        yield half
-    finally:
-        del half
+    yield copy.deepcopy(model).to(dtype)
 
 
 def read_generations(path: str | Path) -> list[str]:

@@ -39,8 +39,8 @@ ACT_HIDDEN_TERMS, ACT_INTERMEDIATE_TERMS = 21, 8
 # log-softmax output (4 bytes) is kept, and backward holds the incoming gradient (4) and the one it
 # produces (4) at once; the model-dtype logits themselves are freed by then.
 LOGITS_BYTES_PER_ELEMENT = 12
-ADAM_BYTES_PER_PARAM = 16
-CPU_CKPT_ATTENTION_BYTES = 3  # fp32 LoRA weight, fp32 gradient, two fp32 Adam moments
+ADAM_BYTES_PER_PARAM = 16  # fp32 LoRA weight, fp32 gradient, two fp32 Adam moments
+CPU_CKPT_ATTENTION_BYTES = 3  # see estimate_memory: measured on CPU with gradient checkpointing
 
 
 @dataclass(frozen=True)

@@ -202,7 +202,7 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
     budget = mem_gib * hwr.memory_fraction
     lora = recipe.model.lora
     micro, checkpointing, stage, offload, estimate, ckpt_why = _fit_memory(
-        recipe, backend, precision, shape, per_rank, max_length, world_size, budget, bool(hw.gpus))
+        recipe, backend, device, precision, shape, per_rank, max_length, world_size, budget)
     if estimate is not None and estimate.total / GiB > budget:
         raise PlanError(
             f"{recipe.model.name} does not fit: {estimate.describe()} per device at micro-batch 1 with gradient checkpointing"
@@ -265,12 +265,8 @@ def _cap(backend: str) -> int:
     return CPU_MAX_MICRO_BATCH if backend == "cpu" else GPU_MAX_MICRO_BATCH
 
 
-def _estimate_device(backend: str, has_gpu: bool) -> str:
-    return "cuda" if backend == "cuda" or (backend == "deepspeed" and has_gpu) else ("mps" if backend == "mps" else "cpu")
-
-
-def _fit_memory(recipe: Recipe, backend: str, precision: str, shape: ModelShape | None, per_rank: int,
-                max_length: int, world_size: int, budget_gib: float, hw_has_gpu: bool = False):
+def _fit_memory(recipe: Recipe, backend: str, device: str, precision: str, shape: ModelShape | None, per_rank: int,
+                max_length: int, world_size: int, budget_gib: float):
     """(micro, checkpointing, zero_stage, offload, estimate, why checkpointing): the first layout, in order of
     speed, that fits.
 
@@ -302,7 +298,7 @@ def _fit_memory(recipe: Recipe, backend: str, precision: str, shape: ModelShape 
         for micro in micros:
             est = estimate_memory(shape, micro_batch=micro, seq_len=max_length, precision=precision, checkpointing=ckpt,
                                   lora_rank=lora.rank, lora_targets=lora.target_modules, zero_stage=stage,
-                                  world_size=world_size, offload=offload, device=_estimate_device(backend, hw_has_gpu))
+                                  world_size=world_size, offload=offload, device=device)
             if est.total / GiB <= budget_gib:
                 return (micro, ckpt, stage, offload, est, "")
         return None, est
