@@ -28,19 +28,28 @@ KNOWN_SHAPES = {
     "meta-llama/Llama-3.1-8B-Instruct": (4096, 32, 32, 8, 14336, 128256, False),
 }
 
-# Tensors kept for backward per token per layer, in units of (hidden, intermediate) activations: the
-# inputs of the 7 LoRA-wrapped projections, norms, attention output, the MLP's gate/up/act products,
-# and the fp32 residual stream and norm statistics autocast keeps. Calibrated on CPU against measured
-# peaks of SmolLM2-135M at 1024-8192 tokens per micro-batch: the peak grows by 2.07 MB per token in bf16
-# and 3.6-3.8 MB in fp32 over a 6 (bf16) / 4 (fp32) bytes-per-parameter intercept, which is logits at
-# 12 bytes per vocabulary entry plus these terms (benchmarks/memory_estimate.py prints the ratios).
-ACT_HIDDEN_TERMS, ACT_INTERMEDIATE_TERMS = 21, 8
+# Bytes kept for backward per token per layer, per hidden and per intermediate unit, without gradient
+# checkpointing: the inputs of the LoRA-wrapped projections, norm inputs and statistics, q/k/v/output of
+# attention (k/v repeated to all heads), the MLP's gate/up/act products; under autocast both the fp32 and
+# the half-precision copy of several of them. Fitted to the live-tensor peaks (torch profiler) of two
+# shapes, the tiny test Llama (hidden 64, intermediate 128) and SmolLM2-135M (576, 1536), where the peak
+# grows exactly linearly in tokens per micro-batch (same peak at 32 x 128, 16 x 256, 64 x 64 and 8 x 512:
+# CPU attention keeps no seq^2 matrix) and checked on a third shape fitted on neither
+# (benchmarks/memory_estimate.py prints all three).
+ACT_BYTES = {"half": (35.6, 4.25), "fp32": (46.1, 8.9)}
 # Logits, at the loss's backward (its peak): transformers upcasts the logits to fp32 for the loss, whose
 # log-softmax output (4 bytes) is kept, and backward holds the incoming gradient (4) and the one it
 # produces (4) at once; the model-dtype logits themselves are freed by then.
 LOGITS_BYTES_PER_ELEMENT = 12
 ADAM_BYTES_PER_PARAM = 16  # fp32 LoRA weight, fp32 gradient, two fp32 Adam moments
-CPU_CKPT_ATTENTION_BYTES = 3  # see estimate_memory: measured on CPU with gradient checkpointing
+# On CPU the process's resident set exceeds its live tensors: glibc keeps freed blocks in its heaps (every
+# tensor below its 32 MiB mmap ceiling comes from there) and reuses them only for requests that fit.
+# Resident peak / live-tensor peak measured on SmolLM2-135M from 1024 to 8192 tokens per micro-batch:
+# bf16 1.24-1.56, fp32 1.52-1.97, varying by up to 20% between runs of the same case
+# (benchmarks/memory_estimate.py). GPU allocators' caching is left to the plan's memory fraction, as
+# torch.cuda.max_memory_allocated leaves it out too. Models whose tensors are a few MiB do not follow
+# this: their resident set is mostly oneDNN's generated kernels and heap slack (README, "Measured").
+CPU_RESIDENT_FACTOR = {"half": 1.4, "fp32": 1.75}
 
 
 @dataclass(frozen=True)
@@ -101,35 +110,45 @@ class MemoryEstimate:
     lora_states: float
     activations: float
     logits: float
+    allocator: float  # CPU only: resident memory the allocator holds beyond live tensors
     total: float
+
+    @property
+    def tensors(self) -> float:
+        """Peak bytes of live tensors: what torch.cuda.max_memory_allocated (or the CPU profiler) measures."""
+        return self.total - self.allocator
 
     def gib(self) -> dict:
         return {k: round(v / GiB, 2) for k, v in asdict(self).items()}
 
     def describe(self) -> str:
         g = self.gib()
-        return (f"{g['total']} GiB = weights {g['weights']} + LoRA/grads/Adam {g['lora_states']} + "
+        text = (f"{g['total']} GiB = weights {g['weights']} + LoRA/grads/Adam {g['lora_states']} + "
                 f"activations {g['activations']} + logits {g['logits']}")
+        return text + (f" + CPU allocator {g['allocator']}" if self.allocator else "")
 
 
 def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, precision: str, checkpointing: bool,
                     lora_rank: int, lora_targets, zero_stage: int = 0, world_size: int = 1,
                     offload: bool = False, device: str = "cuda") -> MemoryEstimate:
-    """Peak bytes on one device for one micro-batch step of LoRA training."""
+    """Peak bytes on one device for one micro-batch step of LoRA training (on CPU: of the resident set)."""
     half = precision in ("bf16", "fp16")
-    act_bytes = 2 if half else 4
-    # Weights stay fp32 (never half precision under the optimizer); autocast keeps a half copy of each
-    # weight it casts during the forward pass.
+    kind = "half" if half else "fp32"
+    # Weights stay fp32 (never half precision under the optimizer). Autocast casts each weight to half
+    # precision and the matmul keeps that copy for its backward; with checkpointing only the output
+    # projection's copy (vocab x hidden) outlives the forward pass.
     if zero_stage and half:
         # DeepSpeed casts the module to half precision itself; trainable weights keep fp32 masters in
         # its optimizer (counted with the LoRA states below).
         weights = shape.params * 2.0
+    elif half:
+        weights = shape.params * 4.0 + 2.0 * (shape.vocab * shape.hidden if checkpointing else shape.params)
     else:
-        weights = shape.params * (4.0 + (2 if half else 0))
+        weights = shape.params * 4.0
     # No loading transient: a checkpoint stored in fp32 is memory-mapped (its pages become resident as the
     # forward pass touches them, and are the weights counted above), and a half-precision one is converted
     # and unmapped before training allocates anything (measured: +0.13 GiB resident right after loading
-    # SmolLM2's 0.5 GiB fp32 checkpoint; the training peaks fit 6 bytes per parameter under bf16).
+    # SmolLM2's 0.5 GiB fp32 checkpoint).
     if zero_stage == 3:
         # Parameter offload leaves about two layers' worth on the device (the one computing and the prefetch).
         weights = weights * 2 / shape.layers if offload else weights / world_size
@@ -139,19 +158,16 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, precis
     if offload:
         lora = 0.0
     tokens = micro_batch * seq_len
-    per_layer = tokens * act_bytes * (ACT_HIDDEN_TERMS * shape.hidden + ACT_INTERMEDIATE_TERMS * shape.intermediate)
+    per_hidden, per_intermediate = ACT_BYTES[kind]
+    per_layer = tokens * (per_hidden * shape.hidden + per_intermediate * shape.intermediate)
+    logits = tokens * shape.vocab * LOGITS_BYTES_PER_ELEMENT
     if checkpointing:
         # Only each layer's input is kept: the residual stream, fp32 even under autocast (fp32 embeddings plus
-        # half-precision sublayer outputs promote to fp32); one layer's activations exist again during its
-        # recomputation.
-        activations = shape.layers * tokens * 4 * shape.hidden + per_layer
-        if device == "cpu":
-            # Measured, cause not pinned down: checkpointed training on CPU holds a further ~3 bytes per
-            # attention-matrix entry per layer (heads x seq^2 x layers per sample), which is what made peaks at
-            # 512 tokens 45% above this estimate without the term (SmolLM2, 1024-8192 tokens, fit within 5%).
-            activations += CPU_CKPT_ATTENTION_BYTES * micro_batch * shape.layers * shape.heads * seq_len**2
+        # half-precision sublayer outputs promote to fp32). The peak is at the loss's backward, or, for a
+        # small vocabulary, while one layer's activations are recomputed.
+        activations = shape.layers * tokens * 4 * shape.hidden + max(0.0, per_layer - logits)
     else:
         activations = shape.layers * per_layer
-    logits = tokens * shape.vocab * LOGITS_BYTES_PER_ELEMENT
-    total = weights + lora + activations + logits
-    return MemoryEstimate(weights, lora, activations, logits, total)
+    tensors = weights + lora + activations + logits
+    allocator = tensors * (CPU_RESIDENT_FACTOR[kind] - 1) if device == "cpu" else 0.0
+    return MemoryEstimate(weights, lora, activations, logits, allocator, tensors + allocator)

@@ -48,19 +48,58 @@ def test_find_shape_reads_a_local_config(tiny_model):
     assert find_shape("/no/such/dir")[0] is None
 
 
-def _measured_vs_estimate(path, shape, micro, seq, precision, ckpt):
+def test_cpu_estimate_adds_the_allocators_slack_and_a_gpu_estimate_does_not():
+    gpu, cpu = _est(), _est(device="cpu")
+    assert gpu.allocator == 0 and gpu.total == gpu.tensors
+    assert cpu.tensors == gpu.tensors and cpu.total == cpu.tensors * 1.4 and "CPU allocator" in cpu.describe()
+    assert "CPU allocator" not in gpu.describe()
+
+
+def test_checkpointing_keeps_only_the_output_projections_half_copy_of_the_weights():
+    # Measured: with checkpointing the bf16 step peak carries vocab x hidden x 2 bytes of weight copies
+    # (the tied lm_head), without it a half copy of every weight (the matmuls keep them for backward).
+    assert _est(checkpointing=True).weights == SMOL.params * 4 + 49152 * 576 * 2
+    assert _est().weights == SMOL.params * 6
+
+
+def _ratio(path, shape, micro, seq, precision, ckpt, what):
     from benchmarks.memory_estimate import measure
 
     est = estimate_memory(shape, micro_batch=micro, seq_len=seq, precision=precision, checkpointing=ckpt,
-                          lora_rank=8, lora_targets="all-linear", device="cpu").total
-    return est / measure(str(path), micro, seq, precision, ckpt)
+                          lora_rank=8, lora_targets="all-linear", device="cpu")
+    got = measure(str(path), micro, seq, precision, ckpt, what)
+    return (est.tensors if what == "tensors" else est.total) / got
+
+
+CASES = (("bf16", False), ("fp32", False), ("bf16", True))
+
+
+def test_tensor_estimate_is_within_25_percent_of_the_live_tensor_peak_of_the_tiny_model(tiny_model):
+    # Live tensors over a training step (torch profiler), as torch.cuda.max_memory_allocated counts on a GPU.
+    shape, _ = find_shape(str(tiny_model))
+    for precision, ckpt in CASES:
+        ratio = _ratio(tiny_model, shape, 8, 128, precision, ckpt, "tensors")
+        assert 0.75 <= ratio <= 1.25, (precision, ckpt, ratio)
+
+
+def test_tensor_estimate_holds_on_a_shape_it_was_not_fitted_on(tmp_path):
+    from benchmarks.memory_estimate import build_heldout_model
+
+    path = build_heldout_model(tmp_path / "heldout")
+    shape, _ = find_shape(str(path))
+    for precision, ckpt in CASES:
+        ratio = _ratio(path, shape, 16, 128, precision, ckpt, "tensors")
+        assert 0.75 <= ratio <= 1.25, (precision, ckpt, ratio)
 
 
 def test_estimate_is_within_25_percent_of_the_measured_cpu_peak_of_the_embedded_model():
-    # The same measurement as benchmarks/memory_estimate.py: a fresh process, peak resident set over
-    # loading and three LoRA steps. A planner that is far off either wastes the machine or gets OOM-killed.
+    # The same measurements as benchmarks/memory_estimate.py, each in a fresh process: live tensors over a
+    # step, and the peak resident set over loading and three LoRA steps. A planner that is far off either
+    # wastes the machine or gets OOM-killed.
     from launcher.models import resolve_model
 
+    path = resolve_model("embedded:smollm2-135m-instruct")
+    assert 0.75 <= _ratio(path, SMOL, 8, 128, "bf16", False, "tensors") <= 1.25
     for precision, ckpt in (("bf16", False), ("bf16", True)):
-        ratio = _measured_vs_estimate(resolve_model("embedded:smollm2-135m-instruct"), SMOL, 8, 128, precision, ckpt)
+        ratio = _ratio(path, SMOL, 8, 128, precision, ckpt, "resident")
         assert 0.75 <= ratio <= 1.25, (precision, ckpt, ratio)

@@ -160,9 +160,9 @@ def test_evaluation_precision_follows_training_precision_and_says_why():
 
 
 def test_checkpointing_chosen_for_a_usable_micro_batch_says_what_it_bought():
-    # Qwen2.5-0.5B at 512 tokens on a 16 GB Mac: micro-batch 2 fits without checkpointing, 4 only with it.
+    # Qwen2.5-0.5B at 768 tokens on a 16 GB Mac: micro-batch 2 fits without checkpointing, 4 only with it.
     qwen = ModelShape(*KNOWN_SHAPES["Qwen/Qwen2.5-0.5B-Instruct"])
-    plan = plan_for(M2, "data.max_length=512", "train.effective_batch_size=32", shape=qwen)
+    plan = plan_for(M2, "data.max_length=768", "train.effective_batch_size=32", shape=qwen)
     reason = plan.decision("gradient_checkpointing").reason
     assert plan.gradient_checkpointing is True and plan.micro_batch_size == 4
     assert "largest micro-batch that fits is 2" in reason and "with it 4" in reason
