@@ -14,9 +14,11 @@ from launcher.recipe import Recipe
 from launcher.tasks import Example, get_task
 
 
-def build_examples(recipe: Recipe) -> tuple[list[Example], list[Example]]:
-    """Training and evaluation examples for the recipe's task, with data.max_samples and eval.limit applied."""
-    train, evals = get_task(recipe.data.task).examples(recipe)
+def build_examples(recipe: Recipe, data_path: str | None = None) -> tuple[list[Example], list[Example]]:
+    """Training and evaluation examples for the recipe's task, with data.max_samples and eval.limit applied.
+
+    data_path: the plan's data source (plan.data_path) where it differs from data.path (a bundled copy)."""
+    train, evals = get_task(recipe.data.task).examples(recipe, data_path)
     if recipe.data.max_samples:
         train = train[: recipe.data.max_samples]
     if recipe.eval.limit:

@@ -48,7 +48,13 @@ def _items(recipe: Recipe, req: EvalRequest):
     if req.data_file:
         items = task.load_file(req.data_file)
     else:
-        items = task.examples(recipe)[1]
+        from launcher.hardware import detect
+        from launcher.plan import choose_data_source
+
+        data_path, why = choose_data_source(recipe, detect())
+        if why and data_path:
+            print(f"data: {why}", flush=True)
+        items = task.examples(recipe, data_path)[1]
         if recipe.eval.limit and not req.all_items:
             items = items[: recipe.eval.limit]
     if req.limit:

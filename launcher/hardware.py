@@ -37,6 +37,9 @@ class HardwareInfo(_Frozen):
     gpus: tuple[GpuInfo, ...] = Field((), description="CUDA devices on this node.")
     mps: bool = Field(False, description="Apple-silicon GPU available through Metal (MPS).")
     nodes: int = Field(1, ge=1, description="Nodes in the job (profiles of clusters).")
+    hub_reachable: bool | None = Field(
+        None, description="The Hugging Face Hub answered a connection (None: not probed, as for a profile)."
+    )
 
 
 def _cpu_flags() -> set[str]:
@@ -81,6 +84,24 @@ def _nvidia_gpus() -> tuple[GpuInfo, ...]:
     return tuple(gpus)
 
 
+HUB_TIMEOUT_SECONDS = 3.0
+
+
+def _hub_reachable() -> bool:
+    """Whether the Hub can be reached: HF_HUB_OFFLINE says no, else one TCP connection to its endpoint."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=HUB_TIMEOUT_SECONDS):
+            return True
+    except OSError:
+        return False
+
+
 def detect() -> HardwareInfo:
     """Probe this machine (no torch import, no CUDA initialisation)."""
     flags = _cpu_flags()
@@ -92,6 +113,7 @@ def detect() -> HardwareInfo:
         cpu_bf16=bool(flags & {"avx512_bf16", "amx_bf16"}),
         gpus=_nvidia_gpus(),
         mps=mac_arm,
+        hub_reachable=_hub_reachable(),
     )
 
 

@@ -55,6 +55,7 @@ class Plan(BaseModel):
     memory_estimate_gib: float | None
     device_memory_gib: float
     trust_remote_code: bool
+    data_path: str | None = None  # the training/evaluation data the worker reads (None: generated, or the Hub)
     decisions: tuple[Decision, ...]
 
     def decision(self, field: str) -> Decision:
@@ -123,6 +124,25 @@ def choose_precision(requested: str, backend: str, hw: HardwareInfo) -> tuple[st
     if requested == "bf16" and not hw.cpu_bf16:
         return "bf16", "requested by the recipe; this CPU has no native bf16, so it is emulated and may be slower than fp32"
     return requested, "requested by the recipe (hardware.precision)"
+
+
+def choose_data_source(recipe: Recipe, hw: HardwareInfo) -> tuple[str | None, str | None]:
+    """(the data path the worker reads, why) for a Hub dataset that ships bundled; (data.path, None) otherwise."""
+    from launcher.tasks import gsm8k
+
+    d = recipe.data
+    if d.task != "gsm8k" or d.path:
+        return d.path, None
+    hub = f"{d.dataset}" + (f" ({d.dataset_config})" if d.dataset_config else "")
+    if hw.hub_reachable is not False:
+        return None, (f"Hub dataset {hub} through `datasets`" +
+                      (" (Hub reachability is not probed for a hardware profile)" if hw.hub_reachable is None else ""))
+    if (d.dataset, d.dataset_config) != gsm8k.HUB_DATASET:
+        raise PlanError(f"data.dataset={d.dataset}: the Hugging Face Hub is not reachable from this machine, and only "
+                        f"{gsm8k.HUB_DATASET[0]} ({gsm8k.HUB_DATASET[1]}) ships with sftlaunch. Fix: set data.path to a local "
+                        "copy (a folder with train.jsonl and test.jsonl), or run where the Hub is reachable.")
+    return str(gsm8k.BUNDLED), (f"the Hugging Face Hub is not reachable from this machine (HF_HUB_OFFLINE or no connection): "
+                                f"the bundled copy of {hub} shipped with sftlaunch (MIT licence, checksums checked on load)")
 
 
 def _largest_pow2_divisor(n: int, cap: int) -> int:
@@ -249,6 +269,10 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
     else:
         threads = decide("threads", hwr.threads, "requested by the recipe (hardware.threads)")
 
+    data_path, data_why = choose_data_source(recipe, hw)
+    if data_why:
+        decide("data_source", "bundled" if data_path else "hub", data_why)
+
     trust = decide("trust_remote_code", recipe.model.trust_remote_code,
                    "set in the recipe: the model repository's Python code will run" if recipe.model.trust_remote_code
                    else "off (default): no code from the model repository runs")
@@ -258,7 +282,8 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
                 gradient_accumulation_steps=per_rank // micro, gradient_checkpointing=checkpointing, threads=threads,
                 max_length=max_length, zero_stage=stage, offload=offload,
                 memory_estimate_gib=None if estimate is None else round(estimate.total / GiB, 2),
-                device_memory_gib=round(mem_gib, 1), trust_remote_code=trust, decisions=tuple(decisions))
+                device_memory_gib=round(mem_gib, 1), trust_remote_code=trust, data_path=data_path,
+                decisions=tuple(decisions))
 
 
 def _cap(backend: str) -> int:

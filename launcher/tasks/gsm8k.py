@@ -13,6 +13,10 @@ from launcher.errors import DataError
 from launcher.jsonl import read_jsonl
 from launcher.tasks import Example
 
+# The official splits (MIT licence), shipped inside the package with their checksums: see SOURCE.md there.
+BUNDLED = Path(__file__).resolve().parent / "data" / "gsm8k"
+HUB_DATASET = ("openai/gsm8k", "main")  # the Hub dataset the bundled copy is a byte-for-byte copy of
+
 # The longest of the 7,473 training samples (prompt + solution + EOS) is 466 tokens with the SmolLM2
 # tokenizer (median 146); 512 keeps every answer whole.
 DEFAULT_MAX_LENGTH = (512, "the longest GSM8K training sample is 466 tokens with the SmolLM2 tokenizer (median 146)")
@@ -92,8 +96,21 @@ def _load_split(path: str | None, split: str, dataset: str, config: str | None) 
         p = Path(path)
         if p.is_dir():
             p = p / f"{split}.jsonl"
+        if p.resolve().parent == BUNDLED:
+            verify_bundled(p)
         return load_file(p)
     return load_hub(dataset, config, split)
+
+
+def verify_bundled(path: Path) -> None:
+    """The bundled split is byte for byte the official one (its sha256 in SHA256SUMS), or a DataError."""
+    import hashlib
+
+    sums = dict(reversed(line.split()) for line in (BUNDLED / "SHA256SUMS").read_text().splitlines() if line.strip())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if sums.get(path.name) != digest:
+        raise DataError(f"{path}: sha256 {digest[:16]}... does not match SHA256SUMS; the bundled GSM8K copy was changed. "
+                        "Fix: reinstall sftlaunch, or set data.path to your own copy.")
 
 
 def load_hub(dataset: str, config: str | None, split: str) -> list[Example]:
@@ -109,14 +126,16 @@ def load_hub(dataset: str, config: str | None, split: str) -> list[Example]:
     return [_example(row, f"{dataset}[{split}][{i}]") for i, row in enumerate(ds)]
 
 
-def examples(recipe) -> tuple[list[Example], list[Example]]:
+def examples(recipe, data_path: str | None = None) -> tuple[list[Example], list[Example]]:
+    """Train and test examples from data_path (the plan's data source: data.path or the bundled copy), else the Hub."""
     d, e = recipe.data, recipe.eval
-    train = _load_split(d.path, "train", d.dataset, d.dataset_config)
+    path = data_path or d.path
+    train = _load_split(path, "train", d.dataset, d.dataset_config)
     if e.path:
         evals = _load_split(e.path, "test", d.dataset, d.dataset_config)
-    elif d.path and Path(d.path).is_file():
-        raise DataError(f"data.path={d.path} is one file, used for training; say which data to evaluate on. "
+    elif path and Path(path).is_file():
+        raise DataError(f"data.path={path} is one file, used for training; say which data to evaluate on. "
                         "Fix: set eval.path (a JSONL file or a folder with test.jsonl).")
     else:
-        evals = _load_split(d.path, "test", d.dataset, d.dataset_config)
+        evals = _load_split(path, "test", d.dataset, d.dataset_config)
     return train, evals

@@ -246,12 +246,12 @@ def load_file(path) -> list[Example]:
     return examples
 
 
-def examples(recipe) -> tuple[list[Example], list[Example]]:
+def examples(recipe, data_path: str | None = None) -> tuple[list[Example], list[Example]]:
     """Generated questions, or the recipe's data files where given."""
     d, e = recipe.data, recipe.eval
     train, evals = generate(d.train_size, e.size, recipe.train.seed, d.target_style)
-    if d.path:
-        train = load_file(d.path)
+    if data_path or d.path:
+        train = load_file(data_path or d.path)
     if e.path:
         evals = load_file(e.path)
     return train, evals
