@@ -9,6 +9,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
+from launcher import stats
 from launcher.data import format_prompt
 from launcher.errors import DataError
 from launcher.jsonl import read_jsonl
@@ -137,29 +138,49 @@ def metrics(records: list[dict]) -> dict:
     return out
 
 
+# The keys of comparison.json that eval.json repeats (other tools read these names).
+COMPARISON_SUMMARY = ("both_correct", "only_base_correct", "only_trained_correct", "mcnemar_p_value",
+                      "base_ci95", "trained_ci95", "verdict")
+
+
 def compare(base: list[dict], trained: list[dict]) -> dict:
-    """Side by side on the same items: metrics of each and how many each got right that the other missed."""
-    assert [r["question"] for r in base] == [r["question"] for r in trained]
+    """Side by side on the same items: metrics of each, how many each got right that the other missed, and
+    whether the difference is real (exact McNemar test on those discordant items, Wilson 95% intervals)."""
+    if [r["question"] for r in base] != [r["question"] for r in trained]:
+        raise DataError("base and trained predictions are not on the same items in the same order. Fix: evaluate both on one item list.")
     pairs = list(zip(base, trained))
+    n = len(pairs)
+    only_base = sum(b["correct"] and not t["correct"] for b, t in pairs)
+    only_trained = sum(t["correct"] and not b["correct"] for b, t in pairs)
+    p = stats.mcnemar_exact(only_base, only_trained)
     return {
-        "n": len(pairs),
+        "n": n,
         "base": metrics(base),
         "trained": metrics(trained),
         "both_correct": sum(b["correct"] and t["correct"] for b, t in pairs),
-        "only_base_correct": sum(b["correct"] and not t["correct"] for b, t in pairs),
-        "only_trained_correct": sum(t["correct"] and not b["correct"] for b, t in pairs),
+        "only_base_correct": only_base,
+        "only_trained_correct": only_trained,
+        "mcnemar_p_value": p,
+        "base_ci95": list(stats.wilson_interval(sum(r["correct"] for r in base), n)),
+        "trained_ci95": list(stats.wilson_interval(sum(r["correct"] for r in trained), n)),
+        "verdict": stats.verdict(only_base, only_trained, n, p),
     }
 
 
 def format_comparison(c: dict) -> str:
     b, t = c["base"], c["trained"]
-    lines = [f"{'':<24}{'base':>10}{'trained':>10}",
-             f"{'accuracy':<24}{b['accuracy']:>10.3f}{t['accuracy']:>10.3f}",
-             f"{'answer_rate':<24}{b['answer_rate']:>10.3f}{t['answer_rate']:>10.3f}"]
+    (bl, bh), (tl, th) = c["base_ci95"], c["trained_ci95"]
+    lines = [f"{'':<24}{'base':>16}{'trained':>16}",
+             f"{'accuracy':<24}{b['accuracy']:>16.3f}{t['accuracy']:>16.3f}",
+             f"{'  95% interval':<24}{f'[{bl:.3f}, {bh:.3f}]':>16}{f'[{tl:.3f}, {th:.3f}]':>16}",
+             f"{'answer_rate':<24}{b['answer_rate']:>16.3f}{t['answer_rate']:>16.3f}"]
     for group in t.get("groups", {}):
-        lines.append(f"{'accuracy ' + group:<24}{b['groups'][group]['accuracy']:>10.3f}{t['groups'][group]['accuracy']:>10.3f}")
-    lines.append(f"{'right only here':<24}{c['only_base_correct']:>10}{c['only_trained_correct']:>10}")
-    lines.append(f"{'items':<24}{c['n']:>10}{c['n']:>10}   (both right: {c['both_correct']})")
+        lines.append(f"{'accuracy ' + group:<24}{b['groups'][group]['accuracy']:>16.3f}{t['groups'][group]['accuracy']:>16.3f}")
+    lines.append(f"{'right only here':<24}{c['only_base_correct']:>16}{c['only_trained_correct']:>16}")
+    lines.append(f"{'items':<24}{c['n']:>16}{c['n']:>16}   (both right: {c['both_correct']})")
+    lines.append(f"McNemar exact p = {c['mcnemar_p_value']:.4g}: {c['verdict']}")
+    if c.get("trained_collapsed"):
+        lines.append("COLLAPSED: the trained model's generations are degenerate (see run.json for the diagnosis)")
     return "\n".join(lines)
 
 
