@@ -163,6 +163,7 @@ def _launch(plan, run_dir: Path, resume: bool, rendezvous=None) -> None:
     from backends import BACKENDS
     from backends.base import Rendezvous
     from launcher.evaluate import format_comparison
+    from launcher.health import TrainingHealthError
     from launcher.oom import EXIT_OUT_OF_MEMORY, back_off
     from launcher.runner import run as run_spec
 
@@ -178,15 +179,16 @@ def _launch(plan, run_dir: Path, resume: bool, rendezvous=None) -> None:
         click.echo(f"out of memory: retrying from the last checkpoint with micro-batch {plan.micro_batch_size} "
                    f"x accumulation {plan.gradient_accumulation_steps} (recorded in {run_dir}/oom_backoff.jsonl)")
         resume = True
+    comparison = run_dir / "comparison.json"
+    if rendezvous.node_rank == 0 and comparison.exists() and code in (0, TrainingHealthError.exit_code):
+        # The worker printed each model's metrics; this is the side-by-side summary (also for a collapsed run).
+        click.echo(format_comparison(json.loads(comparison.read_text())))
     if code != 0:
         click.echo(f"error: the {plan.backend} worker exited with code {code}; see {run_dir}/run.json", err=True)
         sys.exit(code)
     if rendezvous.node_rank != 0:
         click.echo(f"node {rendezvous.node_rank} finished; node 0 evaluates and writes the results")
         return
-    comparison = run_dir / "comparison.json"
-    if comparison.exists():  # the worker printed each model's metrics; this is the side-by-side summary
-        click.echo(format_comparison(json.loads(comparison.read_text())))
     click.echo(f"adapter, metrics and predictions: {run_dir}")
 
 

@@ -112,6 +112,14 @@ class GuardSection(_Section):
     zero_loss_steps: int = Field(
         3, ge=0, le=1000, description="Stop after this many consecutive steps with a loss of exactly 0.0 (0: never)."
     )
+    divergence: bool = Field(
+        True, description="Stop when the loss diverges without NaN: above ln(vocabulary size) + 1 after the first "
+        "5 steps, or above 2 x its best so far + 1. Off only to study a diverging run."
+    )
+    collapse: bool = Field(
+        True, description="After training, fail the run when most trained generations are degenerate (one short "
+        "piece of text repeated to the end) or identical."
+    )
 
 
 class TrainSection(_Section):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from launcher import evaluate as ev
 from launcher.data import build_examples, encode_examples
+from launcher.health import TrainingHealthError, collapse_diagnosis, collapse_report, non_finite_weights
 from launcher.models import load_model, load_tokenizer, resolve_model
 from launcher.plan import Plan
 from launcher.tasks import get_task
@@ -102,7 +103,7 @@ def train_and_evaluate(plan: Plan, run_dir: Path, resume: bool = False) -> dict 
     model_path = resolve_model(recipe.model.name)
     tokenizer = load_tokenizer(model_path, plan.trust_remote_code)
     task = get_task(recipe.data.task)
-    train_examples, eval_examples = build_examples(recipe)
+    train_examples, eval_examples = build_examples(recipe, plan.data_path)
     features, report = encode_examples(train_examples, tokenizer, plan.max_length, recipe.data.prompt_format,
                                        recipe.data.on_truncation)
     main = is_main_process()
@@ -149,6 +150,7 @@ def train_and_evaluate(plan: Plan, run_dir: Path, resume: bool = False) -> dict 
         precision=plan.precision, keep_checkpoints=recipe.train.keep_checkpoints,
         max_bad_steps=recipe.train.guard.max_bad_steps, zero_loss_steps=recipe.train.guard.zero_loss_steps,
         max_time=recipe.train.max_time_seconds, stop=stop,
+        vocab_size=model.config.vocab_size if recipe.train.guard.divergence else None,
         model=model, args=training_arguments(plan, ckpt_dir), train_dataset=features,
         # Pads labels with -100 (never with the pad id, which is EOS here) and input ids with the pad id.
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
@@ -173,6 +175,13 @@ def train_and_evaluate(plan: Plan, run_dir: Path, resume: bool = False) -> dict 
     if stop.signal is not None:
         raise Interrupted(stop.signal, output.global_step)
     skipped = list(trainer.skipped_steps)
+    bad = non_finite_weights(model.named_parameters())
+    if bad:  # never save an adapter that cannot generate anything
+        raise TrainingHealthError(
+            f"training ended with {len(bad)} non-finite adapter weights (first: {bad[0]}); the adapter was not saved. "
+            f"Likely cause: train.learning_rate={recipe.train.learning_rate:g} too high (try 10x lower), or "
+            f"precision {plan.precision} overflow (hardware.precision=fp32 to rule it out). The last good checkpoint "
+            "is in the run directory.", {"non_finite_weights": bad[:20], "step": output.global_step})
     # save_model gathers ZeRO-3 shards and writes from the main process only.
     trainer.save_model(str(run_dir / "adapter"))
     if not main:
@@ -209,12 +218,24 @@ def train_and_evaluate(plan: Plan, run_dir: Path, resume: bool = False) -> dict 
     results["trained"]["seconds"] = round(time.time() - t0, 1)
     ev.write_predictions(run_dir / "predictions.jsonl", records)
     print(ev.format_metrics("trained", results["trained"]), flush=True)
+    collapse = collapse_report([r["generated"] for r in records])
+    base_collapse = collapse_report([r["generated"] for r in base_records]) if base_records is not None else None
+    results["trained"]["collapse"] = collapse
+    if base_collapse is not None:
+        results["base"]["collapse"] = base_collapse
     if base_records is not None:
         comparison = ev.compare(base_records, records)
         comparison["base_model"] = recipe.model.name
+        comparison["trained_collapsed"] = collapse["collapsed"]
         (run_dir / "comparison.json").write_text(json.dumps(comparison, indent=2))
-        results["comparison"] = {k: comparison[k] for k in ("both_correct", "only_base_correct", "only_trained_correct")}
+        results["comparison"] = {k: comparison[k] for k in ev.COMPARISON_SUMMARY}
+    results["collapsed"] = collapse["collapsed"] and recipe.train.guard.collapse
     (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
+    if results["collapsed"]:
+        raise TrainingHealthError(
+            collapse_diagnosis(collapse, max_learning_rate=recipe.train.learning_rate, precision=plan.precision,
+                               base=base_collapse),
+            {"collapsed": True, "collapse": collapse, "trained": results["trained"], "train": results["train"]})
     return results
 
 

@@ -16,7 +16,7 @@ import shutil
 import signal
 import time
 
-from launcher.health import StepRecord, TrainingHealthError, diagnose
+from launcher.health import LossWatch, StepRecord, TrainingHealthError, diagnose, diverged_diagnosis
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -72,7 +72,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, zero_loss_steps: int,
-                  max_time: float | None, stop: StopRequest, **trainer_kwargs):
+                  max_time: float | None, stop: StopRequest, vocab_size: int | None = None, **trainer_kwargs):
     from transformers import Trainer, TrainerCallback
 
     record = StepRecord()
@@ -84,13 +84,14 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
             self.zero_streak = 0
             self.bad_steps = 0
             self.start = time.monotonic()
+            self.watch = LossWatch(vocab_size) if vocab_size else None
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = time.monotonic()
 
         def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
             losses, tokens = record.losses, record.trainable_tokens
-            loss = sum(losses) / len(losses) if losses else None
+            loss = record.step_loss()
             grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
             grad_norm = None
             if grads:
@@ -119,6 +120,15 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
                     diagnose(step=step, problem=problem, loss=loss, grad_norm=grad_norm, precision=precision,
                              tokens=tokens, learning_rate=lr, max_learning_rate=args.learning_rate),
                     {"step": step, "loss": loss, "grad_norm": grad_norm, "trainable_tokens": tokens, "learning_rate": lr})
+            if self.watch is not None and loss is not None:
+                diverged = self.watch.check(step, loss)
+                if diverged:
+                    problem, threshold = diverged
+                    raise TrainingHealthError(
+                        diverged_diagnosis(step=step, problem=problem, loss=loss, threshold=threshold, precision=precision,
+                                           learning_rate=lr, max_learning_rate=args.learning_rate),
+                        {"step": step, "loss": loss, "threshold": threshold, "diverged": True, "learning_rate": lr,
+                         "grad_norm": grad_norm})
             self.zero_streak = self.zero_streak + 1 if loss == 0.0 else 0
             if zero_loss_steps and self.zero_streak >= zero_loss_steps:
                 raise TrainingHealthError(
@@ -140,7 +150,6 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
                 control.should_save = True
 
     class SftTrainer(Trainer):
-        skipped_steps: list[int] = []
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             if oom_above is not None and inputs["input_ids"].shape[0] > oom_above:
@@ -160,6 +169,12 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
                     {"step": self.state.global_step + 1, "trainable_tokens": list(record.trainable_tokens)})
             loss = super().training_step(model, inputs, num_items_in_batch)
             record.losses.append(float(loss.detach()))
+            # Trainer returns each micro-batch's share of the step's loss when it normalises by the step's
+            # token count (num_items_in_batch), else the micro-batch mean: the step loss is then the sum.
+            scaled = self.loss_is_scaled_for_ga
+            if scaled is None:
+                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+            record.summed = bool(scaled)
             return loss
 
         def _save_checkpoint(self, model, trial):

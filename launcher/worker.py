@@ -39,7 +39,8 @@ def main(argv: list[str]) -> int:
         results = train_and_evaluate(plan, run_dir, resume=resume)
     except TrainingHealthError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        status("failed", error=str(exc), health=exc.details)
+        flags = {k: True for k in ("diverged", "collapsed") if exc.details.get(k)}
+        status("failed", error=str(exc), health=exc.details, **flags)
         return exc.exit_code
     except SftlaunchError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

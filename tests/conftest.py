@@ -43,9 +43,37 @@ def build_tiny_model(path: Path) -> Path:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id,
                          tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(path)
+    model = LlamaForCausalLM(config)
+    pretrain(model, fast, [f"{text}{fast.eos_token}" for text in corpus[: len(train)]])
+    model.save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+PRETRAIN_STEPS, PRETRAIN_LR, PRETRAIN_BATCH = 120, 1e-2, 32
+
+
+def pretrain(model, tokenizer, texts: list[str]) -> None:
+    """A short full-parameter pre-training (about 10 s on one core), so the tiny model is a language model.
+
+    A randomly initialised model writes one token over and over ('::::'), which is exactly what the
+    collapse check fails a run for; after this its greedy answers follow the training format
+    (' 9 ft in m: 1 ft = 1.04 m, so 9') and differ from question to question, as a real base model's do.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR)
+    tokenizer.padding_side = "right"
+    model.train()
+    for _ in range(PRETRAIN_STEPS):
+        rows = torch.randint(0, len(texts), (PRETRAIN_BATCH,), generator=generator).tolist()
+        batch = tokenizer([texts[i] for i in rows], return_tensors="pt", padding=True)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
 
 
 @pytest.fixture(scope="session")

@@ -34,12 +34,13 @@ def poisoned_model(tiny_model, tmp_path_factory):
 
 
 def test_nan_loss_stops_at_the_first_step_with_a_diagnosis(tiny_recipe, poisoned_model, tmp_path):
-    result = run_cli(str(tiny_recipe), f"model.name={poisoned_model}", "eval.compare_base=false")
+    # fp32 explicitly: the automatic choice depends on the CPU (bf16 only where it has the instructions).
+    result = run_cli(str(tiny_recipe), f"model.name={poisoned_model}", "eval.compare_base=false", "hardware.precision=fp32")
     assert result.returncode == 3, result.stderr[-2000:]
     err = result.stderr
     assert "training stopped at optimizer step 1: the loss is nan" in err
-    for needed in ("precision", "trainable tokens per micro-batch", "learning rate", "likely causes",
-                   "train.learning_rate", "hardware.precision", "data.max_length"):
+    for needed in ("precision fp32", "trainable tokens per micro-batch", "learning rate", "likely causes",
+                   "train.learning_rate", "data.max_length"):
         assert needed in err, needed
     assert "Traceback" not in err
     run_dir = _run_dir(tmp_path / "outputs")
@@ -147,3 +148,96 @@ def test_sigint_saves_a_checkpoint_and_exits_130(tiny_recipe, tmp_path):
     assert (run_dir / "checkpoints" / f"checkpoint-{status['step']}").is_dir()
     assert "sftlaunch resume" in stdout
     assert status["step"] < 400
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_diagnosis_points_at_the_precision_key(precision):
+    from launcher.health import diagnose
+
+    text = diagnose(step=3, problem="the loss is nan", loss=float("nan"), grad_norm=None, precision=precision,
+                    tokens=[12, 9], learning_rate=1e-3, max_learning_rate=1e-3)
+    assert "hardware.precision=fp32" in text and f"precision {precision}" in text
+
+
+# Losses of every optimizer step of healthy runs (logging_steps=1), measured with the shipped recipes'
+# settings: see tests/launcher/data/healthy_losses.json for where each curve comes from.
+HEALTHY = json.loads((Path(__file__).parent / "data" / "healthy_losses.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(HEALTHY["curves"]))
+def test_divergence_rule_never_trips_on_measured_healthy_curves(name):
+    from launcher.health import LossWatch
+
+    curve = HEALTHY["curves"][name]
+    watch = LossWatch(curve["vocab_size"])
+    tripped = [(step, loss) for step, loss in enumerate(curve["losses"], 1) if watch.check(step, loss)]
+    assert tripped == [], tripped
+
+
+def test_divergence_rule_catches_the_measured_collapse_without_nan():
+    from launcher.health import LossWatch
+
+    # Learning rate 1 on the embedded model: 1.76 -> 21 in five steps, never NaN (ln 49152 = 10.8).
+    watch = LossWatch(49152)
+    results = [watch.check(step, loss) for step, loss in enumerate([1.76, 1.9, 4.6, 9.8, 21.2], 1)]
+    assert results[:2] == [None, None]
+    problem, threshold = results[2]
+    assert "rose above 2 x its best so far (1.760) + 1 = 4.52" in problem and threshold == pytest.approx(4.52)
+
+
+def test_loss_above_uniform_guessing_trips_after_the_grace_steps():
+    from launcher.health import GRACE_STEPS, LossWatch
+
+    watch = LossWatch(400)  # ln 400 = 5.99: a freshly initialised head sits there
+    assert all(watch.check(s, 6.5) is None for s in range(1, GRACE_STEPS + 1))
+    problem, threshold = watch.check(GRACE_STEPS + 1, 7.2)
+    assert "above ln(vocabulary size) + 1 = 6.99" in problem and threshold == pytest.approx(6.99, abs=0.01)
+
+
+def test_absurd_learning_rate_diverges_without_nan_and_stops_the_run(tiny_recipe, tmp_path):
+    result = run_cli(str(tiny_recipe), "train.learning_rate=1", "train.max_steps=12", "hardware.precision=fp32")
+    assert result.returncode == 3, result.stderr[-2000:]
+    err = result.stderr
+    assert "training stopped at optimizer step 3: the loss" in err and "the model has diverged" in err
+    assert "threshold" in err and "train.learning_rate=1" in err and "Traceback" not in err
+    run_dir = _run_dir(tmp_path / "outputs")
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "failed" and status["diverged"] is True and status["health"]["step"] == 3
+    assert status["health"]["loss"] > status["health"]["threshold"]
+    assert not (run_dir / "adapter").exists() and not (run_dir / "eval.json").exists()
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(loss == loss and loss < 100 for loss in losses)  # finite all along: no NaN was ever involved
+
+
+def test_collapse_check_on_constructed_generations():
+    from launcher.health import collapse_report, is_degenerate
+
+    assert is_degenerate("1" * 64) and is_degenerate(" 7 ft = " + "the " * 20) and is_degenerate("::::::::::::::::")
+    assert not is_degenerate("1 ft = 0.3048 m, so 7 * 0.3048 = 2.1336 <answer>2.1336</answer>")
+    assert not is_degenerate("He pays 1000000 dollars.\n#### 1000000")  # a run of zeros is no collapse
+    healthy = [f"{i} ft = {0.3048 * i:.4f} m <answer>{0.3048 * i:.4f}</answer>" for i in range(10)]
+    assert not collapse_report(healthy)["collapsed"]
+    ones = collapse_report(["1111111111111111111111111111111111"] * 6 + healthy[:4])
+    assert ones["collapsed"] and ones["degenerate"] == 6
+    same = collapse_report(["<answer>1</answer>"] * 5 + healthy[:5])
+    assert same["collapsed"] and same["most_common_count"] == 5 and same["degenerate"] == 0
+    assert not collapse_report(["<answer>1</answer>"] * 4 + healthy)["collapsed"]  # 4 of 14: under half
+
+
+def test_collapsed_generations_fail_the_run_with_a_diagnosis(tiny_recipe, tmp_path):
+    # Targets that start with "1" x 60 teach the model to write ones to the length limit, whatever the
+    # question: a collapse whose training loss looks healthy (it falls), so only the generations show it.
+    data = tmp_path / "ones.json"
+    data.write_text(json.dumps([[f"Convert {i} km to m.", "1" * 60 + " <answer>1</answer>"] for i in range(48)]))
+    result = run_cli(str(tiny_recipe), f"data.path={data}", "data.on_truncation=drop", "train.max_steps=30",
+                     "train.learning_rate=1e-2", "eval.max_new_tokens=24", "hardware.precision=fp32")
+    run_dir = _run_dir(tmp_path / "outputs")
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert ev["trained"]["collapse"]["collapsed"] and ev["collapsed"] is True, ev["trained"]["collapse"]
+    assert not ev["base"]["collapse"]["collapsed"]
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "the trained model has collapsed" in result.stderr and "train.learning_rate" in result.stderr
+    assert "COLLAPSED" in result.stdout  # the final table says so too
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "failed" and status["collapsed"] is True
+    assert json.loads((run_dir / "comparison.json").read_text())["trained_collapsed"] is True
