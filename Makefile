@@ -22,7 +22,7 @@ quickstart: $(STAMP)
 	$(VENV)/bin/sftlaunch recipes/unit-conversion.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=15
 
 clean:
 	rm -rf $(VENV) outputs

@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "gsm8k"))
+    ap.add_argument("--data", default=str(ROOT / "launcher" / "tasks" / "data" / "gsm8k"))
     args = ap.parse_args()
 
     import torch

@@ -151,7 +151,10 @@ def collapse_report(generations: list[str]) -> dict:
     """Whether a model's generations have collapsed: most degenerate, or most of them the same text."""
     n = len(generations)
     degenerate = sum(is_degenerate(g) for g in generations)
-    text, count = Counter(g.strip() for g in generations).most_common(1)[0] if n else ("", 0)
+    # An empty generation is a model that stops at once (the embedded base model does with a plain prompt):
+    # answer_rate reports that; it is not many answers collapsing into one.
+    said = Counter(g.strip() for g in generations if g.strip())
+    text, count = said.most_common(1)[0] if said else ("", 0)
     identical = count if n >= 4 else 0  # a handful of items can agree by chance
     collapsed = n > 0 and (degenerate >= COLLAPSED_SHARE * n or identical >= COLLAPSED_SHARE * n)
     return {"collapsed": collapsed, "n": n, "degenerate": degenerate, "most_common_count": count,

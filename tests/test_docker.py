@@ -1,7 +1,7 @@
 """A real container test: our own Docker engine, a base image made with debootstrap, the cpu target built
 from the shipped Dockerfile, then `sftlaunch plan` and a smoke training inside the container.
 
-No registry can be reached here, so the base image is made locally (../shared/ENVIRONMENT.md). It runs
+No registry can be reached here, so the base image is made locally (see the README, Docker). It runs
 wherever the machine allows (root, Debian's apt reachable, a CPU torch wheel for the image on disk) and
 says exactly why when it is skipped.
 """

@@ -147,7 +147,7 @@ def test_comparison_counts_are_consistent(tiny_recipe, tmp_path):
 
 
 def test_scoring_gsm8k_reference_solutions_gives_accuracy_one(tmp_path):
-    gsm8k = ROOT.parent / "shared" / "data" / "gsm8k"
+    from launcher.tasks.gsm8k import BUNDLED as gsm8k
     rows = [json.loads(line) for line in (gsm8k / "test.jsonl").read_text().splitlines()]
     gens = tmp_path / "gens.jsonl"
     gens.write_text("".join(json.dumps({"generated": r["answer"]}) + "\n" for r in rows))
@@ -162,19 +162,20 @@ def test_scoring_gsm8k_reference_solutions_gives_accuracy_one(tmp_path):
     assert result.returncode == 2 and "1 generations for 1319 items" in result.stderr
 
 
-def test_gsm8k_recipe_trains_a_tiny_model_offline(tiny_recipe, tmp_path):
-    gsm8k = ROOT.parent / "shared" / "data" / "gsm8k"
-    result = run_cli(str(tiny_recipe), "data.task=gsm8k", f"data.path={gsm8k}", "data.max_samples=16",
+def test_gsm8k_recipe_trains_a_tiny_model_offline_on_the_bundled_copy(tiny_recipe, tmp_path):
+    # No data.path and no Hub (HF_HUB_OFFLINE=1 in conftest): the plan says it uses the bundled copy.
+    result = run_cli(str(tiny_recipe), "data.task=gsm8k", "data.max_samples=16",
                      "data.max_length=auto", "eval.limit=4", "eval.max_new_tokens=8")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "max_length                  = 512" in result.stdout
+    assert "data_source                 = bundled" in result.stdout and "Hugging Face Hub is not reachable" in result.stdout
     run_dir = _only_run_dir(tmp_path / "outputs")
     assert json.loads((run_dir / "preflight.json").read_text())["samples"] == 16
     assert json.loads((run_dir / "comparison.json").read_text())["n"] == 4
 
 
 def test_hub_model_in_gsm8k_recipe_offline_names_the_embedded_model(tmp_path):
-    result = run_cli(str(ROOT / "recipes" / "gsm8k.yaml"), f"output.dir={tmp_path}", "data.path=" + str(ROOT.parent / "shared" / "data" / "gsm8k"),
+    result = run_cli(str(ROOT / "recipes" / "gsm8k.yaml"), f"output.dir={tmp_path}", 
                      env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     assert "embedded:smollm2-135m-instruct" in result.stderr and "Traceback" not in result.stderr

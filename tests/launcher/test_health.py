@@ -222,6 +222,7 @@ def test_collapse_check_on_constructed_generations():
     same = collapse_report(["<answer>1</answer>"] * 5 + healthy[:5])
     assert same["collapsed"] and same["most_common_count"] == 5 and same["degenerate"] == 0
     assert not collapse_report(["<answer>1</answer>"] * 4 + healthy)["collapsed"]  # 4 of 14: under half
+    assert not collapse_report([""] * 8 + healthy[:2])["collapsed"]  # stopping at once is no answer, not a collapse
 
 
 def test_collapsed_generations_fail_the_run_with_a_diagnosis(tiny_recipe, tmp_path):

@@ -188,3 +188,27 @@ def test_a_model_that_cannot_fit_is_an_error_naming_the_numbers():
 def test_without_a_model_shape_the_plan_says_memory_was_not_estimated():
     plan = plan_for(A10G, shape=None)
     assert plan.memory_estimate_gib is None and "not estimated" in plan.decision("micro_batch_size").reason
+
+
+GSM8K_RECIPE = ROOT / "recipes" / "gsm8k.yaml"
+
+
+def test_gsm8k_without_the_hub_uses_the_bundled_copy_and_says_so():
+    from launcher.tasks.gsm8k import BUNDLED
+
+    offline = CPU_OLD.model_copy(update={"hub_reachable": False})
+    plan = make_plan(load_recipe(GSM8K_RECIPE), offline, SMOL)
+    assert plan.data_path == str(BUNDLED)
+    d = plan.decision("data_source")
+    assert d.value == "bundled" and "not reachable" in d.reason and "MIT" in d.reason
+    online = make_plan(load_recipe(GSM8K_RECIPE), CPU_OLD.model_copy(update={"hub_reachable": True}), SMOL)
+    assert online.data_path is None and online.decision("data_source").value == "hub"
+    # A local copy named by the recipe is used as it is: no decision to make.
+    local = make_plan(load_recipe(GSM8K_RECIPE, ["data.path=/data/gsm8k"]), offline, SMOL)
+    assert local.data_path == "/data/gsm8k" and "data_source" not in {x.field for x in local.decisions}
+
+
+def test_another_hub_dataset_without_the_hub_is_refused_at_plan_time():
+    offline = CPU_OLD.model_copy(update={"hub_reachable": False})
+    with pytest.raises(PlanError, match="data.dataset=someone/gsm8k-variant: .*Fix: set data.path"):
+        make_plan(load_recipe(GSM8K_RECIPE, ["data.dataset=someone/gsm8k-variant"]), offline, SMOL)

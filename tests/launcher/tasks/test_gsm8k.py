@@ -8,7 +8,7 @@ from launcher.recipe import load_recipe
 from launcher.tasks import gsm8k
 from tests.conftest import ROOT
 
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
+GSM8K = gsm8k.BUNDLED  # the official splits, shipped inside the package
 
 
 def _rows(split):
@@ -101,3 +101,21 @@ def test_single_file_needs_an_eval_path(tmp_path):
         gsm8k.examples(recipe)
     recipe = load_recipe(ROOT / "recipes" / "gsm8k.yaml", [f"data.path={GSM8K / 'train.jsonl'}", f"eval.path={GSM8K / 'test.jsonl'}"])
     assert len(gsm8k.examples(recipe)[1]) == 1319
+
+
+def test_bundled_copy_is_checked_against_its_checksums(tmp_path, monkeypatch):
+    import shutil
+
+    copy = tmp_path / "gsm8k"
+    shutil.copytree(gsm8k.BUNDLED, copy)
+    monkeypatch.setattr(gsm8k, "BUNDLED", copy)
+    gsm8k.verify_bundled(copy / "test.jsonl")  # intact: no error
+    with open(copy / "test.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"question": "1 + 1?", "answer": "#### 2"}) + "\n")
+    with pytest.raises(DataError, match="does not match SHA256SUMS"):
+        gsm8k._load_split(str(copy), "test", "openai/gsm8k", "main")
+
+
+def test_bundled_copy_ships_its_licence():
+    assert "MIT License" in (gsm8k.BUNDLED / "LICENSE").read_text() and "OpenAI" in (gsm8k.BUNDLED / "LICENSE").read_text()
+    assert len(_rows("train")) == 7473 and len(_rows("test")) == 1319
