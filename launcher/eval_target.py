@@ -83,8 +83,7 @@ def run_eval(req: EvalRequest) -> dict:
     # Device and precision are decided as training would decide them on this machine.
     plan = make_plan(recipe, detect())
     torch.set_num_threads(plan.threads)
-    kwargs = dict(prompt_format=recipe.data.prompt_format, batch_size=recipe.eval.batch_size,
-                  max_new_tokens=recipe.eval.max_new_tokens, device=plan.device, precision=plan.eval_precision)
+    kwargs = ev.settings(recipe, plan)
     model_path = resolve_model(recipe.model.name)
     tokenizer = load_tokenizer(model_path, plan.trust_remote_code)
     model = load_model(model_path, plan.trust_remote_code)

@@ -18,10 +18,15 @@ from launcher.tasks import Example
 
 # Decoding steps between checks for finished rows (see _generate_batch).
 DROP_FINISHED_EVERY = 16
+# A row that ends in one unit of at most REPEAT_UNIT_MAX_TOKENS tokens written REPEAT_MIN_TIMES times in a
+# row, REPEAT_MIN_TOKENS tokens at least, is looping and would go on to max_new_tokens (eval.stop_on_repetition).
+# On 500 GSM8K test generations of the embedded model (base and a LoRA-trained one) this stops 45 and 84 rows;
+# one answer turned right and one wrong in each, and it never fires on 3000 reference solutions.
+REPEAT_UNIT_MAX_TOKENS, REPEAT_MIN_TIMES, REPEAT_MIN_TOKENS = 64, 4, 32
 
 
 def generate(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_tokens: int, device: str,
-             label: str = "generating") -> list[str]:
+             label: str = "generating", stop_on_repetition: bool = False) -> list[str]:
     """Greedy continuations of each prompt, batched with left padding and the KV cache, in the model's dtype."""
     import torch
 
@@ -36,7 +41,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_t
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-                for i, tokens in zip(idx, _generate_batch(model, tokenizer, batch, max_new_tokens)):
+                for i, tokens in zip(idx, _generate_batch(model, tokenizer, batch, max_new_tokens, stop_on_repetition)):
                     outputs[i] = tokenizer.decode(tokens, skip_special_tokens=True)
                 advance(len(idx))
     finally:
@@ -44,7 +49,19 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_t
     return [outputs[i] for i in range(len(prompts))]
 
 
-def _generate_batch(model, tokenizer, batch, max_new_tokens: int) -> list[list[int]]:
+def repeats_at_end(tokens: list[int]) -> bool:
+    """Whether the sequence ends in one unit repeated (see REPEAT_MIN_TIMES): a loop greedy decoding stays in."""
+    for size in range(1, REPEAT_UNIT_MAX_TOKENS + 1):
+        need = max(REPEAT_MIN_TIMES * size, REPEAT_MIN_TOKENS)
+        if need > len(tokens):
+            return False
+        tail = tokens[-need:]
+        if tail[size:] == tail[:-size]:  # periodic with period `size`
+            return True
+    return False
+
+
+def _generate_batch(model, tokenizer, batch, max_new_tokens: int, stop_on_repetition: bool = False) -> list[list[int]]:
     """Greedy new tokens of each row (up to, not including, EOS), dropping finished rows as it goes.
 
     Written by hand around `model.generate`: generate keeps decoding every row of a batch until the
@@ -52,6 +69,8 @@ def _generate_batch(model, tokenizer, batch, max_new_tokens: int) -> list[list[i
     the finished rows leave the batch and their part of the KV cache is dropped
     (`Cache.batch_select_indices`); generate then continues the rest from the cache, the way it continues
     a conversation. Greedy, so the tokens are those one uninterrupted generate call would give.
+    With stop_on_repetition a row that loops (repeats_at_end) is finished too, where it was found looping:
+    greedy decoding does not leave a loop, and the rest would be the same unit until max_new_tokens.
     """
     import torch
 
@@ -72,7 +91,8 @@ def _generate_batch(model, tokenizer, batch, max_new_tokens: int) -> list[list[i
                 produced[rows[r]] += tokens[:tokens.index(eos)]
             else:
                 produced[rows[r]] += tokens
-                keep.append(r)
+                if not (stop_on_repetition and repeats_at_end(produced[rows[r]])):
+                    keep.append(r)
         remaining -= steps
         if not keep or remaining <= 0:
             break
@@ -184,12 +204,20 @@ def format_comparison(c: dict) -> str:
     return "\n".join(lines)
 
 
+def settings(recipe, plan) -> dict:
+    """The keyword arguments of evaluate() that a recipe and its plan decide (training and `sftlaunch eval` alike)."""
+    return dict(prompt_format=recipe.data.prompt_format, batch_size=recipe.eval.batch_size,
+                max_new_tokens=recipe.eval.max_new_tokens, device=plan.device, precision=plan.eval_precision,
+                stop_on_repetition=recipe.eval.stop_on_repetition)
+
+
 def evaluate(model, tokenizer, task, examples: list[Example], *, prompt_format: str, batch_size: int,
-             max_new_tokens: int, device: str, precision: str = "fp32", label: str = "evaluating") -> tuple[dict, list[dict]]:
+             max_new_tokens: int, device: str, precision: str = "fp32", label: str = "evaluating",
+             stop_on_repetition: bool = False) -> tuple[dict, list[dict]]:
     prompts = [format_prompt(ex.question, tokenizer, prompt_format) for ex in examples]
     with inference_weights(model, precision) as weights:
         generated = generate(weights, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                             device=device, label=label)
+                             device=device, label=label, stop_on_repetition=stop_on_repetition)
     return score(task, examples, generated)
 
 

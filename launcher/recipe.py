@@ -176,6 +176,10 @@ class EvalSection(_Section):
     max_new_tokens: int = Field(
         64, ge=1, le=8192, description="Generation budget; reasoning answers need about 50."
     )
+    stop_on_repetition: bool = Field(
+        True, description="End a generation that loops (one unit of up to 64 tokens written 4 times in a row, "
+        "32 tokens at least) where the loop is found, instead of decoding it on to max_new_tokens."
+    )
 
 
 class HardwareSection(_Section):

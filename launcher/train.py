@@ -116,8 +116,7 @@ def train_and_evaluate(plan: Plan, run_dir: Path, resume: bool = False) -> dict 
     model = load_model(model_path, plan.trust_remote_code)
     if not distributed:
         model = model.to(plan.device)
-    eval_kwargs = dict(prompt_format=recipe.data.prompt_format, batch_size=recipe.eval.batch_size,
-                       max_new_tokens=recipe.eval.max_new_tokens, device=plan.device, precision=plan.eval_precision)
+    eval_kwargs = ev.settings(recipe, plan)
     results: dict = {"model": recipe.model.name, "eval_items": len(eval_examples)}
     base_file = run_dir / "eval-base.json"
     base_records = None

@@ -83,3 +83,33 @@ def test_dropping_finished_rows_gives_the_tokens_of_one_uninterrupted_generate_c
     got = ev.generate(model, tok, prompts, batch_size=8, max_new_tokens=40, device="cpu")
     assert got == expected
     assert min(calls) < 8  # finished rows did leave their batches
+
+
+def test_repeats_at_end_finds_a_unit_written_four_times_and_32_tokens_long():
+    assert ev.repeats_at_end([9, 8] + [1, 2, 3] * 11)  # 33 tokens of a 3-token unit
+    assert ev.repeats_at_end([7] * 32) and not ev.repeats_at_end([7] * 31)  # "1111..." long enough / not yet
+    line = list(range(100, 120))  # a 20-token line
+    assert ev.repeats_at_end(line * 4) and not ev.repeats_at_end(list(range(50)) + line * 3)
+    assert not ev.repeats_at_end(list(range(65)) * 4)  # a unit longer than 64 tokens is not looked for
+    assert not ev.repeats_at_end(list(range(200)))
+
+
+def test_stop_on_repetition_ends_looping_rows_early_with_a_prefix_of_the_full_generation(tiny_model):
+    # The pre-trained tiny model falls into loops on some unit-conversion prompts (3 of these 8) once it
+    # has answered (greedy decoding past its EOS, which is disabled here). Stopping keeps exactly the tokens
+    # generated up to the check that found the loop: a prefix of the tokens decoded to the limit.
+    from launcher.models import load_model, load_tokenizer
+
+    tok, model = load_tokenizer(str(tiny_model)), load_model(str(tiny_model)).eval()
+    tok.eos_token = tok.convert_ids_to_tokens(len(tok) - 1)  # never emitted: rows end only at the limit or a loop
+    tok.padding_side = "left"
+    prompts = [f"Question: How many m is {q} ft?\nAnswer:" for q in range(1, 9)]
+    batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    full = ev._generate_batch(model, tok, batch, 160)
+    stopped = ev._generate_batch(model, tok, batch, 160, stop_on_repetition=True)
+    assert all(f[:len(s)] == s for f, s in zip(full, stopped))
+    assert all(len(f) == 160 for f in full)
+    shorter = [s for s in stopped if len(s) < 160]
+    assert len(shorter) >= 2  # rows that loop end before the limit...
+    assert all(ev.repeats_at_end(s) for s in shorter)  # ...and rows stop only where they loop
+    assert all(not ev.repeats_at_end(s[:-ev.DROP_FINISHED_EVERY]) for s in shorter)  # at the first check that saw it
