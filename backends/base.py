@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from launcher.hardware import HardwareInfo
 from launcher.plan import Plan
 
 
@@ -31,10 +30,6 @@ class LaunchSpec:
 
 class Backend(Protocol):
     name: str
-
-    def check(self, plan: Plan, hw: HardwareInfo) -> list[str]:
-        """Problems that stop this backend from running the plan on this hardware (empty: fine)."""
-        ...
 
     def build(self, plan: Plan, run_dir: Path, resume: bool = False, rendezvous: Rendezvous = Rendezvous()) -> LaunchSpec:
         """The command, environment and files that start the workers (resume: continue from a checkpoint)."""

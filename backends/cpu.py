@@ -5,17 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from backends.base import LaunchSpec, Rendezvous, worker_argv
-from launcher.hardware import HardwareInfo
 from launcher.plan import Plan
 
 
 class CpuBackend:
     name = "cpu"
-
-    def check(self, plan: Plan, hw: HardwareInfo) -> list[str]:
-        if plan.precision == "fp16":
-            return ["fp16 training needs a CUDA GPU (hardware.precision=bf16 or fp32)"]
-        return []
 
     def build(self, plan: Plan, run_dir: Path, resume: bool = False, rendezvous: Rendezvous = Rendezvous()) -> LaunchSpec:
         threads = str(plan.threads)

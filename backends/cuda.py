@@ -5,15 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from backends.base import LaunchSpec, Rendezvous, worker_argv
-from launcher.hardware import HardwareInfo
 from launcher.plan import Plan
 
 
 class CudaBackend:
     name = "cuda"
-
-    def check(self, plan: Plan, hw: HardwareInfo) -> list[str]:
-        return [] if hw.gpus else ["no CUDA GPU detected (hardware.backend=cpu or auto)"]
 
     def build(self, plan: Plan, run_dir: Path, resume: bool = False, rendezvous: Rendezvous = Rendezvous()) -> LaunchSpec:
         # Pin one device so a multi-GPU box does not get an accidental DataParallel wrap.

@@ -11,10 +11,8 @@ import sys
 from pathlib import Path
 
 from backends.base import LaunchSpec, Rendezvous
-from launcher.hardware import HardwareInfo
 from launcher.plan import Plan
-
-DS_CONFIG = "ds_config.json"
+from launcher.rundir import RunDir
 
 
 def zero_config(plan: Plan) -> dict:
@@ -45,29 +43,8 @@ def zero_config(plan: Plan) -> dict:
     }
 
 
-def hostfile(plan: Plan, hosts: list[str] | None = None) -> str:
-    """A DeepSpeed hostfile: one line per node with its slots (processes)."""
-    names = hosts or [f"node-{i}" for i in range(plan.nodes)]
-    return "".join(f"{h} slots={plan.processes_per_node}\n" for h in names)
-
-
 class DeepSpeedBackend:
     name = "deepspeed"
-
-    def check(self, plan: Plan, hw: HardwareInfo) -> list[str]:
-        problems = []
-        if hw.mps and not hw.gpus:
-            problems.append("DeepSpeed does not run on Apple silicon (hardware.backend=mps)")
-        if plan.device == "cuda" and len(hw.gpus) < plan.processes_per_node:
-            problems.append(f"the plan needs {plan.processes_per_node} GPUs per node, this node has {len(hw.gpus)}")
-        try:
-            import importlib.util
-
-            if importlib.util.find_spec("deepspeed") is None:
-                problems.append("DeepSpeed is not installed (pip install deepspeed; DS_BUILD_OPS=0 for a pure-Python install)")
-        except ValueError:
-            pass
-        return problems
 
     def build(self, plan: Plan, run_dir: Path, resume: bool = False, rendezvous: Rendezvous = Rendezvous()) -> LaunchSpec:
         argv = [sys.executable, "-m", "torch.distributed.run",
@@ -81,7 +58,6 @@ class DeepSpeedBackend:
         if plan.device == "cpu":
             # DeepSpeed on CPU: its CPU accelerator, collectives over gloo.
             env.update({"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""})
-        files = {DS_CONFIG: json.dumps(zero_config(plan), indent=2)}
-        if plan.nodes > 1:
-            files["hostfile"] = hostfile(plan)
-        return LaunchSpec(argv=tuple(argv), env=env, files=files)
+        # No hostfile: torchrun's static rendezvous (--nnodes/--node_rank/--master_addr) places the nodes, and
+        # each node is started by its own `sftlaunch run` (the commands `sftlaunch plan` prints).
+        return LaunchSpec(argv=tuple(argv), env=env, files={RunDir.DS_CONFIG: json.dumps(zero_config(plan), indent=2)})

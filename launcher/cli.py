@@ -50,10 +50,10 @@ def _plan(recipe_path: str, overrides, profile: str | None, backend: str | None,
 
 
 def _check_backend(plan, hw) -> None:
-    from backends import BACKENDS
     from launcher.errors import PlanError
+    from launcher.plan import runnable_here
 
-    problems = BACKENDS[plan.backend].check(plan, hw)
+    problems = runnable_here(plan, hw)
     if problems:
         raise PlanError(f"the {plan.backend} backend cannot run this plan here: " + "; ".join(problems))
 
@@ -112,13 +112,13 @@ def run(recipe, overrides, backend, smoke, nnodes, node_rank, master_addr, maste
         plan = _plan(recipe, overrides, None, backend, nnodes=nnodes, check=True)
         if node_rank >= plan.nodes:
             raise PlanError(f"--node-rank {node_rank} is outside the {plan.nodes}-node job. Fix: 0 <= --node-rank < --nnodes.")
-        from launcher.rundir import create_run_dir, write_status
+        from launcher.rundir import create_run_dir
 
         click.echo(render_plan(plan))
         path = create_run_dir(plan, recipe, suffix="-smoke" if smoke else "", explicit=run_dir)
         click.echo(f"run directory: {path}" + ("  (smoke run)" if smoke else ""))
         if node_rank == 0:
-            write_status(path, "starting", recipe=str(recipe), overrides=list(overrides), smoke=smoke)
+            path.write_status("starting", recipe=str(recipe), overrides=list(overrides), smoke=smoke)
     except SftlaunchError as exc:
         _fail(exc)
     from backends.base import Rendezvous
@@ -142,14 +142,14 @@ def resume(run_dir):
     """Continue an interrupted run from its last checkpoint, with the same plan and data order."""
     from launcher.errors import PlanError
     from launcher.hardware import detect
-    from launcher.plan import Plan
+    from launcher.rundir import RunDir
 
-    path = Path(run_dir)
-    if not (path / "plan.json").is_file():
-        _fail(PlanError(f"{run_dir} is not a run directory (no plan.json). Fix: pass outputs/<run>."))
-    plan = Plan.model_validate_json((path / "plan.json").read_text())
-    status = json.loads((path / "run.json").read_text()).get("status") if (path / "run.json").exists() else None
-    if status == "completed":
+    path = RunDir(run_dir)
+    try:
+        plan = path.read_plan()
+    except SftlaunchError as exc:
+        _fail(exc)
+    if path.status().get("status") == "completed":
         _fail(PlanError(f"{run_dir} already completed; nothing to resume."))
     try:
         _check_backend(plan, detect())
@@ -159,7 +159,8 @@ def resume(run_dir):
     _launch(plan, path, resume=True)
 
 
-def _launch(plan, run_dir: Path, resume: bool, rendezvous=None) -> None:
+def _launch(plan, run_dir, resume: bool, rendezvous=None) -> None:
+    """Start the plan's backend on run_dir (a RunDir), back off on out-of-memory, print the summary."""
     from backends import BACKENDS
     from backends.base import Rendezvous
     from launcher.evaluate import format_comparison
@@ -169,7 +170,7 @@ def _launch(plan, run_dir: Path, resume: bool, rendezvous=None) -> None:
 
     rendezvous = rendezvous or Rendezvous(master_port=_free_port())
     while True:
-        code = run_spec(BACKENDS[plan.backend].build(plan, run_dir, resume=resume, rendezvous=rendezvous), run_dir)
+        code = run_spec(BACKENDS[plan.backend].build(plan, run_dir.path, resume=resume, rendezvous=rendezvous), run_dir.path)
         if code != EXIT_OUT_OF_MEMORY or rendezvous.node_rank != 0:
             break
         try:
@@ -177,14 +178,14 @@ def _launch(plan, run_dir: Path, resume: bool, rendezvous=None) -> None:
         except SftlaunchError as exc:
             _fail(exc)
         click.echo(f"out of memory: retrying from the last checkpoint with micro-batch {plan.micro_batch_size} "
-                   f"x accumulation {plan.gradient_accumulation_steps} (recorded in {run_dir}/oom_backoff.jsonl)")
+                   f"x accumulation {plan.gradient_accumulation_steps} (recorded in {run_dir.file(run_dir.OOM_BACKOFF)})")
         resume = True
-    comparison = run_dir / "comparison.json"
-    if rendezvous.node_rank == 0 and comparison.exists() and code in (0, TrainingHealthError.exit_code):
+    comparison = run_dir.read_comparison() if rendezvous.node_rank == 0 else None
+    if comparison is not None and code in (0, TrainingHealthError.exit_code):
         # The worker printed each model's metrics; this is the side-by-side summary (also for a collapsed run).
-        click.echo(format_comparison(json.loads(comparison.read_text())))
+        click.echo(format_comparison(comparison))
     if code != 0:
-        click.echo(f"error: the {plan.backend} worker exited with code {code}; see {run_dir}/run.json", err=True)
+        click.echo(f"error: the {plan.backend} worker exited with code {code}; see {run_dir.file(run_dir.STATUS)}", err=True)
         sys.exit(code)
     if rendezvous.node_rank != 0:
         click.echo(f"node {rendezvous.node_rank} finished; node 0 evaluates and writes the results")

@@ -21,9 +21,12 @@ def build_examples(recipe: Recipe, data_path: str | None = None) -> tuple[list[E
     train, evals = get_task(recipe.data.task).examples(recipe, data_path)
     if recipe.data.max_samples:
         train = train[: recipe.data.max_samples]
-    if recipe.eval.limit:
-        evals = evals[: recipe.eval.limit]
-    return train, evals
+    return train, limit_eval(evals, recipe)
+
+
+def limit_eval(evals: list[Example], recipe: Recipe) -> list[Example]:
+    """The evaluated items: the first eval.limit (all when unset). Training and `sftlaunch eval` alike."""
+    return evals[: recipe.eval.limit] if recipe.eval.limit else evals
 
 
 def format_prompt(question: str, tokenizer, prompt_format: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,38 +24,36 @@ class EvalRequest:
 
 
 def _target_recipe(target: str, overrides) -> tuple[Recipe, Path | None]:
-    from launcher.plan import Plan
     from launcher.recipe import load_recipe, merge_overrides, validate_recipe
+    from launcher.rundir import RunDir
 
-    path = Path(target)
-    if not path.is_dir():
-        return load_recipe(path, overrides), None
-    if not (path / "plan.json").is_file():
-        raise ConfigError([Problem("TARGET", "not a run directory (no plan.json)", "pass a run directory or a recipe", got=target)])
-    recipe = Plan.model_validate_json((path / "plan.json").read_text()).recipe
+    if not Path(target).is_dir():
+        return load_recipe(target, overrides), None
+    run_dir = RunDir(target)
+    if not run_dir.has_plan():
+        raise ConfigError([Problem("TARGET", f"not a run directory (no {RunDir.PLAN})", "pass a run directory or a recipe", got=target)])
+    recipe = run_dir.read_plan().recipe
     if overrides:
         data = recipe.model_dump(mode="json")
         merge_overrides(data, overrides)
-        recipe = validate_recipe(data, str(path / "plan.json"))
-    return recipe, path
+        recipe = validate_recipe(data, str(run_dir.file(RunDir.PLAN)))
+    return recipe, run_dir
 
 
-def _items(recipe: Recipe, req: EvalRequest):
+def _items(recipe: Recipe, req: EvalRequest, plan):
+    from launcher.data import limit_eval
     from launcher.tasks import get_task
 
     task = get_task(recipe.data.task)
     if req.data_file:
         items = task.load_file(req.data_file)
     else:
-        from launcher.hardware import detect
-        from launcher.plan import choose_data_source
-
-        data_path, why = choose_data_source(recipe, detect())
-        if why and data_path:
-            print(f"data: {why}", flush=True)
-        items = task.examples(recipe, data_path)[1]
-        if recipe.eval.limit and not req.all_items:
-            items = items[: recipe.eval.limit]
+        for d in plan.decisions:
+            if d.field == "data_source" and plan.data_path:
+                print(f"data: {d.reason}", flush=True)
+        items = task.examples(recipe, plan.data_path)[1]
+        if not req.all_items:
+            items = limit_eval(items, recipe)
     if req.limit:
         items = items[: req.limit]
     return task, items
@@ -64,8 +61,13 @@ def _items(recipe: Recipe, req: EvalRequest):
 
 def run_eval(req: EvalRequest) -> dict:
     """Metrics of the target (and of the comparison model); writes predictions and comparison.json."""
+    from launcher.hardware import detect
+    from launcher.plan import make_eval_plan
+
     recipe, run_dir = _target_recipe(req.target, req.overrides)
-    task, items = _items(recipe, req)
+    # Device and precision as training would choose them on this machine, for one evaluating process.
+    plan = make_eval_plan(recipe, detect())
+    task, items = _items(recipe, req, plan)
     if req.generations:
         if req.compare:
             raise ConfigError([Problem("--compare", "cannot compare when scoring given generations", "drop one of them")])
@@ -74,14 +76,10 @@ def run_eval(req: EvalRequest) -> dict:
             ev.write_predictions(req.predictions, records)
         return {"result": result}
 
-    from launcher.hardware import detect
     from launcher.models import load_model, load_tokenizer, resolve_model
-    from launcher.plan import make_plan
 
     import torch
 
-    # Device and precision are decided as training would decide them on this machine.
-    plan = make_plan(recipe, detect())
     torch.set_num_threads(plan.threads)
     kwargs = ev.settings(recipe, plan)
     model_path = resolve_model(recipe.model.name)
@@ -89,8 +87,8 @@ def run_eval(req: EvalRequest) -> dict:
     model = load_model(model_path, plan.trust_remote_code)
     adapter = None
     if run_dir is not None:
-        adapter = run_dir / "adapter"
-        if not (adapter / "adapter_config.json").is_file():
+        adapter = run_dir.adapter
+        if not run_dir.has_adapter():
             raise ConfigError([Problem("TARGET", f"the run has no trained adapter in {adapter}", "evaluate a finished run", got=req.target)])
         from peft import PeftModel
 
@@ -118,5 +116,5 @@ def run_eval(req: EvalRequest) -> dict:
         comparison["base_model"] = recipe.model.name if req.compare == "base" else req.compare
         out["comparison"] = comparison
         if run_dir is not None:
-            (run_dir / "comparison.json").write_text(json.dumps(comparison, indent=2))
+            run_dir.write_comparison(comparison)
     return out

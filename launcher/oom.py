@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
-from pathlib import Path
 
 from launcher.errors import SftlaunchError
 from launcher.plan import Decision, Plan
-from launcher.rundir import write_plan
+from launcher.rundir import RunDir
 
 EXIT_OUT_OF_MEMORY = 75  # the worker's exit code for "out of memory" (EX_TEMPFAIL)
 
@@ -17,14 +15,14 @@ class OutOfMemoryError(SftlaunchError):
     exit_code = 1
 
 
-def back_off(plan: Plan, run_dir: Path) -> Plan:
+def back_off(plan: Plan, run_dir: RunDir) -> Plan:
     """The same plan with half the micro-batch and twice the accumulation (the effective batch is kept).
 
     Writes the new plan.json and appends the change to oom_backoff.jsonl; at micro-batch 1 there is
     nothing left to halve and it raises with the fixes that remain.
     """
     micro, accumulation = plan.micro_batch_size, plan.gradient_accumulation_steps
-    status = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    status = run_dir.status()
     if micro == 1:
         raise OutOfMemoryError(
             f"out of memory at micro-batch 1 ({status.get('error', 'no message')}). Fix: lower data.max_length "
@@ -38,9 +36,8 @@ def back_off(plan: Plan, run_dir: Path) -> Plan:
                   Decision(field="gradient_accumulation_steps", value=new_accumulation, reason=reason))
     new = plan.model_copy(update={"micro_batch_size": new_micro, "gradient_accumulation_steps": new_accumulation,
                                   "decisions": decisions})
-    write_plan(new, run_dir)
-    with open(run_dir / "oom_backoff.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "from_micro_batch": micro,
-                            "to_micro_batch": new_micro, "gradient_accumulation_steps": new_accumulation,
-                            "error": status.get("error")}) + "\n")
+    run_dir.write_plan(new)
+    run_dir.append_oom_backoff({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "from_micro_batch": micro,
+                                "to_micro_batch": new_micro, "gradient_accumulation_steps": new_accumulation,
+                                "error": status.get("error")})
     return new

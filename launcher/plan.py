@@ -6,13 +6,13 @@ the plan directly.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
 from launcher.errors import PlanError
 from launcher.hardware import HardwareInfo
-from launcher.memory import GiB, ModelShape, estimate_memory
+from launcher.memory import GiB, MemoryEstimate, ModelShape, estimate_memory
 from launcher.recipe import Recipe
 from launcher.tasks import get_task
 
@@ -23,7 +23,8 @@ GPU_MAX_MICRO_BATCH = 64
 # With no model shape to estimate from, a GPU micro-batch this small fits models up to ~1B parameters
 # with LoRA at 512 tokens on 16 GB.
 GPU_DEFAULT_MICRO_BATCH = 4
-# MPS may allocate this share of unified memory (backends/mps.py sets the same high watermark).
+# MPS may allocate this share of unified memory: the planner sizes the batch for it and backends/mps.py hands it
+# to PyTorch as the high watermark (PyTorch's default, 1.7, lets MPS swap the whole machine before it raises).
 MPS_MEMORY_SHARE = 0.7
 
 
@@ -161,6 +162,137 @@ def _device_memory_gib(backend: str, hw: HardwareInfo) -> tuple[float, str]:
     return hw.ram_gb, f"{hw.ram_gb:.0f} GB of RAM"
 
 
+def runnable_here(plan: Plan, hw: HardwareInfo) -> list[str]:
+    """Why this machine cannot run a plan (made here, or earlier elsewhere and now resumed), or [] when it can.
+
+    The one place this is decided: backends build launch commands and do not judge the hardware.
+    """
+    import importlib.util
+
+    problems = []
+    if plan.device == "cuda" and len(hw.gpus) < plan.processes_per_node:
+        problems.append(f"the plan needs {plan.processes_per_node} CUDA GPU(s) per node, this node has {len(hw.gpus)} "
+                        "(start a new run here instead of resuming: hardware.backend=auto)")
+    if plan.device == "mps" and not hw.mps:
+        problems.append("the plan runs on an Apple-silicon GPU (MPS), and this machine has none (start a new run here: hardware.backend=auto)")
+    if plan.backend == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        problems.append("DeepSpeed is not installed (pip install deepspeed; DS_BUILD_OPS=0 for a pure-Python install)")
+    return problems
+
+
+class EvalPlan(BaseModel):
+    """What `sftlaunch eval` needs: one process on one device. Training-only constraints (processes
+    dividing the batch, memory for optimizer state) do not apply, so evaluation never fails on them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    device: str
+    eval_precision: str
+    threads: int
+    trust_remote_code: bool
+    data_path: str | None = None
+    decisions: tuple[Decision, ...]
+
+
+def make_eval_plan(recipe: Recipe, hw: HardwareInfo) -> EvalPlan:
+    """Device and precision decided as training would on this machine, for a single evaluating process."""
+    decisions: list[Decision] = []
+
+    def decide(field: str, value: Any, reason: str) -> Any:
+        decisions.append(Decision(field=field, value=value, reason=reason))
+        return value
+
+    backend, why = choose_backend(recipe.hardware.backend, hw)
+    if backend == "deepspeed":  # evaluation is one process: the first GPU, or the CPU
+        backend, why = ("cuda", "evaluation runs one process, on GPU 0") if hw.gpus else ("cpu", "evaluation runs one process, on the CPU")
+    device = decide("device", {"cuda": "cuda", "mps": "mps"}.get(backend, "cpu"), why)
+    precision, why = choose_precision(recipe.hardware.precision, backend, hw)
+    decide("eval_precision", precision, f"as training would use here: {why}")
+    threads = recipe.hardware.threads if recipe.hardware.threads != "auto" else hw.cpu_cores
+    decide("threads", threads, "requested by the recipe (hardware.threads)" if recipe.hardware.threads != "auto"
+           else f"all {hw.cpu_cores} CPU cores: one process")
+    data_path, data_why = choose_data_source(recipe, hw)
+    if data_why:
+        decide("data_source", "bundled" if data_path else "hub", data_why)
+    return EvalPlan(device=device, eval_precision=precision, threads=threads, data_path=data_path,
+                    trust_remote_code=recipe.model.trust_remote_code, decisions=tuple(decisions))
+
+
+def _processes(hwr, backend: str, hw: HardwareInfo, decide) -> tuple[int, int]:
+    """Nodes and training processes per node: one per GPU under DeepSpeed, else one."""
+    nodes = hw.nodes if backend == "deepspeed" else 1
+    if backend != "deepspeed":
+        if hwr.processes not in ("auto", 1):
+            raise PlanError(f"hardware.processes={hwr.processes} needs hardware.backend=deepspeed (the {backend} backend runs one process). "
+                            "Fix: hardware.backend=deepspeed, or remove hardware.processes.")
+        per_node = 1
+        decide("world_size", 1, f"the {backend} backend runs one training process")
+    else:
+        available = len(hw.gpus) if hw.gpus else None
+        if hwr.processes == "auto":
+            per_node = available or 2
+            why = (f"one process per GPU ({per_node} per node x {nodes} node(s))" if available else
+                   "no GPU: 2 CPU processes over gloo (exercises the distributed path; slower than one process)")
+        else:
+            per_node = hwr.processes
+            if available and per_node > available:
+                raise PlanError(f"hardware.processes={per_node}, but each node has {available} GPUs. Fix: hardware.processes<={available} or auto.")
+            why = "requested by the recipe (hardware.processes)"
+        decide("world_size", per_node * nodes, why)
+    return nodes, per_node
+
+
+def _decide_memory_layout(recipe: Recipe, hw: HardwareInfo, backend: str, device: str, precision: str,
+                          shape: ModelShape | None, shape_source: str, per_rank: int, max_length: int,
+                          world_size: int, decide) -> MemoryFit:
+    """Micro-batch, accumulation, checkpointing, ZeRO stage and offload from the memory estimate, each decided
+    with its reason; PlanError with the numbers when even the smallest layout does not fit."""
+    hwr, effective = recipe.hardware, recipe.train.effective_batch_size
+    mem_gib, mem_why = _device_memory_gib(backend, hw)
+    budget = mem_gib * hwr.memory_fraction
+    fit = _fit_memory(recipe, backend, device, precision, shape, per_rank, max_length, world_size, budget)
+    micro, checkpointing, stage, offload, estimate, ckpt_why = fit
+    if estimate is not None and estimate.total / GiB > budget:
+        raise PlanError(
+            f"{recipe.model.name} does not fit: {estimate.describe()} per device at micro-batch 1 with gradient checkpointing"
+            + (f", ZeRO-3 and CPU offload over {world_size} processes" if backend == "deepspeed" else "")
+            + f", but only {budget:.1f} GiB is usable ({hwr.memory_fraction:.0%} of {mem_why}). Fix: lower data.max_length "
+            f"(now {max_length}), use a smaller model, or more GPUs with hardware.backend=deepspeed.")
+    where = f"{budget:.1f} GiB usable ({hwr.memory_fraction:.0%} of {mem_why})"
+    if estimate is None:
+        reason_tail = f"model shape unknown ({shape_source or 'no config'}): memory not estimated"
+    else:
+        reason_tail = f"estimated peak {estimate.describe()} fits {where}"
+
+    if hwr.micro_batch_size != "auto":
+        if per_rank % micro:
+            raise PlanError(f"hardware.micro_batch_size={micro} does not divide train.effective_batch_size={effective} "
+                            f"over {world_size} process(es). Fix: pick a divisor of {per_rank}, or 'auto'.")
+        decide("micro_batch_size", micro, f"requested by the recipe (hardware.micro_batch_size); {reason_tail}")
+    elif estimate is None:
+        decide("micro_batch_size", micro, f"largest power of two <= {_cap(backend)} dividing {per_rank} samples per process; {reason_tail}")
+    else:
+        decide("micro_batch_size", micro, f"largest power of two <= {_cap(backend)} dividing {per_rank} samples per process "
+               f"whose {reason_tail}")
+    decide("gradient_accumulation_steps", per_rank // micro,
+                          f"effective batch {effective} = micro-batch {micro} x accumulation {per_rank // micro} x {world_size} process(es)")
+    if hwr.gradient_checkpointing != "auto":
+        decide("gradient_checkpointing", checkpointing, "requested by the recipe (hardware.gradient_checkpointing)")
+    elif checkpointing:
+        decide("gradient_checkpointing", True, ckpt_why)
+    else:
+        decide("gradient_checkpointing", False, "off: the activations fit" + ("" if estimate else " (not estimated)")
+               + "; recomputing them would cost ~30% speed")
+    if backend == "deepspeed":
+        decide("zero_stage", stage, "requested by the recipe (hardware.zero_stage)" if hwr.zero_stage != "auto" else
+               ("ZeRO-2: shards gradients and optimizer state; the model fits each device" if stage == 2 else
+                "ZeRO-3: stage 2 does not fit a device, so parameters are sharded too"))
+        decide("offload", offload, "requested by the recipe (hardware.offload)" if hwr.offload != "auto" else
+               ("optimizer state and parameters go to CPU memory: even ZeRO-3 does not fit" if offload else "off: not needed to fit"))
+    decide("memory_estimate_gib", None if estimate is None else round(estimate.total / GiB, 2),
+           reason_tail if estimate is None else f"{estimate.describe()}; {where}")
+    return fit
+
+
 def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None, shape_source: str = "") -> Plan:
     """Decide backend, precision, processes, batch layout, memory settings and threads.
 
@@ -184,26 +316,7 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
     else:
         eval_precision = decide("eval_precision", "fp32", f"same as training ({precision})")
 
-    # Processes: one per GPU (DeepSpeed), else one.
-    nodes = hw.nodes if backend == "deepspeed" else 1
-    if backend != "deepspeed":
-        if hwr.processes not in ("auto", 1):
-            raise PlanError(f"hardware.processes={hwr.processes} needs hardware.backend=deepspeed (the {backend} backend runs one process). "
-                            "Fix: hardware.backend=deepspeed, or remove hardware.processes.")
-        per_node = 1
-        decide("world_size", 1, f"the {backend} backend runs one training process")
-    else:
-        available = len(hw.gpus) if hw.gpus else None
-        if hwr.processes == "auto":
-            per_node = available or 2
-            why = (f"one process per GPU ({per_node} per node x {nodes} node(s))" if available else
-                   "no GPU: 2 CPU processes over gloo (exercises the distributed path; slower than one process)")
-        else:
-            per_node = hwr.processes
-            if available and per_node > available:
-                raise PlanError(f"hardware.processes={per_node}, but each node has {available} GPUs. Fix: hardware.processes<={available} or auto.")
-            why = "requested by the recipe (hardware.processes)"
-        decide("world_size", per_node * nodes, why)
+    nodes, per_node = _processes(hwr, backend, hw, decide)
     world_size = per_node * nodes
 
     effective = recipe.train.effective_batch_size
@@ -218,50 +331,11 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
     else:
         max_length = decide("max_length", recipe.data.max_length, "requested by the recipe (data.max_length)")
 
-    mem_gib, mem_why = _device_memory_gib(backend, hw)
-    budget = mem_gib * hwr.memory_fraction
-    lora = recipe.model.lora
-    micro, checkpointing, stage, offload, estimate, ckpt_why = _fit_memory(
-        recipe, backend, device, precision, shape, per_rank, max_length, world_size, budget)
-    if estimate is not None and estimate.total / GiB > budget:
-        raise PlanError(
-            f"{recipe.model.name} does not fit: {estimate.describe()} per device at micro-batch 1 with gradient checkpointing"
-            + (f", ZeRO-3 and CPU offload over {world_size} processes" if backend == "deepspeed" else "")
-            + f", but only {budget:.1f} GiB is usable ({hwr.memory_fraction:.0%} of {mem_why}). Fix: lower data.max_length "
-            f"(now {max_length}), use a smaller model, or more GPUs with hardware.backend=deepspeed.")
-    where = f"{budget:.1f} GiB usable ({hwr.memory_fraction:.0%} of {mem_why})"
-    if estimate is None:
-        reason_tail = f"model shape unknown ({shape_source or 'no config'}): memory not estimated"
-    else:
-        reason_tail = f"estimated peak {estimate.describe()} fits {where}"
-
-    if hwr.micro_batch_size != "auto":
-        if per_rank % micro:
-            raise PlanError(f"hardware.micro_batch_size={micro} does not divide train.effective_batch_size={effective} "
-                            f"over {world_size} process(es). Fix: pick a divisor of {per_rank}, or 'auto'.")
-        decide("micro_batch_size", micro, f"requested by the recipe (hardware.micro_batch_size); {reason_tail}")
-    elif estimate is None:
-        decide("micro_batch_size", micro, f"largest power of two <= {_cap(backend)} dividing {per_rank} samples per process; {reason_tail}")
-    else:
-        decide("micro_batch_size", micro, f"largest power of two <= {_cap(backend)} dividing {per_rank} samples per process "
-               f"whose {reason_tail}")
-    accumulation = decide("gradient_accumulation_steps", per_rank // micro,
-                          f"effective batch {effective} = micro-batch {micro} x accumulation {per_rank // micro} x {world_size} process(es)")
-    if hwr.gradient_checkpointing != "auto":
-        decide("gradient_checkpointing", checkpointing, "requested by the recipe (hardware.gradient_checkpointing)")
-    elif checkpointing:
-        decide("gradient_checkpointing", True, ckpt_why)
-    else:
-        decide("gradient_checkpointing", False, "off: the activations fit" + ("" if estimate else " (not estimated)")
-               + "; recomputing them would cost ~30% speed")
-    if backend == "deepspeed":
-        decide("zero_stage", stage, "requested by the recipe (hardware.zero_stage)" if hwr.zero_stage != "auto" else
-               ("ZeRO-2: shards gradients and optimizer state; the model fits each device" if stage == 2 else
-                "ZeRO-3: stage 2 does not fit a device, so parameters are sharded too"))
-        decide("offload", offload, "requested by the recipe (hardware.offload)" if hwr.offload != "auto" else
-               ("optimizer state and parameters go to CPU memory: even ZeRO-3 does not fit" if offload else "off: not needed to fit"))
-    decide("memory_estimate_gib", None if estimate is None else round(estimate.total / GiB, 2),
-           reason_tail if estimate is None else f"{estimate.describe()}; {where}")
+    fit = _decide_memory_layout(recipe, hw, backend, device, precision, shape, shape_source, per_rank, max_length,
+                                world_size, decide)
+    micro, checkpointing, stage, offload = fit.micro, fit.checkpointing, fit.zero_stage, fit.offload
+    accumulation = per_rank // micro
+    mem_gib = _device_memory_gib(backend, hw)[0]
 
     if hwr.threads == "auto":
         cores = max(1, hw.cpu_cores // per_node)
@@ -279,9 +353,9 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
 
     return Plan(recipe=recipe, hardware=hw, backend=backend, device=device, precision=precision, eval_precision=eval_precision, nodes=nodes,
                 processes_per_node=per_node, world_size=world_size, micro_batch_size=micro,
-                gradient_accumulation_steps=per_rank // micro, gradient_checkpointing=checkpointing, threads=threads,
+                gradient_accumulation_steps=accumulation, gradient_checkpointing=checkpointing, threads=threads,
                 max_length=max_length, zero_stage=stage, offload=offload,
-                memory_estimate_gib=None if estimate is None else round(estimate.total / GiB, 2),
+                memory_estimate_gib=None if fit.estimate is None else round(fit.estimate.total / GiB, 2),
                 device_memory_gib=round(mem_gib, 1), trust_remote_code=trust, data_path=data_path,
                 decisions=tuple(decisions))
 
@@ -290,10 +364,20 @@ def _cap(backend: str) -> int:
     return CPU_MAX_MICRO_BATCH if backend == "cpu" else GPU_MAX_MICRO_BATCH
 
 
+class MemoryFit(NamedTuple):
+    """A memory layout the planner can choose: micro-batch, checkpointing, ZeRO stage, offload, its estimate."""
+
+    micro: int
+    checkpointing: bool
+    zero_stage: int
+    offload: bool
+    estimate: MemoryEstimate | None
+    why: str = ""  # why checkpointing is on, when the planner turned it on
+
+
 def _fit_memory(recipe: Recipe, backend: str, device: str, precision: str, shape: ModelShape | None, per_rank: int,
-                max_length: int, world_size: int, budget_gib: float):
-    """(micro, checkpointing, zero_stage, offload, estimate, why checkpointing): the first layout, in order of
-    speed, that fits.
+                max_length: int, world_size: int, budget_gib: float) -> MemoryFit:
+    """The first layout, in order of speed, that fits.
 
     Order: ZeRO-2 before ZeRO-3 before offload; within each, the largest micro-batch without
     checkpointing (recompute costs ~30%), unless checkpointing is what buys a micro-batch of at least 4.
@@ -306,7 +390,7 @@ def _fit_memory(recipe: Recipe, backend: str, device: str, precision: str, shape
         ckpt = hwr.gradient_checkpointing if hwr.gradient_checkpointing != "auto" else False
         stage = 2 if hwr.zero_stage == "auto" else hwr.zero_stage
         offload = hwr.offload if hwr.offload != "auto" else False
-        return micro, ckpt, (stage if backend == "deepspeed" else 0), (offload if backend == "deepspeed" else False), None, ""
+        return MemoryFit(micro, ckpt, stage if backend == "deepspeed" else 0, offload if backend == "deepspeed" else False, None)
     ckpts = [False, True] if hwr.gradient_checkpointing == "auto" else [hwr.gradient_checkpointing]
     if backend == "deepspeed":
         stages = [2, 3] if hwr.zero_stage == "auto" else [hwr.zero_stage]
@@ -319,33 +403,37 @@ def _fit_memory(recipe: Recipe, backend: str, device: str, precision: str, shape
     # Below this micro-batch a GPU idles; recomputing activations to reach it is the better trade.
     enough = min(4, micros[0])
 
-    def largest_fit(stage, offload, ckpt):
+    def largest_fit(stage, offload, ckpt) -> tuple[MemoryFit | None, MemoryEstimate]:
+        """The largest micro-batch that fits this layout (None if none does), and the last estimate made."""
         for micro in micros:
             est = estimate_memory(shape, micro_batch=micro, seq_len=max_length, precision=precision, checkpointing=ckpt,
                                   lora_rank=lora.rank, lora_targets=lora.target_modules, zero_stage=stage,
                                   world_size=world_size, offload=offload, device=device)
             if est.total / GiB <= budget_gib:
-                return (micro, ckpt, stage, offload, est, "")
+                return MemoryFit(micro, ckpt, stage, offload, est), est
         return None, est
 
-    last_est = None
+    smallest = None
     for stage, offload in layouts:
-        found = [f for f in (largest_fit(stage, offload, c) for c in ckpts)]
-        fits = [f for f in found if f[0] is not None]
-        for f in found:
-            if f[0] is None:
-                last_est = (micros[-1], ckpts[-1], stage, offload, f[1], "")
-        if fits:
-            plain = next((f for f in fits if not f[1]), None)
-            if plain and plain[0] >= enough:
-                return plain
-            best = max(fits, key=lambda f: (f[0], not f[1]))
-            if best[1] and plain:
-                why = (f"on: without it the largest micro-batch that fits is {plain[0]} (estimated {plain[4].total / GiB:.2f} GiB), "
-                       f"with it {best[0]} ({best[4].total / GiB:.2f} GiB); below {enough} samples per step the device idles, "
-                       "which costs more than the ~30% of recomputation")
-            else:
-                why = (f"on: without it even micro-batch {micros[-1]} does not fit (estimated {found[0][1].total / GiB:.2f} GiB); "
-                       "costs ~30% more compute")
-            return best[:5] + (why,)
-    return last_est
+        found = [largest_fit(stage, offload, c) for c in ckpts]
+        fits = [fit for fit, _ in found if fit is not None]
+        for fit, est in found:
+            if fit is None:
+                smallest = MemoryFit(micros[-1], ckpts[-1], stage, offload, est)
+        if not fits:
+            continue
+        plain = next((f for f in fits if not f.checkpointing), None)
+        if plain and plain.micro >= enough:
+            return plain
+        best = max(fits, key=lambda f: (f.micro, not f.checkpointing))
+        if not best.checkpointing:
+            return best
+        if plain:
+            why = (f"on: without it the largest micro-batch that fits is {plain.micro} (estimated {plain.estimate.total / GiB:.2f} GiB), "
+                   f"with it {best.micro} ({best.estimate.total / GiB:.2f} GiB); below {enough} samples per step the device idles, "
+                   "which costs more than the ~30% of recomputation")
+        else:
+            why = (f"on: without it even micro-batch {micros[-1]} does not fit (estimated {found[0][1].total / GiB:.2f} GiB); "
+                   "costs ~30% more compute")
+        return best._replace(why=why)
+    return smallest

@@ -1,19 +1,153 @@
-"""The run directory: created by the launcher with the resolved recipe, plan and hardware."""
+"""The run directory: the one module that names its files and reads and writes them.
+
+Every file a run leaves is listed in RunDir, its writer beside its reader, so the layout is written down
+once (the README's "Outputs" lists the same files). Files another process may read while they change
+(plan.json, run.json) are replaced atomically.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-from launcher.errors import ConfigError, Problem
+from launcher.errors import ConfigError, PlanError, Problem
+from launcher.evaluate import write_predictions
 from launcher.plan import Plan
 from launcher.recipe import recipe_to_yaml
 
 
-def create_run_dir(plan: Plan, recipe_path: str | Path, suffix: str = "", explicit: str | None = None) -> Path:
+class RunDir:
+    # Inputs, written by the launcher before any worker starts.
+    RECIPE, PLAN, HARDWARE = "recipe.yaml", "plan.json", "hardware.json"
+    # Written by the backend's launch spec (LaunchSpec.files), read by the worker.
+    DS_CONFIG = "ds_config.json"
+    # The run's state and what the worker produces.
+    STATUS, VERSIONS, PREFLIGHT, METRICS = "run.json", "versions.json", "preflight.json", "metrics.jsonl"
+    EVAL, EVAL_BASE, COMPARISON = "eval.json", "eval-base.json", "comparison.json"
+    PREDICTIONS, PREDICTIONS_BASE = "predictions.jsonl", "predictions-base.jsonl"
+    ADAPTER, CHECKPOINTS, OOM_BACKOFF = "adapter", "checkpoints", "oom_backoff.jsonl"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    # -- inputs -------------------------------------------------------------------------------------
+    def write_inputs(self, plan: Plan) -> None:
+        self.file(self.RECIPE).write_text(recipe_to_yaml(plan.recipe))
+        self.write_plan(plan)
+        self.file(self.HARDWARE).write_text(plan.hardware.model_dump_json(indent=2))
+
+    def write_plan(self, plan: Plan) -> None:
+        _atomic_write(self.file(self.PLAN), plan.model_dump_json(indent=2))
+
+    def has_plan(self) -> bool:
+        return self.file(self.PLAN).is_file()
+
+    def read_plan(self) -> Plan:
+        if not self.has_plan():
+            raise PlanError(f"{self.path} is not a run directory (no {self.PLAN}). Fix: pass outputs/<run>.")
+        return Plan.model_validate_json(self.file(self.PLAN).read_text())
+
+    # -- state --------------------------------------------------------------------------------------
+    def status(self) -> dict:
+        path = self.file(self.STATUS)
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def write_status(self, status: str, **extra) -> None:
+        """run.json: the run's state, rewritten atomically at each change."""
+        data = self.status()
+        data.update(status=status, updated=datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra)
+        _atomic_write(self.file(self.STATUS), json.dumps(data, indent=2))
+
+    def write_versions(self) -> None:
+        self.file(self.VERSIONS).write_text(json.dumps(library_versions(), indent=2))
+
+    def write_preflight(self, report: dict) -> None:
+        self.file(self.PREFLIGHT).write_text(json.dumps(report, indent=2))
+
+    def append_oom_backoff(self, record: dict) -> None:
+        with open(self.file(self.OOM_BACKOFF), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- training -----------------------------------------------------------------------------------
+    @property
+    def metrics(self) -> Path:
+        """metrics.jsonl: one record per logged step, appended by the trainer's callback as it happens."""
+        return self.file(self.METRICS)
+
+    def read_metrics(self) -> list[dict]:
+        return [json.loads(line) for line in self.metrics.read_text().splitlines()] if self.metrics.exists() else []
+
+    def truncate_metrics(self, step: int) -> None:
+        """On resume, drop records logged after the checkpoint: those steps are trained again."""
+        if self.metrics.exists():
+            keep = [line for line in self.metrics.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+            self.metrics.write_text("".join(line + "\n" for line in keep))
+
+    def last_loss(self) -> float | None:
+        losses = [r["loss"] for r in self.read_metrics() if r.get("loss") is not None and math.isfinite(r["loss"])]
+        return losses[-1] if losses else None
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.file(self.CHECKPOINTS)
+
+    @property
+    def adapter(self) -> Path:
+        return self.file(self.ADAPTER)
+
+    def has_adapter(self) -> bool:
+        return (self.adapter / "adapter_config.json").is_file()
+
+    @property
+    def ds_config(self) -> Path:
+        return self.file(self.DS_CONFIG)
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def write_base_eval(self, metrics: dict, records: list[dict]) -> None:
+        """The base model's result: written once, so a resumed run does not evaluate the base again."""
+        write_predictions(self.file(self.PREDICTIONS_BASE), records)
+        self.file(self.EVAL_BASE).write_text(json.dumps(metrics, indent=2))
+
+    def read_base_eval(self) -> tuple[dict, list[dict]] | None:
+        if not (self.file(self.EVAL_BASE).exists() and self.file(self.PREDICTIONS_BASE).exists()):
+            return None
+        records = [json.loads(line) for line in self.file(self.PREDICTIONS_BASE).read_text().splitlines()]
+        return json.loads(self.file(self.EVAL_BASE).read_text()), records
+
+    def write_predictions(self, records: list[dict]) -> None:
+        write_predictions(self.file(self.PREDICTIONS), records)
+
+    def write_eval(self, results: dict) -> None:
+        self.file(self.EVAL).write_text(json.dumps(results, indent=2))
+
+    def write_comparison(self, comparison: dict) -> None:
+        self.file(self.COMPARISON).write_text(json.dumps(comparison, indent=2))
+
+    def read_comparison(self) -> dict | None:
+        path = self.file(self.COMPARISON)
+        return json.loads(path.read_text()) if path.exists() else None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def create_run_dir(plan: Plan, recipe_path: str | Path, suffix: str = "", explicit: str | None = None) -> RunDir:
     out = plan.recipe.output
     if explicit:
         # Multi-node: every node names the same directory; all write the same plan.
@@ -22,8 +156,9 @@ def create_run_dir(plan: Plan, recipe_path: str | Path, suffix: str = "", explic
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError([Problem("--run-dir", f"cannot create {run_dir}: {exc.strerror}", "choose a writable folder")]) from None
-        _write_inputs(plan, run_dir)
-        return run_dir
+        rd = RunDir(run_dir)
+        rd.write_inputs(plan)
+        return rd
     # A recipe file's stem may hold anything; keep the run name to safe characters.
     name = out.name or re.sub(r"[^A-Za-z0-9._-]+", "_", Path(recipe_path).stem).strip("._") or "run"
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -37,30 +172,9 @@ def create_run_dir(plan: Plan, recipe_path: str | Path, suffix: str = "", explic
     except OSError as exc:
         raise ConfigError([Problem("output.dir", f"cannot create the run directory {run_dir}: {exc.strerror}",
                                    "choose a writable folder", got=out.dir)]) from None
-    _write_inputs(plan, run_dir)
-    return run_dir
-
-
-def _write_inputs(plan: Plan, run_dir: Path) -> None:
-    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(plan.recipe))
-    write_plan(plan, run_dir)
-    (run_dir / "hardware.json").write_text(plan.hardware.model_dump_json(indent=2))
-
-
-def write_plan(plan: Plan, run_dir: Path) -> None:
-    tmp = run_dir / f"plan.json.tmp{os.getpid()}"
-    tmp.write_text(plan.model_dump_json(indent=2))
-    tmp.replace(run_dir / "plan.json")
-
-
-def write_status(run_dir: Path, status: str, **extra) -> None:
-    """run.json: the run's state, rewritten atomically at each change."""
-    path = Path(run_dir) / "run.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.update(status=status, updated=datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    rd = RunDir(run_dir)
+    rd.write_inputs(plan)
+    return rd
 
 
 def library_versions() -> dict[str, str]:

@@ -6,9 +6,9 @@ Everything it needs comes from the Plan (plan.json); it never re-reads YAML or r
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from launcher import evaluate as ev
@@ -16,6 +16,7 @@ from launcher.data import build_examples, encode_examples
 from launcher.health import TrainingHealthError, collapse_diagnosis, collapse_report, non_finite_weights
 from launcher.models import load_model, load_tokenizer, resolve_model
 from launcher.plan import Plan
+from launcher.rundir import RunDir
 from launcher.tasks import get_task
 from launcher.trainer import StopRequest, build_trainer, checkpoints
 
@@ -28,12 +29,12 @@ class Interrupted(Exception):
         self.signum, self.step = signum, step
 
 
-def training_arguments(plan: Plan, output_dir: Path):
+def training_arguments(plan: Plan, run_dir: RunDir):
     from transformers import TrainingArguments
 
     t = plan.recipe.train
     return TrainingArguments(
-        output_dir=str(output_dir),
+        output_dir=str(run_dir.checkpoints),
         per_device_train_batch_size=plan.micro_batch_size,
         gradient_accumulation_steps=plan.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
@@ -59,7 +60,7 @@ def training_arguments(plan: Plan, output_dir: Path):
         train_sampling_strategy="group_by_length",
         dataloader_num_workers=0,
         # The ZeRO JSON the deepspeed backend wrote into the run directory, "auto" fields tied to these args.
-        deepspeed=str(output_dir.parent / "ds_config.json") if plan.backend == "deepspeed" else None,
+        deepspeed=str(run_dir.ds_config) if plan.backend == "deepspeed" else None,
         ddp_backend="gloo" if plan.backend == "deepspeed" and plan.device == "cpu" else None,
     )
 
@@ -80,169 +81,197 @@ def _metrics_callback(path: Path):
     return MetricsFile()
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop records logged after the checkpoint: those steps are trained again."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+@dataclass(frozen=True)
+class Process:
+    """This process's place in the job, parsed once from torchrun's environment (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_env(cls) -> "Process":
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+class Run:
+    """The worker's job in phases, in the shape of torchtune's recipes: setup, evaluate base, train, save,
+    evaluate trained. Each phase leaves its result in the run directory, so a resumed run skips what is done
+    (the base evaluation, the steps up to the last checkpoint).
 
+    One process evaluates the base model before training. Under DeepSpeed the main process evaluates it
+    after training instead, on a fresh copy: the other ranks would otherwise wait in the first collective
+    for the whole evaluation (minutes on GSM8K), against the process group's timeout.
+    """
 
-def train_and_evaluate(plan: Plan, run_dir: Path, resume: bool = False) -> dict | None:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, set_seed
+    def __init__(self, plan: Plan, run_dir: RunDir, process: Process = Process(), resume: bool = False):
+        self.plan, self.recipe, self.run_dir, self.process, self.resume = plan, plan.recipe, run_dir, process, resume
+        self.distributed = plan.world_size > 1
+        self.results: dict = {"model": self.recipe.model.name}
+        self.base_records: list[dict] | None = None
 
-    recipe = plan.recipe
-    torch.set_num_threads(plan.threads)
-    set_seed(recipe.train.seed)
+    def __call__(self) -> dict | None:
+        self.setup()
+        if not self.distributed:
+            self.evaluate_base(self.model)
+        output, seconds, stop = self.train()
+        self.save(output)
+        if not self.process.main:
+            return None
+        if self.distributed:
+            self.reload_for_evaluation()
+        self.record_training(output, seconds, stop)
+        return self.evaluate_trained()
 
-    model_path = resolve_model(recipe.model.name)
-    tokenizer = load_tokenizer(model_path, plan.trust_remote_code)
-    task = get_task(recipe.data.task)
-    train_examples, eval_examples = build_examples(recipe, plan.data_path)
-    features, report = encode_examples(train_examples, tokenizer, plan.max_length, recipe.data.prompt_format,
-                                       recipe.data.on_truncation)
-    main = is_main_process()
-    distributed = plan.world_size > 1
-    if main:
-        print(report.render(), flush=True)
-        (run_dir / "preflight.json").write_text(json.dumps(report.as_dict(), indent=2))
+    def setup(self) -> None:
+        import torch
+        from transformers import set_seed
 
-    # Under DeepSpeed the engine places the model; one process places it itself.
-    model = load_model(model_path, plan.trust_remote_code)
-    if not distributed:
-        model = model.to(plan.device)
-    eval_kwargs = ev.settings(recipe, plan)
-    results: dict = {"model": recipe.model.name, "eval_items": len(eval_examples)}
-    base_file = run_dir / "eval-base.json"
-    base_records = None
-    if recipe.eval.compare_base and not distributed:
-        if resume and base_file.exists():  # evaluated before the interruption: same items, same model
-            results["base"] = json.loads(base_file.read_text())
-            base_records = [json.loads(line) for line in (run_dir / "predictions-base.jsonl").read_text().splitlines()]
+        torch.set_num_threads(self.plan.threads)
+        set_seed(self.recipe.train.seed)
+        self.model_path = resolve_model(self.recipe.model.name)
+        self.tokenizer = load_tokenizer(self.model_path, self.plan.trust_remote_code)
+        self.task = get_task(self.recipe.data.task)
+        train_examples, self.eval_examples = build_examples(self.recipe, self.plan.data_path)
+        self.results["eval_items"] = len(self.eval_examples)
+        self.features, report = encode_examples(train_examples, self.tokenizer, self.plan.max_length,
+                                                self.recipe.data.prompt_format, self.recipe.data.on_truncation)
+        if self.process.main:
+            print(report.render(), flush=True)
+            self.run_dir.write_preflight(report.as_dict())
+        # Under DeepSpeed the engine places the model; one process places it itself.
+        self.model = load_model(self.model_path, self.plan.trust_remote_code)
+        if not self.distributed:
+            self.model = self.model.to(self.plan.device)
+        self.eval_kwargs = ev.settings(self.recipe, self.plan)
+
+    def evaluate_base(self, model) -> None:
+        """The base model on the evaluation items, once per run: a resumed run reads eval-base.json."""
+        if not (self.recipe.eval.compare_base and self.process.main):
+            return
+        done = self.run_dir.read_base_eval() if self.resume else None
+        if done is not None:  # evaluated before the interruption: same items, same model
+            self.results["base"], self.base_records = done
         else:
             t0 = time.time()
-            results["base"], base_records = ev.evaluate(model, tokenizer, task, eval_examples, label="evaluating base", **eval_kwargs)
-            results["base"]["seconds"] = round(time.time() - t0, 1)
-            ev.write_predictions(run_dir / "predictions-base.jsonl", base_records)
-            base_file.write_text(json.dumps(results["base"], indent=2))
-        print(ev.format_metrics("base", results["base"]), flush=True)
+            self.results["base"], self.base_records = ev.evaluate(model, self.tokenizer, self.task, self.eval_examples,
+                                                                  label="evaluating base", **self.eval_kwargs)
+            self.results["base"]["seconds"] = round(time.time() - t0, 1)
+            self.run_dir.write_base_eval(self.results["base"], self.base_records)
+        print(ev.format_metrics("base", self.results["base"]), flush=True)
 
-    lora = recipe.model.lora
-    model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                             target_modules=lora.target_modules, task_type="CAUSAL_LM"))
-    trainable, total = model.get_nb_trainable_parameters()
-    if main:
-        print(f"LoRA r={lora.rank}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)", flush=True)
-    if plan.gradient_checkpointing:
-        model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing from the frozen embeddings
+    def train(self):
+        """LoRA on the model, Trainer with the health guard, from the last checkpoint when resuming."""
+        from peft import LoraConfig, get_peft_model
+        from transformers import DataCollatorForSeq2Seq
 
-    tokenizer.padding_side = "right"
-    stop = StopRequest()
-    stop.install_signal_handlers()
-    ckpt_dir = run_dir / "checkpoints"
-    trainer = build_trainer(
-        precision=plan.precision, keep_checkpoints=recipe.train.keep_checkpoints,
-        max_bad_steps=recipe.train.guard.max_bad_steps, zero_loss_steps=recipe.train.guard.zero_loss_steps,
-        max_time=recipe.train.max_time_seconds, stop=stop,
-        vocab_size=model.config.vocab_size if recipe.train.guard.divergence else None,
-        model=model, args=training_arguments(plan, ckpt_dir), train_dataset=features,
-        # Pads labels with -100 (never with the pad id, which is EOS here) and input ids with the pad id.
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=[_metrics_callback(run_dir / "metrics.jsonl")],
-    )
-    resume_from = None
-    if resume:
-        found = checkpoints(ckpt_dir)
-        if found:
-            resume_from = found[-1]
-            step = int(resume_from.rsplit("-", 1)[1])
-            if main:
-                _truncate_metrics(run_dir / "metrics.jsonl", step)
-                print(f"resuming from {resume_from} (step {step})", flush=True)
-        else:
-            if main:
-                print("no checkpoint yet: training starts from step 0", flush=True)
-                _truncate_metrics(run_dir / "metrics.jsonl", 0)
-    t0 = time.time()
-    output = trainer.train(resume_from_checkpoint=resume_from)
-    train_seconds = time.time() - t0
-    if stop.signal is not None:
-        raise Interrupted(stop.signal, output.global_step)
-    skipped = list(trainer.skipped_steps)
-    bad = non_finite_weights(model.named_parameters())
-    if bad:  # never save an adapter that cannot generate anything
-        raise TrainingHealthError(
-            f"training ended with {len(bad)} non-finite adapter weights (first: {bad[0]}); the adapter was not saved. "
-            f"Likely cause: train.learning_rate={recipe.train.learning_rate:g} too high (try 10x lower), or "
-            f"precision {plan.precision} overflow (hardware.precision=fp32 to rule it out). The last good checkpoint "
-            "is in the run directory.", {"non_finite_weights": bad[:20], "step": output.global_step})
-    # save_model gathers ZeRO-3 shards and writes from the main process only.
-    trainer.save_model(str(run_dir / "adapter"))
-    if not main:
-        return None
-    tokenizer.save_pretrained(run_dir / "adapter")
-    if distributed:
-        # Evaluate in this process alone, on a fresh copy: the DeepSpeed engine's weights are sharded.
+        lora, guard = self.recipe.model.lora, self.recipe.train.guard
+        self.model = get_peft_model(self.model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                           target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+        trainable, total = self.model.get_nb_trainable_parameters()
+        if self.process.main:
+            print(f"LoRA r={lora.rank}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)", flush=True)
+        if self.plan.gradient_checkpointing:
+            self.model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing from the frozen embeddings
+        self.tokenizer.padding_side = "right"
+        stop = StopRequest()
+        stop.install_signal_handlers()
+        self.trainer = build_trainer(
+            precision=self.plan.precision, keep_checkpoints=self.recipe.train.keep_checkpoints,
+            max_bad_steps=guard.max_bad_steps, zero_loss_steps=guard.zero_loss_steps,
+            max_time=self.recipe.train.max_time_seconds, stop=stop,
+            vocab_size=self.model.config.vocab_size if guard.divergence else None,
+            model=self.model, args=training_arguments(self.plan, self.run_dir), train_dataset=self.features,
+            # Pads labels with -100 (never with the pad id, which is EOS here) and input ids with the pad id.
+            data_collator=DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100),
+            callbacks=[_metrics_callback(self.run_dir.metrics)],
+        )
+        self.resumed_from = self._resume_point()
+        t0 = time.time()
+        output = self.trainer.train(resume_from_checkpoint=self.resumed_from)
+        self.skipped_steps = list(self.trainer.skipped_steps)
+        if stop.signal is not None:
+            raise Interrupted(stop.signal, output.global_step)
+        return output, time.time() - t0, stop
+
+    def _resume_point(self) -> str | None:
+        if not self.resume:
+            return None
+        found = checkpoints(self.run_dir.checkpoints)
+        step = int(found[-1].rsplit("-", 1)[1]) if found else 0
+        if self.process.main:
+            self.run_dir.truncate_metrics(step)
+            print(f"resuming from {found[-1]} (step {step})" if found else "no checkpoint yet: training starts from step 0", flush=True)
+        return found[-1] if found else None
+
+    def save(self, output) -> None:
+        """Check every adapter weight is finite, then save the adapter (gathered from ZeRO-3 shards)."""
+        bad = non_finite_weights(self.model.named_parameters())
+        if bad:  # never save an adapter that cannot generate anything
+            raise TrainingHealthError(
+                f"training ended with {len(bad)} non-finite adapter weights (first: {bad[0]}); the adapter was not saved. "
+                f"Likely cause: train.learning_rate={self.recipe.train.learning_rate:g} too high (try 10x lower), or "
+                f"precision {self.plan.precision} overflow (hardware.precision=fp32 to rule it out). The last good checkpoint "
+                "is in the run directory.", {"non_finite_weights": bad[:20], "step": output.global_step})
+        # save_model gathers ZeRO-3 shards and writes from the main process only.
+        self.trainer.save_model(str(self.run_dir.adapter))
+        if self.process.main:
+            self.tokenizer.save_pretrained(self.run_dir.adapter)
+
+    def reload_for_evaluation(self) -> None:
+        """Under DeepSpeed: evaluate in this process alone, on a fresh copy (the engine's weights are sharded)."""
         from peft import PeftModel
-
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-        del trainer
+        del self.trainer
         unset_hf_deepspeed_config()  # else from_pretrained would build a ZeRO-3-partitioned model again
-        base = load_model(model_path, plan.trust_remote_code).to(plan.device)
-        if recipe.eval.compare_base:
-            t0 = time.time()
-            results["base"], base_records = ev.evaluate(base, tokenizer, task, eval_examples, label="evaluating base", **eval_kwargs)
-            results["base"]["seconds"] = round(time.time() - t0, 1)
-            ev.write_predictions(run_dir / "predictions-base.jsonl", base_records)
-            print(ev.format_metrics("base", results["base"]), flush=True)
-        model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).to(plan.device)
-    cut = stop.reason == "time budget"
-    results["train"] = {"steps": output.global_step, "seconds": round(train_seconds, 1),
-                        "final_loss": _last_loss(run_dir / "metrics.jsonl"), "train_loss": output.training_loss,
-                        "samples": len(features), "cut_by_time_budget": cut,
-                        "max_time_seconds": recipe.train.max_time_seconds, "skipped_steps": skipped,
-                        "resumed_from": resume_from}
-    if cut:
-        print(f"time budget train.max_time={recipe.train.max_time} ran out: training stopped after step "
-              f"{output.global_step}; the adapter is saved and evaluated", flush=True)
+        base = load_model(self.model_path, self.plan.trust_remote_code).to(self.plan.device)
+        self.evaluate_base(base)
+        self.model = PeftModel.from_pretrained(base, str(self.run_dir.adapter)).to(self.plan.device)
 
-    t0 = time.time()
-    results["trained"], records = ev.evaluate(model, tokenizer, task, eval_examples, label="evaluating trained", **eval_kwargs)
-    results["trained"]["seconds"] = round(time.time() - t0, 1)
-    ev.write_predictions(run_dir / "predictions.jsonl", records)
-    print(ev.format_metrics("trained", results["trained"]), flush=True)
-    collapse = collapse_report([r["generated"] for r in records])
-    base_collapse = collapse_report([r["generated"] for r in base_records]) if base_records is not None else None
-    results["trained"]["collapse"] = collapse
-    if base_collapse is not None:
-        results["base"]["collapse"] = base_collapse
-    if base_records is not None:
-        comparison = ev.compare(base_records, records)
-        comparison["base_model"] = recipe.model.name
-        comparison["trained_collapsed"] = collapse["collapsed"]
-        (run_dir / "comparison.json").write_text(json.dumps(comparison, indent=2))
-        results["comparison"] = {k: comparison[k] for k in ev.COMPARISON_SUMMARY}
-    results["collapsed"] = collapse["collapsed"] and recipe.train.guard.collapse
-    (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
-    if results["collapsed"]:
-        raise TrainingHealthError(
-            collapse_diagnosis(collapse, max_learning_rate=recipe.train.learning_rate, precision=plan.precision,
-                               base=base_collapse),
-            {"collapsed": True, "collapse": collapse, "trained": results["trained"], "train": results["train"]})
-    return results
+    def record_training(self, output, seconds: float, stop) -> None:
+        cut = stop.reason == "time budget"
+        self.results["train"] = {"steps": output.global_step, "seconds": round(seconds, 1),
+                                 "final_loss": self.run_dir.last_loss(), "train_loss": output.training_loss,
+                                 "samples": len(self.features), "cut_by_time_budget": cut,
+                                 "max_time_seconds": self.recipe.train.max_time_seconds, "skipped_steps": self.skipped_steps,
+                                 "resumed_from": self.resumed_from}
+        if cut:
+            print(f"time budget train.max_time={self.recipe.train.max_time} ran out: training stopped after step "
+                  f"{output.global_step}; the adapter is saved and evaluated", flush=True)
+
+    def evaluate_trained(self) -> dict:
+        """The adapter on the same items; the comparison with the base; stop if its generations collapsed."""
+        results, run_dir = self.results, self.run_dir
+        t0 = time.time()
+        results["trained"], records = ev.evaluate(self.model, self.tokenizer, self.task, self.eval_examples,
+                                                  label="evaluating trained", **self.eval_kwargs)
+        results["trained"]["seconds"] = round(time.time() - t0, 1)
+        run_dir.write_predictions(records)
+        print(ev.format_metrics("trained", results["trained"]), flush=True)
+        collapse = collapse_report([r["generated"] for r in records])
+        results["trained"]["collapse"] = collapse
+        base_collapse = None
+        if self.base_records is not None:
+            base_collapse = results["base"]["collapse"] = collapse_report([r["generated"] for r in self.base_records])
+            comparison = ev.compare(self.base_records, records)
+            comparison["base_model"] = self.recipe.model.name
+            comparison["trained_collapsed"] = collapse["collapsed"]
+            run_dir.write_comparison(comparison)
+            results["comparison"] = {k: comparison[k] for k in ev.COMPARISON_SUMMARY}
+        results["collapsed"] = collapse["collapsed"] and self.recipe.train.guard.collapse
+        run_dir.write_eval(results)
+        if results["collapsed"]:
+            raise TrainingHealthError(
+                collapse_diagnosis(collapse, max_learning_rate=self.recipe.train.learning_rate,
+                                   precision=self.plan.precision, base=base_collapse),
+                {"collapsed": True, "collapse": collapse, "trained": results["trained"], "train": results["train"]})
+        return results
 
 
-def _last_loss(path: Path) -> float | None:
-    loss = None
-    if path.exists():
-        for line in path.read_text().splitlines():
-            value = json.loads(line).get("loss")
-            if value is not None and math.isfinite(value):
-                loss = value
-    return loss
+def train_and_evaluate(plan: Plan, run_dir: RunDir, process: Process = Process(), resume: bool = False) -> dict | None:
+    """The whole job (see Run); results on the main process, None on the others."""
+    return Run(plan, run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir), process, resume)()

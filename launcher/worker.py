@@ -5,38 +5,34 @@ Under torchrun every rank runs this; only rank 0 writes the run's status and res
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import traceback
-from pathlib import Path
 
 from launcher.errors import SftlaunchError
 from launcher.health import TrainingHealthError
-from launcher.plan import Plan
-from launcher.rundir import library_versions, write_status
-
 from launcher.oom import EXIT_OUT_OF_MEMORY
+from launcher.rundir import RunDir
 
 
 def main(argv: list[str]) -> int:
-    run_dir = Path(argv[0])
-    resume = "--resume" in argv[1:]
-    is_main = int(os.environ.get("RANK", "0")) == 0
-
-    def status(state: str, **extra) -> None:
-        if is_main:
-            write_status(run_dir, state, **extra)
-
-    plan = Plan.model_validate_json((run_dir / "plan.json").read_text())
-    if is_main:
-        (run_dir / "versions.json").write_text(json.dumps(library_versions(), indent=2))
-    status("running", resumed=resume, worker_pid=os.getpid())
-    from launcher.train import Interrupted, train_and_evaluate
+    from launcher.train import Interrupted, Process, Run
     from launcher.trainer import is_out_of_memory
 
+    run_dir = RunDir(argv[0])
+    resume = "--resume" in argv[1:]
+    process = Process.from_env()
+
+    def status(state: str, **extra) -> None:
+        if process.main:
+            run_dir.write_status(state, **extra)
+
+    plan = run_dir.read_plan()
+    if process.main:
+        run_dir.write_versions()
+    status("running", resumed=resume, worker_pid=os.getpid())
     try:
-        results = train_and_evaluate(plan, run_dir, resume=resume)
+        results = Run(plan, run_dir, process, resume)()
     except TrainingHealthError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         flags = {k: True for k in ("diverged", "collapsed") if exc.details.get(k)}
@@ -47,7 +43,7 @@ def main(argv: list[str]) -> int:
         status("failed", error=str(exc))
         return exc.exit_code
     except Interrupted as exc:
-        if is_main:
+        if process.main:
             print(f"stopped at step {exc.step} with a checkpoint; continue with: sftlaunch resume {run_dir}", flush=True)
         status("interrupted", step=exc.step, signal=exc.signum)
         return 128 + exc.signum

@@ -32,7 +32,9 @@ def test_profile_from_file_and_bad_profiles(tmp_path):
 def test_detect_is_frozen_and_sane():
     hw = detect()
     assert isinstance(hw, HardwareInfo) and hw.cpu_cores >= 1 and hw.ram_gb > 0
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen"):
         hw.cpu_cores = 99
 
 

@@ -63,6 +63,7 @@ def test_all_masked_batch_is_caught(tiny_model, tmp_path):
     from launcher.models import load_model, load_tokenizer
     from launcher.plan import make_plan
     from launcher.recipe import validate_recipe
+    from launcher.rundir import RunDir
     from launcher.train import training_arguments
     from launcher.trainer import StopRequest, build_trainer
     from peft import LoraConfig, get_peft_model
@@ -75,7 +76,7 @@ def test_all_masked_batch_is_caught(tiny_model, tmp_path):
     ids = tok("Convert 1 km to m.\nAnswer: 1000", add_special_tokens=False)["input_ids"]
     features = [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(ids)}] * 4
     trainer = build_trainer(precision="fp32", keep_checkpoints=1, max_bad_steps=0, zero_loss_steps=3, max_time=None,
-                            stop=StopRequest(), model=model, args=training_arguments(plan, tmp_path / "ck"),
+                            stop=StopRequest(), model=model, args=training_arguments(plan, RunDir(tmp_path)),
                             train_dataset=features, data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
     with pytest.raises(TrainingHealthError, match="all labels masked") as exc:
         trainer.train()

@@ -1,6 +1,7 @@
 """Hostile input: generated recipes and overrides either validate or fail cleanly; secrets never leak."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from launcher import cli
 from launcher.recipe import Recipe
-from tests.conftest import SUMMARY, run_cli
+from tests.conftest import ROOT, SUMMARY, run_cli
 
 KEYS = ["model.name", "model.lora.rank", "model.lora.alpha", "model.lora.target_modules", "model.trust_remote_code",
         "data.task", "data.train_size", "data.max_length", "data.path", "data.max_samples", "train.learning_rate",
@@ -102,6 +103,12 @@ def monkeypatch_session():
 
 def test_trust_remote_code_is_off_by_default_and_shown():
     assert Recipe.model_fields["model"].annotation.model_fields["trust_remote_code"].default is False
+    recipe = ROOT / "recipes" / "unit-conversion.yaml"
+    shown = CliRunner().invoke(cli.main, ["plan", str(recipe), "--hardware", "cpu-2core"])
+    assert shown.exit_code == 0, shown.output
+    assert re.search(r"trust_remote_code += False +# off \(default\): no code from the model repository runs", shown.output)
+    on = CliRunner().invoke(cli.main, ["plan", str(recipe), "--hardware", "cpu-2core", "model.trust_remote_code=true"])
+    assert re.search(r"trust_remote_code += True +# set in the recipe: the model repository's Python code will run", on.output)
 
 
 SECRETS = {"HF_TOKEN": "hf_sEcReT1234567890", "WANDB_API_KEY": "wandb-sEcReT-0987", "HUGGING_FACE_HUB_TOKEN": "hf_oTheR5ecret",

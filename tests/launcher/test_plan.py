@@ -106,8 +106,10 @@ def test_trust_remote_code_is_shown():
 def test_plan_is_frozen_and_serialises():
     from launcher.plan import Plan
 
+    from pydantic import ValidationError
+
     plan = plan_for(CPU_BF16)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         plan.precision = "fp32"
     assert Plan.model_validate_json(plan.model_dump_json()) == plan
     summary = plan.summary()
@@ -116,8 +118,12 @@ def test_plan_is_frozen_and_serialises():
     assert {"field", "value", "reason"} == set(summary["decisions"][0])
 
 
-def test_choose_precision_is_pure():
-    assert choose_precision("auto", "cuda", A100) == choose_precision("auto", "cuda", A100)
+def test_choose_precision_depends_only_on_its_arguments_and_leaves_them_unchanged():
+    before = A100.model_dump()
+    first = choose_precision("auto", "cuda", A100)
+    assert first[0] == "bf16" and "8.0" in first[1]
+    assert choose_precision("auto", "cuda", T4)[0] == "fp16"  # a different GPU gives a different answer...
+    assert choose_precision("auto", "cuda", A100) == first and A100.model_dump() == before  # ...the same one the same
 
 
 A10G = HardwareInfo(cpu_cores=8, ram_gb=32, cpu_bf16=False, gpus=(GpuInfo(name="A10G", memory_gb=22, compute_capability=(8, 6)),))
@@ -212,3 +218,16 @@ def test_another_hub_dataset_without_the_hub_is_refused_at_plan_time():
     offline = CPU_OLD.model_copy(update={"hub_reachable": False})
     with pytest.raises(PlanError, match="data.dataset=someone/gsm8k-variant: .*Fix: set data.path"):
         make_plan(load_recipe(GSM8K_RECIPE, ["data.dataset=someone/gsm8k-variant"]), offline, SMOL)
+
+
+def test_eval_plan_ignores_training_only_constraints_on_eight_gpus():
+    # Effective batch 12 over 8 GPUs cannot train (not divisible), but evaluating needs one process only.
+    from launcher.plan import make_eval_plan
+
+    with pytest.raises(PlanError, match="not divisible by the 8 training processes"):
+        plan_for(A100x8, "train.effective_batch_size=12")
+    plan = make_eval_plan(load_recipe(RECIPE, ["train.effective_batch_size=12"]), A100x8)
+    assert (plan.device, plan.eval_precision, plan.threads) == ("cuda", "bf16", 96)
+    assert "one process, on GPU 0" in next(d.reason for d in plan.decisions if d.field == "device")
+    cpu = make_eval_plan(load_recipe(RECIPE, []), CPU_OLD)
+    assert (cpu.device, cpu.eval_precision) == ("cpu", "fp32")

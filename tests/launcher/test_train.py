@@ -1,0 +1,77 @@
+"""The worker's training path, pinned: a seeded tiny model's first losses (torchtune's habit).
+
+The end-to-end tests check that a run completes and learns; this one notices a change in label masking,
+collation, loss normalisation or optimisation that keeps the loss finite (e.g. prompt tokens counted in
+the loss, EOS masked, accumulation scaling) because it moves these numbers far more than the tolerance,
+which covers fp32 differences between CPUs.
+"""
+
+import pytest
+
+# Losses of optimizer steps 1-6: LoRA r=4 on the pre-trained tiny test model (conftest), 24 unit-conversion
+# samples, micro-batch 2 x accumulation 2, lr 2e-2 constant (no warm-up), fp32, seed 0.
+PINNED = [1.4081, 1.6322, 1.5855, 1.6151, 1.6289, 1.5741]
+# Measured changes: the prompt counted in the loss moves these by 0.06-0.24, the EOS target masked by
+# 0.04-0.05 (a fresh random model barely noticed the EOS: 0.005). The tolerance, 4x below the smallest of those,
+# is room for fp32 differences between CPUs (this curve was recorded on an AVX2-only AMD EPYC).
+TOLERANCE = 1e-2
+
+
+def test_seeded_tiny_model_loss_curve_is_pinned(tiny_model, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, set_seed
+
+    from launcher.data import encode_examples
+    from launcher.hardware import HardwareInfo
+    from launcher.models import load_model, load_tokenizer
+    from launcher.plan import make_plan
+    from launcher.recipe import validate_recipe
+    from launcher.rundir import RunDir
+    from launcher.tasks.unit_conversion import generate
+    from launcher.train import training_arguments
+    from launcher.trainer import StopRequest, build_trainer
+
+    recipe = validate_recipe({"model": {"name": str(tiny_model), "lora": {"rank": 4, "alpha": 8}},
+                              "train": {"max_steps": 6, "effective_batch_size": 4, "learning_rate": 2e-2,
+                                        "lr_scheduler": "constant_with_warmup", "warmup": 0, "logging_steps": 1, "seed": 0},
+                              "hardware": {"micro_batch_size": 2, "precision": "fp32", "threads": 1}})
+    plan = make_plan(recipe, HardwareInfo(cpu_cores=2, ram_gb=8, cpu_bf16=False))
+    assert (plan.micro_batch_size, plan.gradient_accumulation_steps) == (2, 2)
+    tok = load_tokenizer(str(tiny_model))
+    features, _ = encode_examples(generate(24, 1, seed=3)[0], tok, 96, "plain")
+    set_seed(0)
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(str(tiny_model)),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainer = build_trainer(precision="fp32", keep_checkpoints=1, max_bad_steps=0, zero_loss_steps=3, max_time=None,
+                            stop=StopRequest(), model=model, args=training_arguments(plan, RunDir(tmp_path)),
+                            train_dataset=features, data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+    trainer.train()
+    losses = [round(r["loss"], 4) for r in trainer.state.log_history if "loss" in r]
+    print("losses:", losses)
+    assert len(losses) == 6
+    assert losses == pytest.approx(PINNED, abs=TOLERANCE)
+
+
+@pytest.mark.parametrize("rank, world_size", [(0, 1), (0, 2)])
+def test_a_resumed_run_reads_the_base_evaluation_instead_of_repeating_it(tmp_path, rank, world_size):
+    # One base-evaluation path for one process and for DeepSpeed's main rank: both reuse eval-base.json.
+    from launcher.hardware import HardwareInfo
+    from launcher.plan import make_plan
+    from launcher.recipe import validate_recipe
+    from launcher.rundir import RunDir
+    from launcher.train import Process, Run
+
+    run_dir = RunDir(tmp_path)
+    records = [{"question": "q1", "reference": 1.0, "generated": "1", "parsed": 1.0, "correct": True, "group": "all"},
+               {"question": "q2", "reference": 2.0, "generated": "", "parsed": None, "correct": False, "group": "all"}]
+    run_dir.write_base_eval({"accuracy": 0.5, "answer_rate": 0.5, "n": 2}, records)
+    plan = make_plan(validate_recipe({"model": {"name": "embedded:smollm2-135m-instruct"}}),
+                     HardwareInfo(cpu_cores=2, ram_gb=8, cpu_bf16=False))
+    run = Run(plan, run_dir, Process(rank, world_size), resume=True)
+    run.evaluate_base(model=None)  # evaluating would need a model: None fails if it tried
+    assert run.results["base"]["accuracy"] == 0.5 and run.base_records == records
+    other_rank = Run(plan, run_dir, Process(1, 2), resume=True)
+    other_rank.evaluate_base(model=None)
+    assert "base" not in other_rank.results  # only the main process evaluates
