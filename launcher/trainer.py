@@ -85,12 +85,13 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
             self.bad_steps = 0
             self.start = time.monotonic()
             self.watch = LossWatch(vocab_size) if vocab_size else None
+            self.skipped_steps: list[int] = []  # optimizer steps whose update was skipped (trainer.skipped_steps)
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = time.monotonic()
 
-        def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-            losses, tokens = record.losses, record.trainable_tokens
+        def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+            tokens = record.trainable_tokens
             loss = record.step_loss()
             grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
             grad_norm = None
@@ -104,7 +105,7 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
             elif grad_norm is not None and not math.isfinite(grad_norm):
                 problem = f"the gradient norm is {grad_norm}"
             step = state.global_step + 1
-            lr = trainer.lr_scheduler.get_last_lr()[0] if trainer.lr_scheduler else args.learning_rate
+            lr = lr_scheduler.get_last_lr()[0] if lr_scheduler else args.learning_rate
             if problem:
                 self.bad_steps += 1
                 if self.bad_steps <= max_bad_steps:
@@ -114,7 +115,7 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
                         p.grad = None
                     print(f"warning: step {step}: {problem}; update skipped ({self.bad_steps} of "
                           f"train.guard.max_bad_steps={max_bad_steps} allowed)", flush=True)
-                    trainer.skipped_steps.append(step)
+                    self.skipped_steps.append(step)
                     return
                 raise TrainingHealthError(
                     diagnose(step=step, problem=problem, loss=loss, grad_norm=grad_norm, precision=precision,
@@ -200,6 +201,7 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
                 for old in checkpoints(out)[:-keep_checkpoints]:
                     shutil.rmtree(old, ignore_errors=True)
 
-    trainer = SftTrainer(callbacks=[*trainer_kwargs.pop("callbacks", []), Guard()], **trainer_kwargs)
-    trainer.skipped_steps = []
+    guard = Guard()
+    trainer = SftTrainer(callbacks=[*trainer_kwargs.pop("callbacks", []), guard], **trainer_kwargs)
+    trainer.skipped_steps = guard.skipped_steps
     return trainer
