@@ -73,6 +73,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, zero_loss_steps: int,
                   max_time: float | None, stop: StopRequest, vocab_size: int | None = None, **trainer_kwargs):
+    """A Trainer with the health guard (a callback) and the raw-loss recording it reads (a Trainer subclass).
+
+    Longer than the other functions on purpose: the two classes are defined here because transformers is
+    imported lazily (the CLI starts without torch) and both share one StepRecord of the current step; each
+    method is short and does one thing.
+    """
     from transformers import Trainer, TrainerCallback
 
     record = StepRecord()
