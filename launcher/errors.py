@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from typing import Any
+
+# A bad value is shown shortened: a few YAML aliases can make one value expand to billions of items
+# (nine keys each listing the previous one nine times: 9^9), and repr() would render every one of them.
+_SHORT = reprlib.Repr()  # attributes, not keywords: Python 3.11's Repr takes none
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxlong, _SHORT.maxother = 2, 120, 60, 120
+_SHORT.maxtuple = _SHORT.maxlist = _SHORT.maxarray = _SHORT.maxdict = _SHORT.maxset = _SHORT.maxfrozenset = _SHORT.maxdeque = 6
+# At most this many problems are listed; the rest are counted (a million unknown keys printed 164 MB).
+MAX_PROBLEMS_SHOWN = 20
 
 
 @dataclass(frozen=True)
@@ -15,7 +24,7 @@ class Problem:
     where: str | None = None
 
     def render(self) -> str:
-        got = f" (got {self.got!r})" if self.got is not None else ""
+        got = f" (got {_SHORT.repr(self.got)})" if self.got is not None else ""
         where = f" [{self.where}]" if self.where else ""
         return f"{self.key}{where}: {self.message}{got}. Fix: {self.fix}"
 
@@ -42,7 +51,10 @@ class ConfigError(SftlaunchError):
         self.problems = list(merged.values())
         count = len(self.problems)
         head = f"{count} problem{'s' if count != 1 else ''} in the configuration:"
-        super().__init__("\n".join([head] + [f"  - {p.render()}" for p in self.problems]))
+        shown = [f"  - {p.render()}" for p in self.problems[:MAX_PROBLEMS_SHOWN]]
+        if count > MAX_PROBLEMS_SHOWN:
+            shown.append(f"  ... and {count - MAX_PROBLEMS_SHOWN} more (fix these first)")
+        super().__init__("\n".join([head] + shown))
 
 
 class PlanError(SftlaunchError):

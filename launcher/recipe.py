@@ -285,8 +285,13 @@ def _apply_override(data: dict, path: str, value: Any, problems: list[Problem]) 
 def _line_numbers(text: str) -> dict[str, int]:
     """Map each dotted key path in a YAML document to its 1-based line, for error messages."""
     lines: dict[str, int] = {}
+    seen: set[int] = set()
 
     def walk(node: yaml.Node, prefix: str) -> None:
+        # An alias is the same node again: visit each node once (aliases of aliases would grow exponentially).
+        if id(node) in seen:
+            return
+        seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 if isinstance(key_node, yaml.ScalarNode):

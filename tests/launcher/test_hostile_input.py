@@ -127,3 +127,34 @@ def test_secrets_never_reach_the_run_directory_logs_or_plans(tiny_recipe, tmp_pa
     for secret in SECRETS.values():
         assert all(secret not in t for t in texts), secret
         assert all(secret.encode() not in b for b in blobs), secret
+
+
+def _alias_bomb() -> str:
+    # Nine keys, each a list of nine aliases of the previous one: 9^9 (387 million) leaves once expanded.
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for prev, key in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{key}: &{key} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("where", ["recipe", "hardware"])
+def test_a_yaml_alias_bomb_is_refused_in_bounded_time_and_output(tmp_path, where):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_alias_bomb())
+    assert len(bomb.read_bytes()) < 400
+    args = ["plan", str(bomb)] if where == "recipe" else ["plan", str(ROOT / "recipes" / "unit-conversion.yaml"), "--hardware", str(bomb)]
+    result = run_cli(*args, timeout=60)  # unbounded, it ran past 15 GB and 2 GB of output
+    assert result.returncode == 2
+    # At most 20 problems, each bad value shortened to a few levels and items: bounded, not 2 GB.
+    assert len(result.stderr) < 12_000 and "Traceback" not in result.stderr
+    assert "..." in result.stderr
+    assert "i:" in result.stderr or "i " in result.stderr  # the offending key is named
+
+
+def test_a_million_style_flood_of_unknown_keys_lists_twenty_and_counts_the_rest(tmp_path):
+    recipe = tmp_path / "flood.yaml"
+    recipe.write_text("model: {name: embedded:smollm2-135m-instruct}\n" + "".join(f"junk{i}: 1\n" for i in range(3000)))
+    result = run_cli("plan", str(recipe), timeout=120)
+    assert result.returncode == 2
+    assert "3000 problems in the configuration" in result.stderr and "... and 2980 more (fix these first)" in result.stderr
+    assert result.stderr.count("junk") == 20 and len(result.stderr) < 10_000
