@@ -112,8 +112,14 @@ def run(recipe, overrides, backend, smoke, nnodes, node_rank, master_addr, maste
         plan = _plan(recipe, overrides, None, backend, nnodes=nnodes, check=True)
         if node_rank >= plan.nodes:
             raise PlanError(f"--node-rank {node_rank} is outside the {plan.nodes}-node job. Fix: 0 <= --node-rank < --nnodes.")
-        from launcher.rundir import create_run_dir
+        from launcher.rundir import RunDir, create_run_dir
 
+        status = RunDir(run_dir).status().get("status") if run_dir else None
+        if status and node_rank == 0:
+            # Node 0 writes run.json when it starts a job; the other nodes only join the directory (and may
+            # write plan.json before node 0 does), so run.json, not plan.json, marks a run that exists.
+            raise PlanError(f"--run-dir {run_dir} already holds a run ({status}); starting here would overwrite its plan "
+                            f"and results. Fix: sftlaunch resume {run_dir}, or give --run-dir a new folder.")
         click.echo(render_plan(plan))
         path = create_run_dir(plan, recipe, suffix="-smoke" if smoke else "", explicit=run_dir)
         click.echo(f"run directory: {path}" + ("  (smoke run)" if smoke else ""))

@@ -158,3 +158,17 @@ def test_a_million_style_flood_of_unknown_keys_lists_twenty_and_counts_the_rest(
     assert result.returncode == 2
     assert "3000 problems in the configuration" in result.stderr and "... and 2980 more (fix these first)" in result.stderr
     assert result.stderr.count("junk") == 20 and len(result.stderr) < 10_000
+
+
+def test_run_dir_onto_an_existing_run_is_refused_and_leaves_it_untouched(tmp_path):
+    from launcher.rundir import RunDir
+
+    old = RunDir(tmp_path / "old-run")
+    old.path.mkdir()
+    old.file(RunDir.PLAN).write_text('{"kept": true}')
+    old.write_status("completed")
+    before = {p.name: p.read_bytes() for p in old.path.iterdir()}
+    result = run_cli(str(ROOT / "recipes" / "unit-conversion.yaml"), "--run-dir", str(old.path), timeout=120)
+    assert result.returncode == 2
+    assert "already holds a run (completed)" in result.stderr and f"sftlaunch resume {old.path}" in result.stderr
+    assert {p.name: p.read_bytes() for p in old.path.iterdir()} == before
