@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from launcher import evaluate as ev
 from launcher.errors import ConfigError, Problem
 from launcher.recipe import Recipe
+
+if TYPE_CHECKING:
+    from launcher.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -23,7 +27,7 @@ class EvalRequest:
     predictions: str | None = None
 
 
-def _target_recipe(target: str, overrides) -> tuple[Recipe, Path | None]:
+def _target_recipe(target: str, overrides) -> tuple[Recipe, RunDir | None]:
     from launcher.recipe import load_recipe, merge_overrides, validate_recipe
     from launcher.rundir import RunDir
 

@@ -270,8 +270,3 @@ class Run:
                                    precision=self.plan.precision, base=base_collapse),
                 {"collapsed": True, "collapse": collapse, "trained": results["trained"], "train": results["train"]})
         return results
-
-
-def train_and_evaluate(plan: Plan, run_dir: RunDir, process: Process = Process(), resume: bool = False) -> dict | None:
-    """The whole job (see Run); results on the main process, None on the others."""
-    return Run(plan, run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir), process, resume)()
