@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def run(recipe, overrides, backend, smoke, nnodes, node_rank, master_addr, maste
         path = create_run_dir(plan, recipe, suffix="-smoke" if smoke else "", explicit=run_dir)
         click.echo(f"run directory: {path}" + ("  (smoke run)" if smoke else ""))
         if node_rank == 0:
-            path.write_status("starting", recipe=str(recipe), overrides=list(overrides), smoke=smoke)
+            path.write_status("starting", recipe=str(recipe), overrides=list(overrides), smoke=smoke, launcher_pid=os.getpid())
     except SftlaunchError as exc:
         _fail(exc)
     from backends.base import Rendezvous
@@ -153,15 +154,18 @@ def resume(run_dir):
     path = RunDir(run_dir)
     try:
         plan = path.read_plan()
-    except SftlaunchError as exc:
-        _fail(exc)
-    if path.status().get("status") == "completed":
-        _fail(PlanError(f"{run_dir} already completed; nothing to resume."))
-    try:
+        state = path.status().get("status")
+        if state == "completed":
+            raise PlanError(f"{run_dir} already completed; nothing to resume.")
+        live = path.live_process()
+        if live:
+            raise PlanError(f"{run_dir} is still running ({live}, run.json says {state}); two workers must not share a run. "
+                            f"Fix: wait for it to end, or stop it (kill -TERM {live.rsplit(' ', 1)[1]}) and resume then.")
         _check_backend(plan, detect())
     except SftlaunchError as exc:
         _fail(exc)
     click.echo(render_plan(plan))
+    path.write_status("starting", resumed=True, launcher_pid=os.getpid())
     _launch(plan, path, resume=True)
 
 
@@ -173,10 +177,16 @@ def _launch(plan, run_dir, resume: bool, rendezvous=None) -> None:
     from launcher.health import TrainingHealthError
     from launcher.oom import EXIT_OUT_OF_MEMORY, back_off
     from launcher.runner import run as run_spec
+    from launcher.signals import oom_kills
 
     rendezvous = rendezvous or Rendezvous(master_port=_free_port())
     while True:
+        oom_before = oom_kills()
         code = run_spec(BACKENDS[plan.backend].build(plan, run_dir.path, resume=resume, rendezvous=rendezvous), run_dir.path)
+        if rendezvous.node_rank == 0:  # run.json ends true even when the worker was killed before it could write
+            code = run_dir.record_worker_end(code, oom_before, oom_kills())
+        elif code < 0:
+            code = 128 - code
         if code != EXIT_OUT_OF_MEMORY or rendezvous.node_rank != 0:
             break
         try:

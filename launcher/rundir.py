@@ -18,6 +18,7 @@ from launcher.errors import ConfigError, PlanError, Problem
 from launcher.evaluate import write_predictions
 from launcher.plan import Plan
 from launcher.recipe import recipe_to_yaml
+from launcher.signals import pid_alive, worker_end
 
 
 class RunDir:
@@ -56,20 +57,66 @@ class RunDir:
         return self.file(self.PLAN).is_file()
 
     def read_plan(self) -> Plan:
+        from pydantic import ValidationError
+
         if not self.has_plan():
             raise PlanError(f"{self.path} is not a run directory (no {self.PLAN}). Fix: pass outputs/<run>.")
-        return Plan.model_validate_json(self.file(self.PLAN).read_text())
+        try:
+            return Plan.model_validate_json(self.file(self.PLAN).read_text())
+        except (ValidationError, ValueError, OSError) as exc:
+            raise PlanError(f"{self.file(self.PLAN)} is unreadable or not a plan ({_first_line(exc)}); it was written by "
+                            "sftlaunch and edited or cut short since. Fix: start a new run from the recipe "
+                            f"({self.file(self.RECIPE)}).") from None
 
     # -- state --------------------------------------------------------------------------------------
     def status(self) -> dict:
         path = self.file(self.STATUS)
-        return json.loads(path.read_text()) if path.exists() else {}
+        if not path.exists():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, OSError) as exc:
+            raise PlanError(f"{path} is unreadable ({_first_line(exc)}). Fix: delete it to let `sftlaunch resume` "
+                            "continue from the last checkpoint, or start a new run.") from None
+        if not isinstance(data, dict):
+            raise PlanError(f"{path} holds {type(data).__name__}, not a run's status. Fix: delete it, or start a new run.")
+        return data
 
     def write_status(self, status: str, **extra) -> None:
         """run.json: the run's state, rewritten atomically at each change."""
         data = self.status()
         data.update(status=status, updated=datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra)
         _atomic_write(self.file(self.STATUS), json.dumps(data, indent=2))
+
+    def record_training(self, record: dict) -> None:
+        """The training summary, once the adapter is saved: a resumed run that finds both only evaluates."""
+        self.write_status(self.status().get("status", "running"), train=record)
+
+    def training_done(self) -> dict | None:
+        record = self.status().get("train")
+        return record if isinstance(record, dict) and self.has_adapter() else None
+
+    def record_worker_end(self, returncode: int, oom_before: int | None, oom_after: int | None) -> int:
+        """The worker has exited: if it could not say how (killed), say it; return the exit code the user sees."""
+        state = self.status()
+        if state.get("status") in ("starting", "running"):
+            end = worker_end(returncode, oom_before, oom_after)
+            self.write_status(end.pop("status"), **end)
+            return end["exit_code"]
+        if state.get("status") == "interrupted" and isinstance(state.get("exit_code"), int):
+            return state["exit_code"]  # 143 for SIGTERM, whatever torchrun made of the worker's exit
+        return 128 - returncode if returncode < 0 else returncode
+
+    def live_process(self) -> str | None:
+        """'worker pid N' / 'launcher pid N' if this run is still being run by a live process, else None."""
+        state = self.status()
+        if state.get("status") not in ("starting", "running"):
+            return None
+        if pid_alive(state.get("worker_pid"), "launcher.worker"):
+            return f"worker pid {state['worker_pid']}"
+        if pid_alive(state.get("launcher_pid"), "sftlaunch", "launcher.cli"):
+            return f"launcher pid {state['launcher_pid']}"
+        return None
 
     def write_versions(self) -> None:
         self.file(self.VERSIONS).write_text(json.dumps(library_versions(), indent=2))
@@ -139,6 +186,11 @@ class RunDir:
     def read_comparison(self) -> dict | None:
         path = self.file(self.COMPARISON)
         return json.loads(path.read_text()) if path.exists() else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
 
 
 def _atomic_write(path: Path, text: str) -> None:

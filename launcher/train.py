@@ -17,16 +17,16 @@ from launcher.health import TrainingHealthError, collapse_diagnosis, collapse_re
 from launcher.models import load_model, load_tokenizer, resolve_model
 from launcher.plan import Plan
 from launcher.rundir import RunDir
+from launcher.signals import BASE_EVAL, FINAL_EVAL, LOADING, SAVING, TRAINING, PhaseSignals, Stopped
 from launcher.tasks import get_task
 from launcher.trainer import StopRequest, build_trainer, checkpoints
 
 
-class Interrupted(Exception):
-    """Training stopped on SIGINT/SIGTERM after saving a checkpoint."""
+class Interrupted(Stopped):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint at that step."""
 
     def __init__(self, signum: int, step: int):
-        super().__init__(f"interrupted at step {step}")
-        self.signum, self.step = signum, step
+        super().__init__(signum, TRAINING, f"resume continues from checkpoint-{step}", step=step)
 
 
 def training_arguments(plan: Plan, run_dir: RunDir):
@@ -107,24 +107,41 @@ class Run:
     for the whole evaluation (minutes on GSM8K), against the process group's timeout.
     """
 
-    def __init__(self, plan: Plan, run_dir: RunDir, process: Process = Process(), resume: bool = False):
+    def __init__(self, plan: Plan, run_dir: RunDir, process: Process = Process(), resume: bool = False,
+                 signals: PhaseSignals | None = None):
         self.plan, self.recipe, self.run_dir, self.process, self.resume = plan, plan.recipe, run_dir, process, resume
+        self.signals = signals or PhaseSignals()
         self.distributed = plan.world_size > 1
         self.results: dict = {"model": self.recipe.model.name}
         self.base_records: list[dict] | None = None
 
     def __call__(self) -> dict | None:
+        self.enter(LOADING)
         self.setup()
+        trained = self.run_dir.training_done() if self.resume else None
+        if trained is not None:  # stopped after training: only the evaluation is left to do
+            return self.evaluate_saved(trained)
         if not self.distributed:
             self.evaluate_base(self.model)
         output, seconds, stop = self.train()
+        self.enter(SAVING)
         self.save(output)
         if not self.process.main:
             return None
+        self.record_training(output, seconds, stop)
+        self.enter(FINAL_EVAL)  # a signal that came while saving stops here, with the adapter complete
         if self.distributed:
             self.reload_for_evaluation()
-        self.record_training(output, seconds, stop)
         return self.evaluate_trained()
+
+    def enter(self, phase: str) -> None:
+        """Say in run.json which phase runs, and how a SIGINT/SIGTERM stops it (training: the StopRequest)."""
+        if phase == SAVING:
+            self.signals.defer(phase)
+        elif phase != TRAINING:
+            self.signals.stop_now(phase)
+        if self.process.main:
+            self.run_dir.write_status("running", phase=phase)
 
     def setup(self) -> None:
         import torch
@@ -152,6 +169,7 @@ class Run:
         """The base model on the evaluation items, once per run: a resumed run reads eval-base.json."""
         if not (self.recipe.eval.compare_base and self.process.main):
             return
+        self.enter(BASE_EVAL)
         done = self.run_dir.read_base_eval() if self.resume else None
         if done is not None:  # evaluated before the interruption: same items, same model
             self.results["base"], self.base_records = done
@@ -177,6 +195,7 @@ class Run:
         if self.plan.gradient_checkpointing:
             self.model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing from the frozen embeddings
         self.tokenizer.padding_side = "right"
+        self.enter(TRAINING)
         stop = StopRequest()
         stop.install_signal_handlers()
         self.trainer = build_trainer(
@@ -223,14 +242,30 @@ class Run:
 
     def reload_for_evaluation(self) -> None:
         """Under DeepSpeed: evaluate in this process alone, on a fresh copy (the engine's weights are sharded)."""
-        from peft import PeftModel
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         del self.trainer
         unset_hf_deepspeed_config()  # else from_pretrained would build a ZeRO-3-partitioned model again
-        base = load_model(self.model_path, self.plan.trust_remote_code).to(self.plan.device)
+        self.attach_adapter(load_model(self.model_path, self.plan.trust_remote_code))
+
+    def attach_adapter(self, base) -> None:
+        """The base model evaluated (unless done before), then the saved adapter put on it for the final evaluation."""
+        from peft import PeftModel
+
+        base = base.to(self.plan.device)
         self.evaluate_base(base)
+        self.enter(FINAL_EVAL)
         self.model = PeftModel.from_pretrained(base, str(self.run_dir.adapter)).to(self.plan.device)
+
+    def evaluate_saved(self, train_record: dict) -> dict | None:
+        """A resumed run whose training had finished (stopped while evaluating): evaluate the saved adapter."""
+        if not self.process.main:
+            return None
+        print(f"training finished before the stop (step {train_record.get('steps')}): evaluating the saved adapter", flush=True)
+        self.results["train"] = train_record
+        self.enter(FINAL_EVAL)
+        self.attach_adapter(self.model)
+        return self.evaluate_trained()
 
     def record_training(self, output, seconds: float, stop) -> None:
         cut = stop.reason == "time budget"
@@ -239,6 +274,8 @@ class Run:
                                  "samples": len(self.features), "cut_by_time_budget": cut,
                                  "max_time_seconds": self.recipe.train.max_time_seconds, "skipped_steps": self.skipped_steps,
                                  "resumed_from": self.resumed_from}
+        if self.process.main:  # a resumed run that finds this (and the adapter) only evaluates
+            self.run_dir.record_training(self.results["train"])
         if cut:
             print(f"time budget train.max_time={self.recipe.train.max_time} ran out: training stopped after step "
                   f"{output.global_step}; the adapter is saved and evaluated", flush=True)

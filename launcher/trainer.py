@@ -16,6 +16,7 @@ import shutil
 import signal
 import time
 
+from launcher.signals import TRAINING, Stopped
 from launcher.health import LossWatch, StepRecord, TrainingHealthError, diagnose, diverged_diagnosis
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -38,8 +39,8 @@ class StopRequest:
 
     def install_signal_handlers(self) -> None:
         def handler(signum, frame):
-            if self.signal is not None:  # a second Ctrl-C: stop now
-                raise KeyboardInterrupt
+            if self.signal is not None:  # a second Ctrl-C: stop now, without the checkpoint
+                raise Stopped(signum, TRAINING, "resume continues from the last complete checkpoint")
             self.signal = signum
             self.reason = f"signal {signal.Signals(signum).name}"
             print(f"\n{signal.Signals(signum).name} received: finishing the current step, saving a checkpoint "

@@ -1,6 +1,9 @@
 """Worker entry point: `python -m launcher.worker RUN_DIR [--resume]`. Reads plan.json, trains, evaluates.
 
-Under torchrun every rank runs this; only rank 0 writes the run's status and results.
+Under torchrun every rank runs this; only rank 0 writes the run's status and results. Whatever ends the
+worker, run.json says so: completed, failed (with the error), out_of_memory, or interrupted (with the
+signal, the phase it stopped in and what `sftlaunch resume` will do). A worker killed outright (SIGKILL)
+cannot write; the launcher records that end (launcher.signals.worker_end).
 """
 
 from __future__ import annotations
@@ -10,52 +13,70 @@ import sys
 import traceback
 
 from launcher.errors import SftlaunchError
-from launcher.health import TrainingHealthError
-from launcher.oom import EXIT_OUT_OF_MEMORY
 from launcher.rundir import RunDir
+from launcher.signals import LOADING, RESUME_DOES, FINAL_EVAL, TRAINING, PhaseSignals, Stopped, signal_name
 
 
 def main(argv: list[str]) -> int:
-    from launcher.train import Interrupted, Process, Run
-    from launcher.trainer import is_out_of_memory
-
+    # First, before torch and transformers load (seconds): a SIGTERM from here on stops the worker cleanly.
+    signals = PhaseSignals()
+    signals.stop_now(LOADING)
     run_dir = RunDir(argv[0])
     resume = "--resume" in argv[1:]
-    process = Process.from_env()
+    rank = int(os.environ.get("RANK", "0"))
 
     def status(state: str, **extra) -> None:
-        if process.main:
+        if rank == 0:
             run_dir.write_status(state, **extra)
 
-    plan = run_dir.read_plan()
-    if process.main:
-        run_dir.write_versions()
-    status("running", resumed=resume, worker_pid=os.getpid())
     try:
-        results = Run(plan, run_dir, process, resume)()
-    except TrainingHealthError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        flags = {k: True for k in ("diverged", "collapsed") if exc.details.get(k)}
-        status("failed", error=str(exc), health=exc.details, **flags)
+        plan = run_dir.read_plan()
+        if rank == 0:
+            run_dir.write_versions()
+        status("running", resumed=resume, worker_pid=os.getpid(), phase=LOADING)
+        return _run(plan, run_dir, resume, signals, status)
+    except Stopped as exc:
+        signals.defer("stopping")  # a second signal must not cut the status write short
+        does = exc.resume_does
+        if exc.phase != TRAINING and run_dir.training_done() is not None:
+            does = RESUME_DOES[FINAL_EVAL]
+        if rank == 0:
+            print(f"\n{signal_name(exc.signum)}: stopped during {exc.phase}; {does}: sftlaunch resume {run_dir}", flush=True)
+        extra = {"step": exc.step} if exc.step is not None else {}
+        status("interrupted", phase=exc.phase, signal=signal_name(exc.signum), exit_code=exc.exit_code, resume=does, **extra)
         return exc.exit_code
     except SftlaunchError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        status("failed", error=str(exc))
+        status("failed", error=str(exc), exit_code=exc.exit_code)
         return exc.exit_code
-    except Interrupted as exc:
-        if process.main:
-            print(f"stopped at step {exc.step} with a checkpoint; continue with: sftlaunch resume {run_dir}", flush=True)
-        status("interrupted", step=exc.step, signal=exc.signum)
-        return 128 + exc.signum
+
+
+def _run(plan, run_dir: RunDir, resume: bool, signals: PhaseSignals, status) -> int:
+    from launcher.health import TrainingHealthError
+    from launcher.oom import EXIT_OUT_OF_MEMORY
+    from launcher.train import Process, Run
+    from launcher.trainer import is_out_of_memory
+
+    try:
+        results = Run(plan, run_dir, Process.from_env(), resume, signals)()
+        signals.defer("recording the results")
+    except TrainingHealthError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        flags = {k: True for k in ("diverged", "collapsed") if exc.details.get(k)}
+        status("failed", error=str(exc), health=exc.details, exit_code=exc.exit_code, **flags)
+        return exc.exit_code
+    except (Stopped, SftlaunchError):
+        raise
     except BaseException as exc:
         if isinstance(exc, Exception) and is_out_of_memory(exc):
             print(f"out of memory at micro-batch {plan.micro_batch_size}: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
-            status("out_of_memory", error=str(exc).splitlines()[0], micro_batch_size=plan.micro_batch_size)
+            status("out_of_memory", error=str(exc).splitlines()[0], micro_batch_size=plan.micro_batch_size,
+                   exit_code=EXIT_OUT_OF_MEMORY)
             return EXIT_OUT_OF_MEMORY
-        status("failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        status("failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(), exit_code=1)
         raise
     if results is not None:
-        status("completed", base=results.get("base"), trained=results["trained"], train=results["train"])
+        status("completed", base=results.get("base"), trained=results["trained"], train=results["train"], exit_code=0, phase=None)
     return 0
 
 
@@ -63,10 +84,10 @@ def close_process_group() -> None:
     """Tear the process group down before the interpreter exits. Left to exit-time destructors, a rank that
     finishes first (DeepSpeed's other ranks stop after saving; rank 0 goes on to evaluate) was once aborted
     ("terminate called without an active exception", SIGABRT) in a ZeRO-3 CPU run over gloo."""
-    try:
-        import torch.distributed as dist
-    except ImportError:
+    if "torch" not in sys.modules:  # stopped before torch loaded: nothing to tear down
         return
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -6,18 +6,25 @@ the loss, EOS masked, accumulation scaling) because it moves these numbers far m
 which covers fp32 differences between CPUs.
 """
 
+from pathlib import Path
+
 import pytest
 
 # Losses of optimizer steps 1-6: LoRA r=4 on the pre-trained tiny test model (conftest), 24 unit-conversion
 # samples, micro-batch 2 x accumulation 2, lr 2e-2 constant (no warm-up), fp32, seed 0.
-PINNED = [1.4081, 1.6322, 1.5855, 1.6151, 1.6289, 1.5741]
+PINNED = [1.4108, 1.6324, 1.5899, 1.6113, 1.6294, 1.5606]
 # Measured changes: the prompt counted in the loss moves these by 0.06-0.24, the EOS target masked by
 # 0.04-0.05 (a fresh random model barely noticed the EOS: 0.005). The tolerance, 4x below the smallest of those,
 # is room for fp32 differences between CPUs (this curve was recorded on an AVX2-only AMD EPYC).
 TOLERANCE = 1e-2
+# The starting model is shipped, not built by the conftest fixture: the fixture's 120 steps of pre-training
+# amplify fp32 rounding differences between CPUs (two AVX2-only AMD EPYC machines gave pre-trained models
+# whose step-6 loss here differed by 0.0135). This copy is that fixture's output on one of them.
+TINY = Path(__file__).parent / "data" / "tiny-llama"
 
 
-def test_seeded_tiny_model_loss_curve_is_pinned(tiny_model, tmp_path):
+def test_seeded_tiny_model_loss_curve_is_pinned(tmp_path):
+    tiny_model = TINY
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, set_seed

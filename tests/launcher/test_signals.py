@@ -1,0 +1,144 @@
+"""Signals in every phase of a run, and run.json that tells how the worker really ended."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher.signals import oom_kills, pid_alive, worker_end
+from tests.conftest import ROOT, run_cli
+
+# Evaluation long enough (a few seconds on the tiny model) to be caught in the middle.
+LONG_EVAL = ["eval.size=200", "eval.max_new_tokens=64", "eval.stop_on_repetition=false", "eval.batch_size=4"]
+
+
+def _start(recipe, *args):
+    return subprocess.Popen([sys.executable, "-m", "launcher.cli", str(recipe), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _status(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _wait_for_phase(out: Path, phase: str, proc, timeout=300) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        runs = list(out.iterdir()) if out.exists() else []
+        if runs and _status(runs[0]).get("phase") == phase:
+            return runs[0]
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.005)
+    raise AssertionError(f"phase {phase} never seen")
+
+
+@pytest.mark.parametrize("phase, args, resume_says", [
+    ("loading", [], "starts the run from the beginning"),
+    ("base evaluation", LONG_EVAL, "evaluates the base model again"),
+    ("final evaluation", [*LONG_EVAL, "eval.compare_base=false"], "evaluates the saved adapter again, without training"),
+])
+def test_sigterm_stops_each_phase_with_a_true_status_and_143(tiny_recipe, tmp_path, phase, args, resume_says):
+    out = tmp_path / "outputs"
+    proc = _start(tiny_recipe, *args)
+    run_dir = _wait_for_phase(out, phase, proc)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert time.time() - t0 < 30  # promptly: the evaluation is not finished first
+    assert proc.returncode == 143, stderr[-2000:]
+    status = _status(run_dir)
+    assert (status["status"], status["phase"], status["signal"], status["exit_code"]) == ("interrupted", phase, "SIGTERM", 143)
+    assert resume_says in status["resume"] and "sftlaunch resume" in stdout
+    assert not (run_dir / "eval.json").exists()
+
+    resumed = run_cli("resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    final = _status(run_dir)
+    assert final["status"] == "completed" and final["phase"] is None
+    if phase == "final evaluation":  # training was done: the saved adapter is evaluated, not trained again
+        assert "evaluating the saved adapter" in resumed.stdout and "resuming from" not in resumed.stdout
+    assert json.loads((run_dir / "eval.json").read_text())["train"]["steps"] == 4
+
+
+def test_sigkill_of_the_worker_is_recorded_by_the_launcher_with_137(tiny_recipe, tmp_path):
+    out = tmp_path / "outputs"
+    proc = _start(tiny_recipe, "train.max_steps=400", "train.save_steps=200", "eval.compare_base=false")
+    run_dir = _wait_for_phase(out, "training", proc)
+    os.kill(_status(run_dir)["worker_pid"], signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 137, stderr[-2000:]  # 128 + 9, not Python's 247 for a returncode of -9
+    status = _status(run_dir)
+    assert status["status"] in ("killed", "out_of_memory") and status["signal"] == "SIGKILL" and status["exit_code"] == 137
+    assert status["phase"] == "training"  # where it died
+    assert "out-of-memory killer" in status["error"]
+
+
+def test_resume_refuses_a_run_whose_worker_is_alive(tiny_recipe, tmp_path):
+    out = tmp_path / "outputs"
+    proc = _start(tiny_recipe, "train.max_steps=400", "train.save_steps=200", "eval.compare_base=false")
+    try:
+        run_dir = _wait_for_phase(out, "training", proc)
+        second = run_cli("resume", str(run_dir))
+        assert second.returncode == 2
+        assert "still running" in second.stderr and f"pid {_status(run_dir)['worker_pid']}" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert _status(run_dir)["status"] == "interrupted"
+
+
+def test_worker_end_names_the_signal_and_the_conventional_exit_code():
+    assert worker_end(-15, 0, 0) == {"status": "killed", "signal": "SIGTERM", "exit_code": 143,
+                                     "error": "the worker was killed by SIGTERM before it could record its end"}
+    killed = worker_end(-9, 3, 3)
+    assert (killed["status"], killed["exit_code"]) == ("killed", 137) and "dmesg" in killed["error"]
+    assert worker_end(-9, 3, 4)["status"] == "out_of_memory"  # the cgroup's kill count rose while it ran
+    assert worker_end(-9, None, None)["status"] == "killed"  # unknown count: no claim either way
+    crashed = worker_end(1, None, None)
+    assert (crashed["status"], crashed["exit_code"]) == ("failed", 1)
+
+
+def test_oom_kill_count_is_read_where_this_machine_keeps_it():
+    count = oom_kills()
+    assert count is None or count >= 0
+
+
+def test_pid_alive_checks_the_command_line_not_just_the_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)  # launcher.worker"])
+    try:
+        deadline = time.time() + 10  # /proc/PID/cmdline is empty for an instant after the start
+        while not pid_alive(proc.pid, "launcher.worker") and time.time() < deadline:
+            time.sleep(0.01)
+        assert pid_alive(proc.pid, "launcher.worker")
+        assert not pid_alive(proc.pid, "sftlaunch")  # a reused pid of another program is not our worker
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not pid_alive(proc.pid, "launcher.worker")
+    assert not pid_alive(None, "launcher.worker")
+
+
+@pytest.mark.parametrize("name, content", [("plan.json", "{not json"), ("run.json", "[1, 2")])
+def test_resume_and_eval_of_a_corrupt_run_directory_say_which_file(tiny_recipe, tmp_path, name, content):
+    run = run_cli(str(tiny_recipe), "train.max_steps=1", "eval.limit=2", "eval.compare_base=false")
+    assert run.returncode == 0, run.stderr[-2000:]
+    run_dir = next((tmp_path / "outputs").iterdir())
+    (run_dir / "run.json").write_text(json.dumps({"status": "interrupted"}))
+    (run_dir / name).write_text(content)
+    for args in (["resume", str(run_dir)], ["eval", str(run_dir)]):
+        result = run_cli(*args)
+        if name == "run.json" and args[0] == "eval":  # eval reads the plan and adapter only
+            assert result.returncode == 0, result.stderr[-2000:]
+            continue
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert name in result.stderr and "Fix:" in result.stderr and "Traceback" not in result.stderr
