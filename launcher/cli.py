@@ -40,6 +40,12 @@ def _plan(recipe_path: str, overrides, profile: str | None, backend: str | None,
     if backend:
         overrides = [*overrides, f"hardware.backend={backend}"]
     recipe = load_recipe(recipe_path, overrides)
+    if check or profile is None:  # inputs on this machine (a plan for another machine cannot see its files)
+        from launcher.data import check_paths
+        from launcher.models import check_reference
+
+        check_reference(recipe.model.name)
+        check_paths(recipe)
     hw = _hardware(profile)
     if nnodes:
         hw = hw.model_copy(update={"nodes": nnodes})
@@ -319,7 +325,12 @@ def docker_run(recipe, overrides, image, outputs, hf_cache, mounts, smoke, netwo
     """Run RECIPE in a container: GPUs when present, caches and outputs mounted, the container's exit code returned."""
     from launcher import docker_cmd
     from launcher.hardware import detect
+    from launcher.recipe import load_recipe
 
+    try:  # the recipe and overrides first: a typo should not wait for an engine, an image or a container
+        load_recipe(recipe, overrides)
+    except SftlaunchError as exc:
+        _fail(exc)
     gpus = bool(detect().gpus)
     pairs = []
     for m in mounts:

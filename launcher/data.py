@@ -8,8 +8,9 @@ EOS target and the model would never learn to stop.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from launcher.errors import DataError
+from launcher.errors import ConfigError, DataError, Problem
 from launcher.recipe import Recipe
 from launcher.tasks import Example, get_task
 
@@ -22,6 +23,17 @@ def build_examples(recipe: Recipe, data_path: str | None = None) -> tuple[list[E
     if recipe.data.max_samples:
         train = train[: recipe.data.max_samples]
     return train, limit_eval(evals, recipe)
+
+
+def check_paths(recipe: Recipe) -> None:
+    """data.path / eval.path that do not exist here: found by `sftlaunch plan`, not by a started worker."""
+    problems = []
+    for key, value in (("data.path", recipe.data.path), ("eval.path", recipe.eval.path)):
+        if value and not Path(value).expanduser().exists():
+            problems.append(Problem(key, "no such file or folder", "check the path (relative paths start from the "
+                                    "folder sftlaunch runs in)", got=value))
+    if problems:
+        raise ConfigError(problems)
 
 
 def limit_eval(evals: list[Example], recipe: Recipe) -> list[Example]:

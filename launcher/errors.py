@@ -73,3 +73,9 @@ class ModelError(SftlaunchError):
     """A model reference cannot be resolved or loaded (exit code 2)."""
 
     exit_code = 2
+
+
+class StorageError(SftlaunchError):
+    """A file of the run could not be written: disk full, read-only, quota (exit code 74, EX_IOERR)."""
+
+    exit_code = 74

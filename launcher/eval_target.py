@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -63,18 +64,38 @@ def _items(recipe: Recipe, req: EvalRequest, plan):
     return task, items
 
 
+def _check_request(req: EvalRequest, run_dir) -> None:
+    """Mistakes in the request, found before any model loads or generates (minutes on a real evaluation)."""
+    problems = []
+    if req.predictions:
+        folder = Path(req.predictions).expanduser().resolve().parent
+        if not folder.is_dir():
+            problems.append(Problem("--predictions", f"its folder {folder} does not exist", "create it first, or choose another path",
+                                    got=req.predictions))
+        elif not os.access(folder, os.W_OK):
+            problems.append(Problem("--predictions", f"its folder {folder} is not writable", "choose another path", got=req.predictions))
+    if req.generations and req.compare:
+        problems.append(Problem("--compare", "cannot compare when scoring given generations", "drop one of them"))
+    if req.compare == "base" and run_dir is None:
+        problems.append(Problem("--compare", "a recipe's target already is its base model", "pass a run directory, or --compare MODEL"))
+    if run_dir is not None and not req.generations and not run_dir.has_adapter():
+        problems.append(Problem("TARGET", f"the run has no trained adapter in {run_dir.adapter}", "evaluate a finished run "
+                                "(or `sftlaunch resume` it)", got=req.target))
+    if problems:
+        raise ConfigError(problems)
+
+
 def run_eval(req: EvalRequest) -> dict:
     """Metrics of the target (and of the comparison model); writes predictions and comparison.json."""
     from launcher.hardware import detect
     from launcher.plan import make_eval_plan
 
     recipe, run_dir = _target_recipe(req.target, req.overrides)
+    _check_request(req, run_dir)
     # Device and precision as training would choose them on this machine, for one evaluating process.
     plan = make_eval_plan(recipe, detect())
     task, items = _items(recipe, req, plan)
     if req.generations:
-        if req.compare:
-            raise ConfigError([Problem("--compare", "cannot compare when scoring given generations", "drop one of them")])
         result, records = ev.score(task, items, ev.read_generations(req.generations))
         if req.predictions:
             ev.write_predictions(req.predictions, records)
@@ -92,8 +113,6 @@ def run_eval(req: EvalRequest) -> dict:
     adapter = None
     if run_dir is not None:
         adapter = run_dir.adapter
-        if not run_dir.has_adapter():
-            raise ConfigError([Problem("TARGET", f"the run has no trained adapter in {adapter}", "evaluate a finished run", got=req.target)])
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
@@ -107,8 +126,6 @@ def run_eval(req: EvalRequest) -> dict:
         ev.write_predictions(req.predictions, records)
     if req.compare:
         if req.compare == "base":
-            if adapter is None:
-                raise ConfigError([Problem("--compare", "a recipe's target already is its base model", "pass a run directory, or --compare MODEL")])
             with model.disable_adapter():
                 base_metrics, base_records = ev.evaluate(model, tokenizer, task, items, label="evaluating base", **kwargs)
         else:

@@ -133,9 +133,16 @@ def load_profile(name_or_path: str) -> HardwareInfo:
         if not source.is_file():
             raise ConfigError([Problem("--hardware", "no such hardware profile", f"use a YAML file or one of: {', '.join(profile_names())}", got=name_or_path)])
     try:
-        data = yaml.safe_load(source.read_text())
+        text = source.read_text()
+        data = yaml.safe_load(text)
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError([Problem("--hardware", f"cannot read profile: {exc}", "check the file")]) from None
+    from launcher.recipe import yaml_key_lines  # one duplicate-key rule for recipes and profiles
+
+    duplicates: list[Problem] = []
+    yaml_key_lines(text, duplicates, label)
+    if duplicates:
+        raise ConfigError(duplicates)
     if not isinstance(data, dict):
         raise ConfigError([Problem("--hardware", "a profile must be a mapping", "see launcher/profiles/cpu-2core.yaml")])
     data.setdefault("name", label)

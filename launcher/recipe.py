@@ -7,7 +7,7 @@ belong to the planner (launcher/plan.py).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -40,6 +40,23 @@ class _Section(BaseModel):
     # extra="forbid": a typo is an error, never a silently ignored key.
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, v, info):
+        # Pydantic's lax mode reads true as 1 for a number field: `train.epochs=true` would train one epoch.
+        if isinstance(v, bool) and info.field_name in cls.model_fields:
+            kinds = _leaf_types(cls.model_fields[info.field_name].annotation)
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError("must be a number, not true/false | give a number, e.g. 2")
+        return v
+
+
+def _leaf_types(annotation) -> set:
+    args = get_args(annotation)
+    if not args:
+        return {annotation}
+    return set().union(*(_leaf_types(a) for a in args))
+
 
 class LoraSection(_Section):
     rank: int = Field(8, ge=1, le=1024, description="LoRA rank r.")
@@ -49,6 +66,14 @@ class LoraSection(_Section):
         "all-linear",
         description="Modules that get adapters: 'all-linear' or a list of module names (q_proj, ...).",
     )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, v):
+        names = [v] if isinstance(v, str) else v
+        if not names or any(not n.strip() for n in names):
+            raise ValueError("names no module | list module names, e.g. [q_proj, v_proj], or use all-linear")
+        return v
 
 
 class ModelSection(_Section):
@@ -61,6 +86,15 @@ class ModelSection(_Section):
         False, description="Run the model repository's own Python code. Off unless you trust it."
     )
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapter settings.")
+
+    @field_validator("name")
+    @classmethod
+    def _reference_length(cls, v):
+        # Caught here, not as the operating system's "File name too long" when the planner looks for config.json.
+        if len(v) > 4096 or any(len(part.encode()) > 255 for part in v.split("/")):
+            raise ValueError("is too long to be a model reference | use a Hub id (at most 96 characters) or a "
+                             "path whose folder names are at most 255 bytes")
+        return v
 
 
 class DataSection(_Section):
@@ -265,11 +299,17 @@ def _apply_override(data: dict, path: str, value: Any, problems: list[Problem]) 
             known = ", ".join(sorted(fields)) or "none"
             problems.append(Problem(path, f"unknown key '{part}' in {where}", f"known keys: {known}"))
             return
+        annotation = fields[part].annotation
+        section = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
         if i == len(parts) - 1:
+            if section is not None and isinstance(value, dict):
+                # `train={epochs: 2}` sets train.epochs and keeps the recipe's other train keys.
+                for key, item in value.items():
+                    _apply_override(data, f"{path}.{key}", item, problems)
+                return
             node[part] = value
             return
-        annotation = fields[part].annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        model = section
         if model is None:
             problems.append(Problem(path, f"'{'.'.join(parts[: i + 1])}' is a value, not a section", "drop the extra path parts"))
             return
@@ -282,8 +322,11 @@ def _apply_override(data: dict, path: str, value: Any, problems: list[Problem]) 
         node = child
 
 
-def _line_numbers(text: str) -> dict[str, int]:
-    """Map each dotted key path in a YAML document to its 1-based line, for error messages."""
+def yaml_key_lines(text: str, duplicates: list[Problem] | None = None, source: str = "recipe") -> dict[str, int]:
+    """Map each dotted key path in a YAML document to its 1-based line, for error messages.
+
+    A key written twice in one mapping goes to duplicates (YAML loaders keep the last one silently).
+    """
     lines: dict[str, int] = {}
     seen: set[int] = set()
 
@@ -296,7 +339,11 @@ def _line_numbers(text: str) -> dict[str, int]:
             for key_node, value_node in node.value:
                 if isinstance(key_node, yaml.ScalarNode):
                     path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-                    lines[path] = key_node.start_mark.line + 1
+                    line = key_node.start_mark.line + 1
+                    if path in lines and duplicates is not None:
+                        duplicates.append(Problem(path, f"written twice (lines {lines[path]} and {line}); YAML would keep "
+                                                        "the second silently", "keep one of them", where=f"{source}:{line}"))
+                    lines[path] = line
                     walk(value_node, path)
 
     try:
@@ -329,6 +376,8 @@ def _problem_from_pydantic(err: dict, source: str, lines: dict[str, int]) -> Pro
         message = "unknown key"
     elif kind == "missing":
         message, fix = "required key is missing", f"add {path}: ..."
+    elif kind == "value_error" and " | " in err["msg"]:  # our validators: "problem | fix"
+        message, _, fix = err["msg"].removeprefix("Value error, ").partition(" | ")
     else:
         message = err["msg"]
         fix = _fix_for(kind, err.get("ctx") or {})
@@ -380,7 +429,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             merge_overrides(data, overrides)
         except ConfigError as exc:
             override_problems = exc.problems
-    lines = _line_numbers(text)
+    duplicates: list[Problem] = []
+    lines = yaml_key_lines(text, duplicates, str(path))
+    if duplicates:
+        raise ConfigError(duplicates)
     for item in overrides:  # an overridden value did not come from its line in the file
         key = item.partition("=")[0].strip()
         lines.pop(_SHORTHANDS.get(key, key), None)

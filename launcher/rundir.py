@@ -11,10 +11,11 @@ import json
 import math
 import os
 import re
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from launcher.errors import ConfigError, PlanError, Problem
+from launcher.errors import ConfigError, PlanError, Problem, StorageError
 from launcher.evaluate import write_predictions
 from launcher.plan import Plan
 from launcher.recipe import recipe_to_yaml
@@ -209,24 +210,42 @@ def create_run_dir(plan: Plan, recipe_path: str | Path, suffix: str = "", explic
         except OSError as exc:
             raise ConfigError([Problem("--run-dir", f"cannot create {run_dir}: {exc.strerror}", "choose a writable folder")]) from None
         rd = RunDir(run_dir)
-        rd.write_inputs(plan)
+        try:
+            rd.write_inputs(plan)
+        except OSError as exc:
+            raise StorageError(f"cannot write the run's inputs into {run_dir}: {exc.strerror or exc}. "
+                               "Fix: free space there, or give --run-dir another folder.") from None
         return rd
     # A recipe file's stem may hold anything; keep the run name to safe characters.
     name = out.name or re.sub(r"[^A-Za-z0-9._-]+", "_", Path(recipe_path).stem).strip("._") or "run"
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(out.dir) / f"{name}-{stamp}{suffix}"
-    n = 1
-    while run_dir.exists():  # two runs in the same second get distinct directories
-        n += 1
-        run_dir = Path(out.dir) / f"{name}-{stamp}{suffix}-{n}"
     try:
-        run_dir.mkdir(parents=True)
+        Path(out.dir).mkdir(parents=True, exist_ok=True)
+        run_dir = _claim(Path(out.dir), f"{name}-{stamp}{suffix}")
     except OSError as exc:
-        raise ConfigError([Problem("output.dir", f"cannot create the run directory {run_dir}: {exc.strerror}",
-                                   "choose a writable folder", got=out.dir)]) from None
+        raise ConfigError([Problem("output.dir", f"cannot create a run directory there: {exc.strerror or exc}",
+                                   "choose a writable folder with free space", got=out.dir)]) from None
     rd = RunDir(run_dir)
-    rd.write_inputs(plan)
+    try:
+        rd.write_inputs(plan)
+    except OSError as exc:  # e.g. a full disk: never leave a half-made run directory (a 0-byte recipe.yaml)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise StorageError(f"cannot write the run's inputs into {run_dir}: {exc.strerror or exc}; the directory was "
+                           f"removed. Fix: free space in {out.dir}, or set output.dir to another folder.") from None
     return rd
+
+
+def _claim(folder: Path, base: str) -> Path:
+    """Make folder/base, or base-2, base-3...: mkdir is the claim, so two runs started in the same second
+    (or on a slow shared filesystem) never share a directory, and the loser takes the next name."""
+    for n in range(1, 10_000):
+        candidate = folder / (base if n == 1 else f"{base}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"10,000 run directories named {base}")
 
 
 def library_versions() -> dict[str, str]:

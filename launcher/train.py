@@ -14,7 +14,7 @@ from pathlib import Path
 from launcher import evaluate as ev
 from launcher.data import build_examples, encode_examples
 from launcher.health import TrainingHealthError, collapse_diagnosis, collapse_report, non_finite_weights
-from launcher.models import load_model, load_tokenizer, resolve_model
+from launcher.models import check_target_modules, load_model, load_tokenizer, resolve_model
 from launcher.plan import Plan
 from launcher.rundir import RunDir
 from launcher.signals import BASE_EVAL, FINAL_EVAL, LOADING, SAVING, TRAINING, PhaseSignals, Stopped
@@ -161,6 +161,7 @@ class Run:
             self.run_dir.write_preflight(report.as_dict())
         # Under DeepSpeed the engine places the model; one process places it itself.
         self.model = load_model(self.model_path, self.plan.trust_remote_code)
+        check_target_modules(self.model, self.recipe.model.lora.target_modules, self.recipe.model.name)
         if not self.distributed:
             self.model = self.model.to(self.plan.device)
         self.eval_kwargs = ev.settings(self.recipe, self.plan)

@@ -16,6 +16,7 @@ import shutil
 import signal
 import time
 
+from launcher.errors import StorageError
 from launcher.signals import TRAINING, Stopped
 from launcher.health import LossWatch, StepRecord, TrainingHealthError, diagnose, diverged_diagnosis
 
@@ -195,6 +196,12 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
             self.args.output_dir = staging
             try:
                 super()._save_checkpoint(model, trial)
+            except OSError as exc:  # disk full, quota, read-only: leave no half-written staging folder behind
+                if self.args.should_save:
+                    shutil.rmtree(staging, ignore_errors=True)
+                raise StorageError(f"cannot write {name} into {out}: {exc.strerror or exc}. Fix: free space there "
+                                   "(or lower train.keep_checkpoints); `sftlaunch resume` then continues from the last "
+                                   "complete checkpoint.") from None
             finally:
                 self.args.output_dir = out
             # DeepSpeed writes one shard per rank: rename only once every rank has finished writing.

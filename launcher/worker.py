@@ -8,13 +8,17 @@ cannot write; the launcher records that end (launcher.signals.worker_end).
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
 
-from launcher.errors import SftlaunchError
+from launcher.errors import SftlaunchError, StorageError
 from launcher.rundir import RunDir
 from launcher.signals import LOADING, RESUME_DOES, FINAL_EVAL, TRAINING, PhaseSignals, Stopped, signal_name
+
+
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def main(argv: list[str]) -> int:
@@ -67,6 +71,15 @@ def _run(plan, run_dir: RunDir, resume: bool, signals: PhaseSignals, status) -> 
         return exc.exit_code
     except (Stopped, SftlaunchError):
         raise
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        # A full disk while writing results: the error and its fix, not a traceback.
+        error = StorageError(f"cannot write {exc.filename or 'a file of the run'}: {exc.strerror}. Fix: free space in "
+                             f"{run_dir}, then `sftlaunch resume {run_dir}`.")
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        status("failed", error=str(error), exit_code=error.exit_code)
+        return error.exit_code
     except BaseException as exc:
         if isinstance(exc, Exception) and is_out_of_memory(exc):
             print(f"out of memory at micro-batch {plan.micro_batch_size}: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)

@@ -195,6 +195,8 @@ def is_correct(predicted: float | None, reference: float) -> bool:
     if predicted is None:
         return False
     p, r = round(predicted, 3), round(reference, 3)
+    if r == 0:  # 5% of 0 is nothing: an answer that also rounds to 0 at 3 decimals is right
+        return p == 0
     return abs(p - r) < 0.05 * abs(r)
 
 
@@ -203,13 +205,15 @@ def reference_from_answer(answer: object) -> float:
     if isinstance(answer, bool):
         raise ValueError("a boolean is not a numeric answer")
     if isinstance(answer, (int, float)):
-        return float(answer)
-    if isinstance(answer, str):
+        value = float(answer)
+    elif isinstance(answer, str):
         tagged = parse_answer(answer)
-        if tagged is not None:
-            return tagged
-        return float(answer.strip())
-    raise ValueError(f"answer must be a number or a string, got {type(answer).__name__}")
+        value = tagged if tagged is not None else float(answer.strip())
+    else:
+        raise ValueError(f"answer must be a number or a string, got {type(answer).__name__}")
+    if not math.isfinite(value):  # json.loads reads NaN and Infinity; no generation can be scored against them
+        raise ValueError("NaN or infinity is no answer a model can be scored against")
+    return value
 
 
 DEFAULT_MAX_LENGTH = (128, "generated questions and reasoning targets stay under 80 tokens")

@@ -46,6 +46,13 @@ recipe_text = st.one_of(
     st.sampled_from(["model: &m {name: x}\ndata: *m\n", "model: !!python/object/apply:os.system ['true']\n",
                      "model: {name: x}\nmodel: {name: y}\n", "- a\n- b\n", "model:\n  name: x\n  lora: {rank: 1e9}\n",
                      "model: !custom {name: x}\n", "model: {name: x}\ntrain: {learning_rate: .nan}\n"]),
+    # Aliases (nested a few levels), duplicate keys, huge numbers and long strings.
+    st.builds(lambda depth, key: "a0: &a0 [x, x, x]\n" + "".join(f"a{i}: &a{i} [*a{i-1}, *a{i-1}, *a{i-1}]\n" for i in range(1, depth))
+              + f"model: {{name: some/model}}\n{key.split('.')[0]}: *a{depth - 1}\n", st.integers(1, 7), st.sampled_from(KEYS)),
+    st.builds(lambda key, a, b: yaml.safe_dump(_nest([("model.name", "some/model")])) + f"{key.split('.')[0]}:\n  x: {a}\n  x: {b}\n",
+              st.sampled_from(KEYS), st.integers(), st.integers()),
+    st.builds(lambda key, v: yaml.safe_dump(_nest([("model.name", "some/model"), (key, v)])), st.sampled_from(KEYS),
+              st.one_of(st.text(min_size=300, max_size=3000), st.integers(min_value=10**100, max_value=10**400))),
 ).map(lambda t: t.encode())
 raw_bytes = st.binary(max_size=120)  # non-UTF-8 input
 VALID_VALUES = ["1", "16", "auto", "bf16", "fp32", "cpu", "0.001", "1e-4", "true", "false", "15m", "gsm8k",
@@ -82,6 +89,7 @@ def test_generated_recipes_validate_or_exit_2_naming_the_key(tmp_path_factory, m
     assert result.exit_code == 2, (result.exit_code, result.output, repr(result.exception))
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
     text = result.output
+    assert len(text) < 20_000  # bounded, whatever the input (values are shown shortened, problems capped)
     assert "Traceback" not in text
     if text.startswith("Usage:"):  # click's own usage error, e.g. an override that looks like an option
         assert "Error: " in text and "--help" in text
@@ -172,3 +180,118 @@ def test_run_dir_onto_an_existing_run_is_refused_and_leaves_it_untouched(tmp_pat
     assert result.returncode == 2
     assert "already holds a run (completed)" in result.stderr and f"sftlaunch resume {old.path}" in result.stderr
     assert {p.name: p.read_bytes() for p in old.path.iterdir()} == before
+
+
+UC = str(ROOT / "recipes" / "unit-conversion.yaml")
+
+
+@pytest.mark.parametrize("args, key, says", [
+    ([f"model.name={'a' * 300}"], "model.name", "too long to be a model reference"),
+    (["model=embedded:nope"], "embedded:nope", "unknown embedded model"),
+    (["model=./no/such/model"], "model.name=./no/such/model", "no such directory"),
+    (["data.path=no-such.json"], "data.path", "no such file or folder"),
+    (["eval.path=/no/such/eval.json"], "eval.path", "no such file or folder"),
+    (["model.lora.target_modules=[]"], "model.lora.target_modules", "names no module"),
+    (["train.epochs=true"], "train.epochs", "must be a number, not true/false"),
+    (["hardware.micro_batch_size=65536"], "hardware.micro_batch_size", "at micro-batch 65536"),
+])
+def test_mistakes_plan_can_see_are_errors_before_any_run_directory(tmp_path, args, key, says):
+    for command in (["plan", UC], [UC]):  # `plan` finds them, and `run` before it makes a run directory
+        result = run_cli(*command, *args, f"output.dir={tmp_path / 'outputs'}", timeout=120)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert key in result.stderr and says in result.stderr and "Fix" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr) < 2000
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_duplicate_keys_name_both_lines_in_recipes_and_profiles(tmp_path):
+    recipe = tmp_path / "dup.yaml"
+    recipe.write_text("model:\n  name: embedded:smollm2-135m-instruct\ntrain:\n  learning_rate: 1e-3\n  epochs: 2\n  learning_rate: 1\n")
+    result = run_cli("plan", str(recipe))
+    assert result.returncode == 2
+    assert "train.learning_rate" in result.stderr and "lines 4 and 6" in result.stderr and f"{recipe}:6" in result.stderr
+    profile = tmp_path / "hw.yaml"
+    profile.write_text("cpu_cores: 2\nram_gb: 8\ncpu_cores: 64\n")
+    result = run_cli("plan", UC, "--hardware", str(profile))
+    assert result.returncode == 2 and "cpu_cores" in result.stderr and "lines 1 and 3" in result.stderr
+
+
+def test_a_section_override_merges_into_the_recipe_section():
+    from launcher.recipe import load_recipe
+
+    base = load_recipe(UC)
+    merged = load_recipe(UC, ["train={epochs: 2}"])
+    assert merged.train.epochs == 2 and base.train.epochs != 2
+    assert merged.train.learning_rate == base.train.learning_rate  # not dropped with the rest of the section
+    assert merged.train.model_dump(exclude={"epochs"}) == base.train.model_dump(exclude={"epochs"})
+    with pytest.raises(Exception, match="unknown key 'lr' in train"):
+        load_recipe(UC, ["train={lr: 3}"])
+
+
+def test_eval_data_with_nan_or_infinity_answers_is_refused_naming_the_item(tmp_path):
+    data = tmp_path / "items.json"
+    data.write_text('[["1 m in cm?", 100], ["2 m in cm?", NaN], ["3 m in cm?", Infinity]]')
+    result = run_cli("eval", UC, "--data", str(data), timeout=120)
+    assert result.returncode == 2
+    assert f"{data}: item 1" in result.stderr and "NaN or infinity" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_predictions_into_a_missing_folder_is_refused_before_generating(tiny_model, tmp_path):
+    target = tmp_path / "missing" / "predictions.jsonl"
+    result = run_cli("eval", UC, f"model.name={tiny_model}", "--limit", "2", "--predictions", str(target), timeout=120)
+    assert result.returncode == 2
+    assert "--predictions" in result.stderr and "does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert "evaluating" not in result.stdout + result.stderr  # refused before a single generation
+
+
+def test_a_model_defined_by_repository_code_is_an_error_naming_trust_remote_code(tiny_model, tmp_path):
+    import shutil
+
+    model = tmp_path / "custom-model"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="acme_lm", architectures=["AcmeForCausalLM"],
+                  auto_map={"AutoConfig": "acme.AcmeConfig", "AutoModelForCausalLM": "acme.AcmeForCausalLM"})
+    (model / "config.json").write_text(json.dumps(config))
+    result = run_cli("eval", UC, f"model.name={model}", "--limit", "1", timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "model.trust_remote_code=true" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_target_module_typo_stops_the_run_before_the_base_evaluation(tiny_recipe, tmp_path):
+    result = run_cli(str(tiny_recipe), "model.lora.target_modules=[q_proj, v_prj]", timeout=300)
+    assert result.returncode == 2
+    assert "no module called v_prj" in result.stderr and "v_proj" in result.stderr and "Traceback" not in result.stderr
+    run_dir = next((tmp_path / "outputs").iterdir())
+    assert not (run_dir / "eval-base.json").exists()  # found seconds after loading, not after evaluating
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "failed" and "v_prj" in status["error"]
+
+
+def test_a_full_disk_when_the_run_directory_is_made_leaves_nothing_half_made(tmp_path, monkeypatch):
+    import errno
+
+    def full(self, text, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cli, "_launch", lambda *args, **kwargs: None)
+    monkeypatch.setattr(Path, "write_text", full)
+    result = CliRunner().invoke(cli.main, ["run", UC, f"output.dir={tmp_path / 'outputs'}"])
+    monkeypatch.undo()
+    assert result.exit_code == 74, result.output
+    assert "No space left on device" in result.output and "Fix:" in result.output and "removed" in result.output
+    assert list((tmp_path / "outputs").iterdir()) == []  # no run directory with a 0-byte recipe.yaml
+
+
+def test_run_names_are_claimed_atomically(tmp_path):
+    from launcher.rundir import _claim
+
+    (tmp_path / "run-1").mkdir()
+    (tmp_path / "run-1-2").mkdir()
+    assert _claim(tmp_path, "run-1") == tmp_path / "run-1-3"  # taken names are skipped, never shared
+
+
+def test_docker_run_checks_the_recipe_before_contacting_an_engine(tmp_path):
+    result = run_cli("docker", "run", UC, "train.epochs=true", env={"DOCKER_HOST": "tcp://127.0.0.1:9"}, timeout=60)
+    assert result.returncode == 2
+    assert "train.epochs" in result.stderr and "docker" not in result.stderr.lower()

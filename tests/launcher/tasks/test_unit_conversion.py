@@ -94,7 +94,11 @@ def test_parse_answer(text, value):
     (None, 1.0, False),
     (-12.5, -12.5, True),
     (1.0e12, 1.02e12, True),
-    (0.0004, 0.0001, False),   # both round to 0.000 at 3 decimals: never correct
+    # A reference that is 0 at 3 decimals: 5% of it is nothing, so the answer must round to 0 too.
+    (0.0, 0.0, True),
+    (0.0004, 0.0001, True),
+    (0.0006, 0.0, False),      # rounds to 0.001
+    (-0.01, 0.0, False),
 ])
 def test_is_correct(pred, ref, ok):
     assert uc.is_correct(pred, ref) is ok
@@ -108,3 +112,6 @@ def test_reference_from_answer():
         uc.reference_from_answer("many")
     with pytest.raises(ValueError):
         uc.reference_from_answer(True)
+    for bad in (float("nan"), float("inf"), "-Infinity"):
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            uc.reference_from_answer(bad)
