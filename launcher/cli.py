@@ -44,8 +44,11 @@ def _plan(recipe_path: str, overrides, profile: str | None, backend: str | None,
         from launcher.data import check_paths
         from launcher.models import check_reference
 
+        from launcher.trackers import check_installed
+
         check_reference(recipe.model.name)
         check_paths(recipe)
+        check_installed(recipe.train.report_to)
     hw = _hardware(profile)
     if nnodes:
         hw = hw.model_copy(update={"nodes": nnodes})
@@ -93,6 +96,7 @@ def main():
     \b
     sftlaunch RECIPE [key.path=value ...]     plan, train and evaluate (same as `sftlaunch run`)
     sftlaunch plan RECIPE [--hardware NAME]   show every decision and its reason, without training
+    sftlaunch runs [DIR]                      past runs, newest first
     """
 
 
@@ -278,6 +282,58 @@ def eval_cmd(target, overrides, data_file, limit, all_items, compare, generation
         click.echo(format_metrics("result", metrics))
     if as_json:
         click.echo(json.dumps({k: metrics[k] for k in ("accuracy", "answer_rate", "n")}))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def plot(run_dir):
+    """Draw RUN_DIR/plots/training.png and comparison.png again from the run's files."""
+    from launcher.plots import draw
+    from launcher.rundir import RunDir
+
+    path = RunDir(run_dir)
+    try:
+        path.read_plan()
+        written = draw(path)
+    except SftlaunchError as exc:
+        _fail(exc)
+    if not written:
+        _fail(SftlaunchError(f"{run_dir} has no logged steps and no comparison yet: nothing to draw."))
+    for p in written:
+        click.echo(str(p))
+
+
+@main.command()
+@click.argument("folder", default="outputs", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON array of the runs.")
+def runs(folder, as_json):
+    """List the run directories in FOLDER (default: outputs), newest first."""
+    from launcher.runs import format_table, list_runs
+
+    try:
+        rows = list_runs(folder)
+    except SftlaunchError as exc:
+        _fail(exc)
+    click.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path())
+@click.option("--merge", is_flag=True, help="Merge the adapter into the base weights (in fp32) and save a full model.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Weights of the merged model (cast after the fp32 merge).")
+@click.option("--check", "check_items", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Evaluation items whose greedy generations must match between the export and base + adapter.")
+def export(run_dir, out, merge, dtype, check_items):
+    """Export RUN_DIR's model to OUT: the adapter, or with --merge a model that loads without PEFT."""
+    from launcher.export import export as do_export
+    from launcher.rundir import RunDir
+
+    try:
+        do_export(RunDir(run_dir), Path(out), merge=merge, dtype=dtype, check_items=check_items, log=click.echo)
+    except SftlaunchError as exc:
+        _fail(exc)
 
 
 @main.group()

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
+from launcher import trackers
 from launcher.errors import PlanError
 from launcher.hardware import HardwareInfo
 from launcher.memory import GiB, MemoryEstimate, ModelShape, estimate_memory
@@ -353,6 +354,7 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
     trust = decide("trust_remote_code", recipe.model.trust_remote_code,
                    "set in the recipe: the model repository's Python code will run" if recipe.model.trust_remote_code
                    else "off (default): no code from the model repository runs")
+    decide("report_to", ",".join(recipe.train.report_to), trackers.describe(recipe.train.report_to))
 
     return Plan(recipe=recipe, hardware=hw, backend=backend, device=device, precision=precision, eval_precision=eval_precision, nodes=nodes,
                 processes_per_node=per_node, world_size=world_size, micro_batch_size=micro,

@@ -186,6 +186,31 @@ class TrainSection(_Section):
         "stops at a step boundary, saves the adapter, evaluates, and the run records that it was cut.",
     )
 
+    report_to: list[Literal["none", "tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["none"],
+        description="Experiment trackers that get every logged step (rank 0 only): tensorboard (event files in "
+        "the run directory), wandb (key from WANDB_API_KEY only; offline into the run directory unless a key "
+        "is set), mlflow (MLFLOW_TRACKING_URI, else the run directory). Each needs its pip extra.",
+    )
+    run_name: str | None = Field(
+        None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="The run's name in the trackers (default: the run directory's name).",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_list(cls, v):
+        return [v] if isinstance(v, str) else v  # report_to=tensorboard is a list of one
+
+    @field_validator("report_to")
+    @classmethod
+    def _none_alone(cls, v):
+        if "none" in v and len(v) > 1:
+            raise ValueError("lists 'none' with trackers | drop 'none', or use [none] alone")
+        if not v:
+            raise ValueError("is empty | use [none] for no tracker")
+        return list(dict.fromkeys(v))
+
     @field_validator("max_time")
     @classmethod
     def _duration(cls, v):

@@ -32,6 +32,7 @@ class RunDir:
     EVAL, EVAL_BASE, COMPARISON = "eval.json", "eval-base.json", "comparison.json"
     PREDICTIONS, PREDICTIONS_BASE = "predictions.jsonl", "predictions-base.jsonl"
     ADAPTER, CHECKPOINTS, OOM_BACKOFF = "adapter", "checkpoints", "oom_backoff.jsonl"
+    PLOTS = "plots"  # training.png, comparison.png (launcher.plots)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -86,7 +87,9 @@ class RunDir:
     def write_status(self, status: str, **extra) -> None:
         """run.json: the run's state, rewritten atomically at each change."""
         data = self.status()
-        data.update(status=status, updated=datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra)
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        data.setdefault("started", now)
+        data.update(status=status, updated=now, **extra)
         _atomic_write(self.file(self.STATUS), json.dumps(data, indent=2))
 
     def record_training(self, record: dict) -> None:
@@ -180,6 +183,13 @@ class RunDir:
 
     def write_eval(self, results: dict) -> None:
         self.file(self.EVAL).write_text(json.dumps(results, indent=2))
+
+    def read_eval(self) -> dict | None:
+        path = self.file(self.EVAL)
+        try:
+            return json.loads(path.read_text()) if path.exists() else None
+        except (ValueError, OSError):
+            return None
 
     def write_comparison(self, comparison: dict) -> None:
         self.file(self.COMPARISON).write_text(json.dumps(comparison, indent=2))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher import evaluate as ev
+from launcher import trackers
 from launcher.data import build_examples, encode_examples
 from launcher.health import TrainingHealthError, collapse_diagnosis, collapse_report, non_finite_weights
 from launcher.models import check_target_modules, load_model, load_tokenizer, resolve_model
@@ -48,7 +49,9 @@ def training_arguments(plan: Plan, run_dir: RunDir):
         logging_first_step=True,
         save_strategy="steps",
         save_steps=t.save_steps,
-        report_to="none",
+        # Trackers (train.report_to) report from the main process only; launcher.trackers points them at the run.
+        report_to=trackers.active(t.report_to) or "none",
+        run_name=t.run_name or run_dir.path.name,
         seed=t.seed,
         bf16=plan.precision == "bf16",
         fp16=plan.precision == "fp16",
@@ -148,6 +151,7 @@ class Run:
         from transformers import set_seed
 
         torch.set_num_threads(self.plan.threads)
+        os.environ.update(trackers.environment(self.recipe.train.report_to, str(self.run_dir.path)))
         set_seed(self.recipe.train.seed)
         self.model_path = resolve_model(self.recipe.model.name)
         self.tokenizer = load_tokenizer(self.model_path, self.plan.trust_remote_code)

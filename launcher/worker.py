@@ -38,7 +38,10 @@ def main(argv: list[str]) -> int:
         if rank == 0:
             run_dir.write_versions()
         status("running", resumed=resume, worker_pid=os.getpid(), phase=LOADING)
-        return _run(plan, run_dir, resume, signals, status)
+        code = _run(plan, run_dir, resume, signals, status)
+        if rank == 0:
+            draw_plots(run_dir)
+        return code
     except Stopped as exc:
         signals.defer("stopping")  # a second signal must not cut the status write short
         does = exc.resume_does
@@ -48,6 +51,8 @@ def main(argv: list[str]) -> int:
             print(f"\n{signal_name(exc.signum)}: stopped during {exc.phase}; {does}: sftlaunch resume {run_dir}", flush=True)
         extra = {"step": exc.step} if exc.step is not None else {}
         status("interrupted", phase=exc.phase, signal=signal_name(exc.signum), exit_code=exc.exit_code, resume=does, **extra)
+        if rank == 0 and exc.phase == TRAINING:
+            draw_plots(run_dir)  # the curve so far; a resumed run redraws it whole
         return exc.exit_code
     except SftlaunchError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -91,6 +96,21 @@ def _run(plan, run_dir: RunDir, resume: bool, signals: PhaseSignals, status) -> 
     if results is not None:
         status("completed", base=results.get("base"), trained=results["trained"], train=results["train"], exit_code=0, phase=None)
     return 0
+
+
+def draw_plots(run_dir: RunDir) -> None:
+    """plots/training.png and plots/comparison.png for whatever the run produced (failed runs too: the curve
+    is what a diverged run needs most). A plot that cannot be drawn is reported, and never fails the run."""
+    from launcher.plots import draw
+
+    try:
+        written = draw(run_dir)
+    except Exception as exc:  # the run's result is already recorded; say what went wrong with its picture
+        print(f"warning: could not draw the run's plots ({type(exc).__name__}: {exc}); `sftlaunch plot {run_dir}` retries",
+              file=sys.stderr, flush=True)
+        return
+    if written:
+        print("plots: " + ", ".join(str(p) for p in written), flush=True)
 
 
 def close_process_group() -> None:

@@ -124,8 +124,12 @@ SECRETS = {"HF_TOKEN": "hf_sEcReT1234567890", "WANDB_API_KEY": "wandb-sEcReT-098
 
 
 def test_secrets_never_reach_the_run_directory_logs_or_plans(tiny_recipe, tmp_path):
-    result = run_cli(str(tiny_recipe), env=SECRETS)
+    # With both trackers on: W&B (offline) and TensorBoard write into the run directory too.
+    result = run_cli(str(tiny_recipe), "train.report_to=[tensorboard, wandb]", env=SECRETS)
     assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = next((tmp_path / "outputs").iterdir())
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     plan = run_cli("plan", str(tiny_recipe), "--json", env=SECRETS)
     env_out = run_cli("env", env=SECRETS)
     texts = [result.stdout, result.stderr, plan.stdout, plan.stderr, env_out.stdout]

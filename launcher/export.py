@@ -1,0 +1,104 @@
+"""`sftlaunch export RUN_DIR OUT [--merge]`: the run's model in a form that needs neither sftlaunch nor PEFT.
+
+The merge is done in fp32 and cast afterwards: merging LoRA into half-precision weights rounds every
+updated weight once more (the drift peers' users report). The base comes from the run's own plan, so an
+adapter cannot be merged onto another model. The export is checked: every merged weight finite, and the
+saved model, loaded back with plain AutoModelForCausalLM.from_pretrained, generates greedily what base +
+adapter generate on evaluation items.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from launcher.errors import ConfigError, Problem, SftlaunchError
+from launcher.rundir import RunDir
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+class ExportError(SftlaunchError):
+    """The exported model is not what the run trained (non-finite weights, or different fp32 generations)."""
+
+    exit_code = 3
+
+
+def _check_target(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError([Problem("OUT", "exists and is not an empty folder; an export never overwrites",
+                                   "choose a new folder", got=str(out))])
+
+
+def export(run_dir: RunDir, out: Path, *, merge: bool, dtype: str = "fp32", check_items: int = 10, log=print) -> dict:
+    plan = run_dir.read_plan()
+    if not run_dir.has_adapter():
+        raise ConfigError([Problem("RUN_DIR", f"the run has no trained adapter in {run_dir.adapter}",
+                                   "export a finished run (or `sftlaunch resume` it first)", got=str(run_dir))])
+    _check_target(out)
+    if dtype not in DTYPES:
+        raise ConfigError([Problem("--dtype", "unknown dtype", f"use one of {', '.join(DTYPES)}", got=dtype)])
+    if not merge:
+        shutil.copytree(run_dir.adapter, out, dirs_exist_ok=True)
+        info = {"kind": "adapter", "base_model": plan.recipe.model.name, "run": str(run_dir.path)}
+        (out / "export.json").write_text(json.dumps(info, indent=2))
+        log(f"adapter of {run_dir} copied to {out} (base model: {plan.recipe.model.name}); --merge writes a full model")
+        return info
+    return _merge(run_dir, plan, out, dtype, check_items, log)
+
+
+def _merge(run_dir: RunDir, plan, out: Path, dtype: str, check_items: int, log) -> dict:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from launcher.data import format_prompt
+    from launcher.evaluate import generate
+    from launcher.health import non_finite_weights
+    from launcher.models import load_model, load_tokenizer, resolve_model
+    from launcher.tasks import get_task
+
+    recipe = plan.recipe
+    t0 = time.time()
+    base_path = resolve_model(recipe.model.name)
+    tokenizer = load_tokenizer(base_path, plan.trust_remote_code)
+    model = PeftModel.from_pretrained(load_model(base_path, plan.trust_remote_code), str(run_dir.adapter))  # fp32
+    items = get_task(recipe.data.task).examples(recipe, plan.data_path)[1][:check_items]  # held-out items, eval.limit aside
+    prompts = [format_prompt(ex.question, tokenizer, recipe.data.prompt_format) for ex in items]
+    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    model.to(device)
+    gen = dict(batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens, device=device)
+    expected = generate(model, tokenizer, prompts, label="base + adapter", **gen)
+
+    merged = model.merge_and_unload()  # fp32 weights: W + (alpha / r) * B @ A, rounded once
+    bad = non_finite_weights(merged.named_parameters())
+    if bad:
+        raise ExportError(f"the merged model has {len(bad)} non-finite weights (first: {bad[0]}); nothing was written. "
+                          "Fix: re-train (the adapter itself was checked finite when saved, so the base is suspect).")
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    merged = merged.to("cpu", torch_dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out, max_shard_size="2GB")  # safetensors; a generation_config.json with it
+    tokenizer.save_pretrained(out)
+    del model, merged
+
+    # The check loads what was written, as a user would: no PEFT, no sftlaunch.
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch_dtype).to(device)
+    got = generate(reloaded, tokenizer, prompts, label="exported model", **gen)
+    matches = sum(a == b for a, b in zip(expected, got))
+    info = {"kind": "merged", "base_model": recipe.model.name, "run": str(run_dir.path), "dtype": dtype,
+            "merged_in": "fp32", "check_items": len(prompts), "generations_equal": matches,
+            "seconds": round(time.time() - t0, 1)}
+    (out / "export.json").write_text(json.dumps(info, indent=2))
+    log(f"merged {recipe.model.name} + adapter of {run_dir} in fp32, saved as {dtype} to {out}: "
+        f"{matches}/{len(prompts)} greedy generations equal to base + adapter")
+    if dtype == "fp32" and matches != len(prompts):
+        raise ExportError(f"the exported fp32 model generates differently from base + adapter on {len(prompts) - matches} "
+                          f"of {len(prompts)} items (see {out / 'export.json'}); in fp32 they must agree. Fix: report it; "
+                          "do not use this export.")
+    if matches != len(prompts):
+        log(f"note: {dtype} rounds the merged weights, so {len(prompts) - matches} of {len(prompts)} greedy generations "
+            "differ from the fp32 base + adapter; export --dtype fp32 for identical behaviour")
+    return info

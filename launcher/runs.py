@@ -1,0 +1,103 @@
+"""`sftlaunch runs [DIR]`: one line per run directory, newest first, read from each run's own files."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from launcher.errors import SftlaunchError
+from launcher.rundir import RunDir
+
+COLUMNS = ("name", "status", "recipe", "model", "backend", "precision", "steps", "final_loss", "accuracy", "duration")
+
+
+def _seconds_between(start: str | None, end: str | None) -> float | None:
+    try:
+        return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+    except (TypeError, ValueError):
+        return None
+
+
+def summary(run_dir: RunDir) -> dict:
+    """What a person asks of a past run. Fields the run never reached are None; unreadable files say so."""
+    row: dict = {"name": run_dir.path.name, "path": str(run_dir.path)}
+    try:
+        status = run_dir.status()
+    except SftlaunchError:
+        status = {"status": "unreadable run.json"}
+    try:
+        plan = run_dir.read_plan()
+    except SftlaunchError:
+        plan = None
+    results = run_dir.read_eval() or {}
+    train = results.get("train") or status.get("train") or {}
+    base = (results.get("base") or status.get("base") or {}).get("accuracy")
+    trained = (results.get("trained") or status.get("trained") or {}).get("accuracy")
+    row.update(
+        status=status.get("status", "unknown"),
+        phase=status.get("phase"),
+        recipe=Path(status["recipe"]).name if status.get("recipe") else None,
+        model=plan.recipe.model.name if plan else None,
+        backend=plan.backend if plan else None,
+        precision=plan.precision if plan else None,
+        steps=train.get("steps") if train else _last_step(run_dir),
+        final_loss=train.get("final_loss") if train else run_dir.last_loss(),
+        base_accuracy=base,
+        trained_accuracy=trained,
+        started=status.get("started"),
+        seconds=_seconds_between(status.get("started"), status.get("updated")),
+    )
+    return row
+
+
+def _last_step(run_dir: RunDir) -> int | None:
+    steps = [r["step"] for r in run_dir.read_metrics() if "loss" in r and "step" in r]
+    return steps[-1] if steps else None
+
+
+def list_runs(folder: str | Path) -> list[dict]:
+    """Every run directory (a folder with plan.json) directly under folder, newest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SftlaunchError(f"{folder} is not a folder. Fix: pass the output.dir of your runs (default: outputs).")
+    runs = [summary(RunDir(p)) for p in folder.iterdir() if p.is_dir() and RunDir(p).has_plan()]
+    # Newest first: when the run started, else when its plan was written.
+    return sorted(runs, key=lambda r: r["started"] or _mtime(Path(r["path"])), reverse=True)
+
+
+def _mtime(path: Path) -> str:
+    return datetime.fromtimestamp((path / RunDir.PLAN).stat().st_mtime).astimezone().isoformat(timespec="seconds")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _cell(row: dict, column: str) -> str:
+    if column == "accuracy":
+        b, t = row["base_accuracy"], row["trained_accuracy"]
+        if b is None and t is None:
+            return "-"
+        return f"{'-' if b is None else f'{b:.3f}'} -> {'-' if t is None else f'{t:.3f}'}"
+    if column == "final_loss":
+        return "-" if row["final_loss"] is None else f"{row['final_loss']:.4f}"
+    if column == "duration":
+        return _duration(row["seconds"])
+    if column == "status" and row["status"] in ("interrupted", "running") and row.get("phase"):
+        return f"{row['status']} ({row['phase']})"
+    value = row.get(column)
+    return "-" if value is None else str(value)
+
+
+def format_table(rows: list[dict]) -> str:
+    if not rows:
+        return "no runs"
+    header = {c: c.replace("_", " ") for c in COLUMNS}
+    cells = [[_cell(r, c) for c in COLUMNS] for r in rows]
+    widths = [max(len(header[c]), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
+    lines = ["  ".join(header[c].ljust(w) for c, w in zip(COLUMNS, widths)).rstrip()]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""`sftlaunch export`: the merged model loads with plain transformers and generates what base + adapter do."""
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+
+
+@pytest.fixture
+def trained_run(tiny_recipe, tmp_path):
+    result = run_cli(str(tiny_recipe), "train.max_steps=6", "train.learning_rate=5e-3", "eval.compare_base=false", "eval.limit=4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return next((tmp_path / "outputs").iterdir())
+
+
+def test_merged_export_generates_the_same_greedy_tokens_as_base_plus_adapter(trained_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launcher.data import format_prompt
+    from launcher.rundir import RunDir
+    from launcher.tasks import get_task
+
+    out = tmp_path / "merged"
+    result = run_cli("export", str(trained_run), str(out), "--merge", "--check", "10")
+    assert result.returncode == 0, result.stderr[-2000:]
+    info = json.loads((out / "export.json").read_text())
+    assert (info["dtype"], info["merged_in"], info["generations_equal"], info["check_items"]) == ("fp32", "fp32", 10, 10)
+
+    # Checked here independently of the export's own check: token ids, 10 evaluation items, fp32.
+    plan = RunDir(trained_run).read_plan()
+    tok = AutoTokenizer.from_pretrained(out)
+    prompts = [format_prompt(ex.question, tok, plan.recipe.data.prompt_format)
+               for ex in get_task(plan.recipe.data.task).examples(plan.recipe, plan.data_path)[1][:10]]
+    merged = AutoModelForCausalLM.from_pretrained(out)  # plain transformers: no PEFT, no sftlaunch
+    base = AutoModelForCausalLM.from_pretrained(plan.recipe.model.name, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, str(RunDir(trained_run).adapter))
+    assert merged.dtype == torch.float32 and all(torch.isfinite(p).all() for p in merged.parameters())
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+        kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
+        with torch.inference_mode():
+            assert torch.equal(merged.generate(**ids, **kwargs), adapted.generate(**ids, **kwargs))
+    # The adapter did change the model (else the test would prove nothing).
+    with torch.inference_mode(), adapted.disable_adapter():
+        plain = adapted(**tok(prompts[0], return_tensors="pt")).logits
+    assert not torch.allclose(plain, merged(**tok(prompts[0], return_tensors="pt")).logits)
+
+
+def test_export_never_overwrites_and_copies_the_adapter_without_merge(trained_run, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    refused = run_cli("export", str(trained_run), str(taken), "--merge")
+    assert refused.returncode == 2 and "never overwrites" in refused.stderr and (taken / "keep.txt").read_text() == "mine"
+    adapter = run_cli("export", str(trained_run), str(tmp_path / "adapter"))
+    assert adapter.returncode == 0, adapter.stderr
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((tmp_path / "adapter" / "export.json").read_text())["kind"] == "adapter"

@@ -1,0 +1,55 @@
+"""`sftlaunch runs`: one line per run directory, newest first, whatever state each run is in."""
+
+import json
+
+from launcher.runs import format_table, list_runs
+from launcher.rundir import RunDir
+from tests.conftest import run_cli
+
+
+def _fake_run(folder, name, plan_json, status, started, updated, **files):
+    rd = RunDir(folder / name)
+    rd.path.mkdir(parents=True)
+    rd.file(RunDir.PLAN).write_text(plan_json)
+    rd.file(RunDir.STATUS).write_text(json.dumps({**status, "started": started, "updated": updated, "recipe": "recipes/x.yaml"}))
+    for fname, content in files.items():
+        rd.file(fname.replace("_", ".")).write_text(content)
+    return rd
+
+
+def test_runs_lists_completed_failed_and_interrupted_runs_newest_first(tmp_path):
+    from launcher.hardware import HardwareInfo
+    from launcher.plan import make_plan
+    from launcher.recipe import validate_recipe
+
+    plan = make_plan(validate_recipe({"model": {"name": "some/model"}}), HardwareInfo(cpu_cores=2, ram_gb=8, cpu_bf16=False))
+    pj = plan.model_dump_json()
+    metrics = "".join(json.dumps({"step": s, "loss": 2.0 / s}) + "\n" for s in (1, 2, 3))
+    _fake_run(tmp_path, "done", pj, {"status": "completed"}, "2026-01-01T10:00:00+00:00", "2026-01-01T10:05:30+00:00",
+              eval_json=json.dumps({"train": {"steps": 30, "final_loss": 0.25}, "base": {"accuracy": 0.1},
+                                    "trained": {"accuracy": 0.6}}))
+    _fake_run(tmp_path, "broken", pj, {"status": "failed", "diverged": True}, "2026-01-02T10:00:00+00:00",
+              "2026-01-02T10:00:40+00:00", metrics_jsonl=metrics)
+    _fake_run(tmp_path, "stopped", pj, {"status": "interrupted", "phase": "training"}, "2026-01-03T10:00:00+00:00",
+              "2026-01-03T12:00:00+00:00", metrics_jsonl=metrics)
+    (tmp_path / "not-a-run").mkdir()
+
+    rows = list_runs(tmp_path)
+    assert [r["name"] for r in rows] == ["stopped", "broken", "done"]
+    done = rows[2]
+    assert (done["status"], done["steps"], done["final_loss"], done["base_accuracy"], done["trained_accuracy"], done["seconds"]) == \
+        ("completed", 30, 0.25, 0.1, 0.6, 330)
+    assert (rows[0]["steps"], rows[0]["final_loss"]) == (3, 2.0 / 3)  # from metrics.jsonl: no eval.json yet
+    assert {r["backend"] for r in rows} == {"cpu"} and {r["model"] for r in rows} == {"some/model"}
+
+    table = format_table(rows).splitlines()
+    assert table[0].split() == ["name", "status", "recipe", "model", "backend", "precision", "steps", "final", "loss",
+                                "accuracy", "duration"]
+    assert "interrupted (training)" in table[1] and "2h00m" in table[1]
+    assert "0.100 -> 0.600" in table[3] and "5m30s" in table[3] and "x.yaml" in table[3]
+
+    as_json = run_cli("runs", str(tmp_path), "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    assert [r["name"] for r in json.loads(as_json.stdout)] == ["stopped", "broken", "done"]
+    missing = run_cli("runs", str(tmp_path / "nope"))
+    assert missing.returncode == 1 and "Fix:" in missing.stderr
