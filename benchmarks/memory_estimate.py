@@ -11,7 +11,7 @@ shape and batch:
   the estimate's CPU total (tensors + allocator) models.
 Prints one line per case with both ratios estimate/measured; the target is within 25% (0.75-1.25).
 
-    .venv/bin/python benchmarks/memory_estimate.py [--quick] [--save measured.json]
+    .venv/bin/python benchmarks/memory_estimate.py [--quick] [--method lora|full] [--save measured.json]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 torch.set_num_threads(2)
 path, micro, seq, precision, ckpt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"
 mode = sys.argv[6]
+method = sys.argv[7] if len(sys.argv) > 7 else "lora"  # full: every weight trains, no adapter
 
 
 def status(key):
@@ -46,7 +47,8 @@ def train(model, steps, micro, seq, profile_last=False):
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    if method == "lora":
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
     # from_pretrained returns the model in eval mode, where transformers skips checkpointing; Trainer calls
     # train() itself, so the benchmark must too or the "checkpointed" cases measure no checkpointing at all.
     model.train()
@@ -103,16 +105,17 @@ print(json.dumps({"measured": status("VmHWM") - base, "runtime": base - before_w
 '''
 
 
-def run_case(path: str, micro: int, seq: int, precision: str, ckpt: bool, mode: str = "resident") -> dict:
+def run_case(path: str, micro: int, seq: int, precision: str, ckpt: bool, mode: str = "resident",
+             method: str = "lora") -> dict:
     """mode "resident": {"measured": peak resident bytes above the baseline, "runtime": bytes of the library
-    warm-up before it}; mode "tensors": {"measured": peak bytes of live tensors}."""
-    out = subprocess.run([sys.executable, "-c", CHILD, path, str(micro), str(seq), precision, "1" if ckpt else "0", mode],
-                         capture_output=True, text=True, check=True)
+    warm-up before it}; mode "tensors": {"measured": peak bytes of live tensors}. method: lora or full."""
+    out = subprocess.run([sys.executable, "-c", CHILD, path, str(micro), str(seq), precision, "1" if ckpt else "0", mode,
+                          method], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(path: str, micro: int, seq: int, precision: str, ckpt: bool, mode: str = "resident") -> int:
-    return run_case(path, micro, seq, precision, ckpt, mode)["measured"]
+def measure(path: str, micro: int, seq: int, precision: str, ckpt: bool, mode: str = "resident", method: str = "lora") -> int:
+    return run_case(path, micro, seq, precision, ckpt, mode, method)["measured"]
 
 
 def build_heldout_model(path: Path) -> Path:
@@ -133,6 +136,8 @@ def main() -> None:
     from tests.conftest import build_tiny_model
 
     quick = "--quick" in sys.argv
+    method = sys.argv[sys.argv.index("--method") + 1] if "--method" in sys.argv else "lora"
+    print(f"method: {method}")
     tmp = Path(tempfile.mkdtemp())
     tiny = ("tiny (hidden 64, 2 layers)", str(build_tiny_model(tmp / "tiny")))
     heldout = ("held out (hidden 128, 3 layers)", str(build_heldout_model(tmp / "heldout")))
@@ -148,14 +153,14 @@ def main() -> None:
         shape, _ = find_shape(path if name.startswith(("tiny", "held")) else "embedded:smollm2-135m-instruct")
         for precision, ckpt in (("bf16", False), ("fp32", False), ("bf16", True)):
             est = estimate_memory(shape, micro_batch=micro, seq_len=seq, precision=precision, checkpointing=ckpt,
-                                  lora_rank=8, lora_targets="all-linear", device="cpu")
+                                  lora_rank=8, lora_targets="all-linear", device="cpu", method=method)
             row = f"{name:<32}{micro:>6}{seq:>5}{precision:>5}{str(ckpt):>6} | {est.tensors / 2**20:>12.1f}"
             if est.total > 0.7 * ram:  # would push this machine into swap or the OOM killer: say so, do not run it
                 print(f"{row}   skipped: resident estimate {est.total / 2**30:.1f} GiB is above 70% of this machine's "
                       f"{ram / 2**30:.0f} GiB", flush=True)
                 continue
-            tensors = measure(path, micro, seq, precision, ckpt, "tensors")
-            resident = run_case(path, micro, seq, precision, ckpt)
+            tensors = measure(path, micro, seq, precision, ckpt, "tensors", method)
+            resident = run_case(path, micro, seq, precision, ckpt, method=method)
             rows.append({"model": name, "micro": micro, "seq": seq, "precision": precision, "checkpointing": ckpt,
                          "estimate_tensors": est.tensors, "estimate_resident": est.total, "tensors": tensors,
                          "resident": resident["measured"], "runtime": resident["runtime"]})

@@ -216,7 +216,7 @@ def _launch(plan, run_dir, resume: bool, rendezvous=None) -> None:
     if rendezvous.node_rank != 0:
         click.echo(f"node {rendezvous.node_rank} finished; node 0 evaluates and writes the results")
         return
-    click.echo(f"adapter, metrics and predictions: {run_dir}")
+    click.echo(f"{'model' if plan.recipe.model.method == 'full' else 'adapter'}, metrics and predictions: {run_dir}")
 
 
 def _smoke_overrides(recipe_path, overrides) -> list[str]:

@@ -78,9 +78,10 @@ def _check_request(req: EvalRequest, run_dir) -> None:
         problems.append(Problem("--compare", "cannot compare when scoring given generations", "drop one of them"))
     if req.compare == "base" and run_dir is None:
         problems.append(Problem("--compare", "a recipe's target already is its base model", "pass a run directory, or --compare MODEL"))
-    if run_dir is not None and not req.generations and not run_dir.has_adapter():
-        problems.append(Problem("TARGET", f"the run has no trained adapter in {run_dir.adapter}", "evaluate a finished run "
-                                "(or `sftlaunch resume` it)", got=req.target))
+    method = run_dir.read_plan().recipe.model.method if run_dir is not None else "lora"
+    if run_dir is not None and not req.generations and not run_dir.has_output(method):
+        problems.append(Problem("TARGET", f"the run has no trained {'model' if method == 'full' else 'adapter'} in "
+                                f"{run_dir.output(method)}", "evaluate a finished run (or `sftlaunch resume` it)", got=req.target))
     if problems:
         raise ConfigError(problems)
 
@@ -109,9 +110,11 @@ def run_eval(req: EvalRequest) -> dict:
     kwargs = ev.settings(recipe, plan)
     model_path = resolve_model(recipe.model.name)
     tokenizer = load_tokenizer(model_path, plan.trust_remote_code)
-    model = load_model(model_path, plan.trust_remote_code)
+    full = run_dir is not None and recipe.model.method == "full"
+    # A full fine-tuning run's target is its saved model; a LoRA run's is the base with the adapter on it.
+    model = load_model(str(run_dir.model) if full else model_path, plan.trust_remote_code)
     adapter = None
-    if run_dir is not None:
+    if run_dir is not None and not full:
         adapter = run_dir.adapter
         from peft import PeftModel
 
@@ -125,11 +128,11 @@ def run_eval(req: EvalRequest) -> dict:
     if req.predictions:
         ev.write_predictions(req.predictions, records)
     if req.compare:
-        if req.compare == "base":
+        if req.compare == "base" and not full:
             with model.disable_adapter():
                 base_metrics, base_records = ev.evaluate(model, tokenizer, task, items, label="evaluating base", **kwargs)
         else:
-            other_path = resolve_model(req.compare)
+            other_path = model_path if req.compare == "base" else resolve_model(req.compare)
             other = load_model(other_path, plan.trust_remote_code).to(plan.device)
             other_tokenizer = load_tokenizer(other_path, plan.trust_remote_code)  # another model, its own vocabulary
             base_metrics, base_records = ev.evaluate(other, other_tokenizer, task, items, label="evaluating base", **kwargs)

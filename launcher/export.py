@@ -34,9 +34,14 @@ def _check_target(out: Path) -> None:
 
 def export(run_dir: RunDir, out: Path, *, merge: bool, dtype: str = "fp32", check_items: int = 10, log=print) -> dict:
     plan = run_dir.read_plan()
-    if not run_dir.has_adapter():
-        raise ConfigError([Problem("RUN_DIR", f"the run has no trained adapter in {run_dir.adapter}",
-                                   "export a finished run (or `sftlaunch resume` it first)", got=str(run_dir))])
+    method = plan.recipe.model.method
+    if not run_dir.has_output(method):
+        raise ConfigError([Problem("RUN_DIR", f"the run has no trained {'model' if method == 'full' else 'adapter'} in "
+                                   f"{run_dir.output(method)}", "export a finished run (or `sftlaunch resume` it first)",
+                                   got=str(run_dir))])
+    if method == "full" and not merge:
+        raise ConfigError([Problem("--merge", "a full fine-tuning run has no adapter to copy: its output is a complete model",
+                                   "add --merge (it saves that model, cast to --dtype and checked)", got=str(run_dir))])
     _check_target(out)
     if dtype not in DTYPES:
         raise ConfigError([Problem("--dtype", "unknown dtype", f"use one of {', '.join(DTYPES)}", got=dtype)])
@@ -64,15 +69,19 @@ def _merge(run_dir: RunDir, plan, out: Path, dtype: str, check_items: int, log) 
     t0 = time.time()
     base_path = resolve_model(recipe.model.name)
     tokenizer = load_tokenizer(base_path, plan.trust_remote_code)
-    model = PeftModel.from_pretrained(load_model(base_path, plan.trust_remote_code), str(run_dir.adapter))  # fp32
+    full = recipe.model.method == "full"
+    if full:  # nothing to merge: the run's complete model, in fp32, cast and checked like a merge
+        model = load_model(str(run_dir.model), plan.trust_remote_code)
+    else:
+        model = PeftModel.from_pretrained(load_model(base_path, plan.trust_remote_code), str(run_dir.adapter))  # fp32
     items = get_task(recipe.data.task).examples(recipe, plan.data_path)[1][:check_items]  # held-out items, eval.limit aside
     prompts = [format_prompt(ex.question, tokenizer, recipe.data.prompt_format) for ex in items]
     device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     model.to(device)
     gen = dict(batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens, device=device)
-    expected = generate(model, tokenizer, prompts, label="base + adapter", **gen)
+    expected = generate(model, tokenizer, prompts, label="trained model" if full else "base + adapter", **gen)
 
-    merged = model.merge_and_unload()  # fp32 weights: W + (alpha / r) * B @ A, rounded once
+    merged = model if full else model.merge_and_unload()  # fp32 weights: W + (alpha / r) * B @ A, rounded once
     bad = non_finite_weights(merged.named_parameters())
     if bad:
         raise ExportError(f"the merged model has {len(bad)} non-finite weights (first: {bad[0]}); nothing was written. "

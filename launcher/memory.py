@@ -112,6 +112,7 @@ class MemoryEstimate:
     logits: float
     allocator: float  # CPU only: resident memory the allocator holds beyond live tensors
     total: float
+    method: str = "lora"  # lora_states holds the adapter's states (lora) or every weight's gradient and Adam state (full)
 
     @property
     def tensors(self) -> float:
@@ -119,19 +120,20 @@ class MemoryEstimate:
         return self.total - self.allocator
 
     def gib(self) -> dict:
-        return {k: round(v / GiB, 2) for k, v in asdict(self).items()}
+        return {k: round(v / GiB, 2) for k, v in asdict(self).items() if k != "method"}
 
     def describe(self) -> str:
         g = self.gib()
-        text = (f"{g['total']} GiB = weights {g['weights']} + LoRA/grads/Adam {g['lora_states']} + "
+        states = "LoRA/grads/Adam" if self.method == "lora" else "grads/Adam"
+        text = (f"{g['total']} GiB = weights {g['weights']} + {states} {g['lora_states']} + "
                 f"activations {g['activations']} + logits {g['logits']}")
         return text + (f" + CPU allocator {g['allocator']}" if self.allocator else "")
 
 
 def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, precision: str, checkpointing: bool,
                     lora_rank: int, lora_targets, zero_stage: int = 0, world_size: int = 1,
-                    offload: bool = False, device: str = "cuda") -> MemoryEstimate:
-    """Peak bytes on one device for one micro-batch step of LoRA training (on CPU: of the resident set)."""
+                    offload: bool = False, device: str = "cuda", method: str = "lora") -> MemoryEstimate:
+    """Peak bytes on one device for one micro-batch step of LoRA or full training (on CPU: of the resident set)."""
     half = precision in ("bf16", "fp16")
     kind = "half" if half else "fp32"
     # Weights stay fp32 (never half precision under the optimizer). Autocast casts each weight to half
@@ -152,11 +154,14 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, precis
     if zero_stage == 3:
         # Parameter offload leaves about two layers' worth on the device (the one computing and the prefetch).
         weights = weights * 2 / shape.layers if offload else weights / world_size
-    lora = shape.lora_params(lora_rank, lora_targets) * ADAM_BYTES_PER_PARAM
-    if zero_stage >= 2:
-        lora = lora / world_size
-    if offload:
-        lora = 0.0
+    if method == "full":
+        lora = _full_states(shape.params, half and zero_stage > 0, zero_stage, world_size, offload)
+    else:
+        lora = shape.lora_params(lora_rank, lora_targets) * ADAM_BYTES_PER_PARAM
+        if zero_stage >= 2:
+            lora = lora / world_size
+        if offload:
+            lora = 0.0
     tokens = micro_batch * seq_len
     per_hidden, per_intermediate = ACT_BYTES[kind]
     per_layer = tokens * (per_hidden * shape.hidden + per_intermediate * shape.intermediate)
@@ -170,4 +175,24 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, precis
         activations = shape.layers * per_layer
     tensors = weights + lora + activations + logits
     allocator = tensors * (CPU_RESIDENT_FACTOR[kind] - 1) if device == "cpu" else 0.0
-    return MemoryEstimate(weights, lora, activations, logits, allocator, tensors + allocator)
+    return MemoryEstimate(weights, lora, activations, logits, allocator, tensors + allocator, method)
+
+
+def _full_states(params: int, deepspeed_half: bool, zero_stage: int, world_size: int, offload: bool) -> float:
+    """Gradients and Adam state of every weight, beyond the weights themselves (counted above).
+
+    Without DeepSpeed (or DeepSpeed in fp32): an fp32 gradient (4 bytes) and two fp32 moments (8) per
+    weight, the fp32 weights being the master copy. DeepSpeed in half precision (the ZeRO paper's 16 bytes
+    per parameter): half-precision gradients (2) and fp32 master weights plus moments (12). ZeRO-1 shards
+    the optimizer state, ZeRO-2 the gradients too (ZeRO-3's weights are divided above); offload moves the
+    optimizer state to CPU memory.
+    """
+    grads, optimizer = (2.0, 12.0) if deepspeed_half else (4.0, 8.0)
+    grads, optimizer = grads * params, optimizer * params
+    if zero_stage >= 1:
+        optimizer /= world_size
+    if zero_stage >= 2:
+        grads /= world_size
+    if offload:
+        optimizer = 0.0
+    return grads + optimizer

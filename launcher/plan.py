@@ -260,6 +260,7 @@ def _decide_memory_layout(recipe: Recipe, hw: HardwareInfo, backend: str, device
             + (f", ZeRO-{stage}" + (" and CPU offload" if offload else "") + f" over {world_size} processes" if backend == "deepspeed" else "")
             + f", but only {budget:.1f} GiB is usable ({hwr.memory_fraction:.0%} of {mem_why}). Fix: "
             + (f"lower hardware.micro_batch_size (now {micro}) or set it to auto, " if asked else "")
+            + ("use model.method=lora (full fine-tuning keeps a gradient and Adam state for every weight), " if recipe.model.method == "full" else "")
             + f"lower data.max_length (now {max_length}), use a smaller model, or more GPUs with hardware.backend=deepspeed.")
     where = f"{budget:.1f} GiB usable ({hwr.memory_fraction:.0%} of {mem_why})"
     if estimate is None:
@@ -413,7 +414,7 @@ def _fit_memory(recipe: Recipe, backend: str, device: str, precision: str, shape
         for micro in micros:
             est = estimate_memory(shape, micro_batch=micro, seq_len=max_length, precision=precision, checkpointing=ckpt,
                                   lora_rank=lora.rank, lora_targets=lora.target_modules, zero_stage=stage,
-                                  world_size=world_size, offload=offload, device=device)
+                                  world_size=world_size, offload=offload, device=device, method=recipe.model.method)
             if est.total / GiB <= budget_gib:
                 return MemoryFit(micro, ckpt, stage, offload, est), est
         return None, est

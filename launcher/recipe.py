@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from launcher.errors import ConfigError, Problem
 
@@ -85,7 +85,19 @@ class ModelSection(_Section):
     trust_remote_code: bool = Field(
         False, description="Run the model repository's own Python code. Off unless you trust it."
     )
-    lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapter settings.")
+    method: Literal["lora", "full"] = Field(
+        "lora", description="lora: train a LoRA adapter on frozen weights; full: train every weight (fp32 master "
+        "weights, mixed precision where the plan chooses it) and save a complete model.")
+    lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapter settings (method lora).")
+
+    @model_validator(mode="after")
+    def _lora_only_with_lora(self):
+        if self.method == "full":
+            changed = sorted(k for k, v in self.lora.model_dump().items() if v != LoraSection.model_fields[k].default)
+            if changed:  # settings that would be ignored silently
+                raise ValueError(f"model.lora.{', model.lora.'.join(changed)} set, but model.method=full trains every "
+                                 "weight and uses no adapter | remove those keys, or use model.method=lora")
+        return self
 
     @field_validator("name")
     @classmethod

@@ -32,6 +32,7 @@ class RunDir:
     EVAL, EVAL_BASE, COMPARISON = "eval.json", "eval-base.json", "comparison.json"
     PREDICTIONS, PREDICTIONS_BASE = "predictions.jsonl", "predictions-base.jsonl"
     ADAPTER, CHECKPOINTS, OOM_BACKOFF = "adapter", "checkpoints", "oom_backoff.jsonl"
+    MODEL = "model"  # model.method=full: the complete trained model (instead of adapter/)
     PLOTS = "plots"  # training.png, comparison.png (launcher.plots)
 
     def __init__(self, path: str | Path):
@@ -98,7 +99,7 @@ class RunDir:
 
     def training_done(self) -> dict | None:
         record = self.status().get("train")
-        return record if isinstance(record, dict) and self.has_adapter() else None
+        return record if isinstance(record, dict) and (self.has_adapter() or self.has_model()) else None
 
     def record_worker_end(self, returncode: int, oom_before: int | None, oom_after: int | None) -> int:
         """The worker has exited: if it could not say how (killed), say it; return the exit code the user sees."""
@@ -161,6 +162,20 @@ class RunDir:
 
     def has_adapter(self) -> bool:
         return (self.adapter / "adapter_config.json").is_file()
+
+    @property
+    def model(self) -> Path:
+        return self.file(self.MODEL)
+
+    def has_model(self) -> bool:
+        return (self.model / "config.json").is_file()
+
+    def output(self, method: str) -> Path:
+        """What training leaves: the adapter (method lora) or the complete model (method full)."""
+        return self.model if method == "full" else self.adapter
+
+    def has_output(self, method: str) -> bool:
+        return self.has_model() if method == "full" else self.has_adapter()
 
     @property
     def ds_config(self) -> Path:

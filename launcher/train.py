@@ -115,6 +115,7 @@ class Run:
         self.plan, self.recipe, self.run_dir, self.process, self.resume = plan, plan.recipe, run_dir, process, resume
         self.signals = signals or PhaseSignals()
         self.distributed = plan.world_size > 1
+        self.full = self.recipe.model.method == "full"
         self.results: dict = {"model": self.recipe.model.name}
         self.base_records: list[dict] | None = None
 
@@ -187,18 +188,24 @@ class Run:
         print(ev.format_metrics("base", self.results["base"]), flush=True)
 
     def train(self):
-        """LoRA on the model, Trainer with the health guard, from the last checkpoint when resuming."""
+        """LoRA on the model (or every weight, method full), Trainer with the health guard, from the last
+        checkpoint when resuming."""
         from peft import LoraConfig, get_peft_model
         from transformers import DataCollatorForSeq2Seq
 
         lora, guard = self.recipe.model.lora, self.recipe.train.guard
-        self.model = get_peft_model(self.model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                           target_modules=lora.target_modules, task_type="CAUSAL_LM"))
-        trainable, total = self.model.get_nb_trainable_parameters()
-        if self.process.main:
-            print(f"LoRA r={lora.rank}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)", flush=True)
-        if self.plan.gradient_checkpointing:
-            self.model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing from the frozen embeddings
+        if self.full:
+            total = sum(p.numel() for p in self.model.parameters())
+            if self.process.main:
+                print(f"full fine-tuning: all {total:,} parameters trainable (fp32 master weights)", flush=True)
+        else:
+            self.model = get_peft_model(self.model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                               target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+            trainable, total = self.model.get_nb_trainable_parameters()
+            if self.process.main:
+                print(f"LoRA r={lora.rank}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)", flush=True)
+            if self.plan.gradient_checkpointing:
+                self.model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing from the frozen embeddings
         self.tokenizer.padding_side = "right"
         self.enter(TRAINING)
         stop = StopRequest()
@@ -232,18 +239,22 @@ class Run:
         return found[-1] if found else None
 
     def save(self, output) -> None:
-        """Check every adapter weight is finite, then save the adapter (gathered from ZeRO-3 shards)."""
+        """Check every trained weight is finite, then save the adapter or (method full) the complete model,
+        gathered from ZeRO-3 shards."""
+        what = "model" if self.full else "adapter"
         bad = non_finite_weights(self.model.named_parameters())
-        if bad:  # never save an adapter that cannot generate anything
+        if bad:  # never save weights that cannot generate anything
             raise TrainingHealthError(
-                f"training ended with {len(bad)} non-finite adapter weights (first: {bad[0]}); the adapter was not saved. "
+                f"training ended with {len(bad)} non-finite {what} weights (first: {bad[0]}); the {what} was not saved. "
                 f"Likely cause: train.learning_rate={self.recipe.train.learning_rate:g} too high (try 10x lower), or "
                 f"precision {self.plan.precision} overflow (hardware.precision=fp32 to rule it out). The last good checkpoint "
                 "is in the run directory.", {"non_finite_weights": bad[:20], "step": output.global_step})
-        # save_model gathers ZeRO-3 shards and writes from the main process only.
-        self.trainer.save_model(str(self.run_dir.adapter))
+        # save_model gathers ZeRO-3 shards and writes from the main process only (safetensors; a full model
+        # with its generation config, sharded when large).
+        out = self.run_dir.output(self.recipe.model.method)
+        self.trainer.save_model(str(out))
         if self.process.main:
-            self.tokenizer.save_pretrained(self.run_dir.adapter)
+            self.tokenizer.save_pretrained(out)
 
     def reload_for_evaluation(self) -> None:
         """Under DeepSpeed: evaluate in this process alone, on a fresh copy (the engine's weights are sharded)."""
@@ -254,19 +265,25 @@ class Run:
         self.attach_adapter(load_model(self.model_path, self.plan.trust_remote_code))
 
     def attach_adapter(self, base) -> None:
-        """The base model evaluated (unless done before), then the saved adapter put on it for the final evaluation."""
+        """The base model evaluated (unless done before), then the saved adapter put on it (method full: the
+        saved model loaded in its place) for the final evaluation."""
         from peft import PeftModel
 
         base = base.to(self.plan.device)
         self.evaluate_base(base)
         self.enter(FINAL_EVAL)
-        self.model = PeftModel.from_pretrained(base, str(self.run_dir.adapter)).to(self.plan.device)
+        if self.full:
+            del base
+            self.model = load_model(str(self.run_dir.model), self.plan.trust_remote_code).to(self.plan.device)
+        else:
+            self.model = PeftModel.from_pretrained(base, str(self.run_dir.adapter)).to(self.plan.device)
 
     def evaluate_saved(self, train_record: dict) -> dict | None:
         """A resumed run whose training had finished (stopped while evaluating): evaluate the saved adapter."""
         if not self.process.main:
             return None
-        print(f"training finished before the stop (step {train_record.get('steps')}): evaluating the saved adapter", flush=True)
+        print(f"training finished before the stop (step {train_record.get('steps')}): evaluating the saved "
+              f"{'model' if self.full else 'adapter'}", flush=True)
         self.results["train"] = train_record
         self.enter(FINAL_EVAL)
         self.attach_adapter(self.model)

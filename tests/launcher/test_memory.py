@@ -107,3 +107,25 @@ def test_estimate_is_within_25_percent_of_the_measured_cpu_peak_of_the_embedded_
     for ckpt in (False, True):
         ratio = _ratio(path, SMOL, 8, 128, precision, ckpt, "resident")
         assert 0.75 <= ratio <= 1.25, (precision, ckpt, ratio)
+
+
+def test_full_fine_tuning_tensor_estimate_is_within_25_percent_on_the_tiny_model(tiny_model):
+    # Every weight's gradient and two Adam moments besides the weights (and, under autocast, their half copy).
+    from benchmarks.memory_estimate import measure
+
+    shape, _ = find_shape(str(tiny_model))
+    for precision in ("bf16", "fp32"):
+        est = estimate_memory(shape, micro_batch=8, seq_len=128, precision=precision, checkpointing=False, lora_rank=8,
+                              lora_targets="all-linear", device="cpu", method="full")
+        got = measure(str(tiny_model), 8, 128, precision, False, "tensors", "full")
+        assert 0.75 <= est.tensors / got <= 1.25, (precision, est.tensors, got)
+
+
+def test_full_fine_tuning_needs_sixteen_bytes_a_weight_and_zero_divides_them():
+    lora, full = _est(precision="fp32"), _est(precision="fp32", method="full")
+    assert full.lora_states == SMOL.params * 12 and full.weights == lora.weights  # + fp32 grad 4 + Adam 8
+    assert "grads/Adam" in full.describe() and "LoRA" not in full.describe()
+    # DeepSpeed in bf16: half weights and grads, fp32 master + moments (12 bytes) sharded by ZeRO-1/2.
+    z2 = _est(method="full", zero_stage=2, world_size=8)
+    assert z2.lora_states == SMOL.params * (2 + 12) / 8
+    assert _est(method="full", zero_stage=3, world_size=8, offload=True).lora_states == SMOL.params * 2 / 8

@@ -43,6 +43,7 @@ def _wait_for_phase(out: Path, phase: str, proc, timeout=300) -> Path:
 @pytest.mark.parametrize("phase, args, resume_says", [
     ("loading", [], "starts the run from the beginning"),
     ("base evaluation", LONG_EVAL, "evaluates the base model again"),
+    ("training", ["train.max_steps=200", "train.save_steps=1000", "eval.compare_base=false"], "continues from checkpoint-"),
     ("final evaluation", [*LONG_EVAL, "eval.compare_base=false"], "evaluates the saved adapter again, without training"),
 ])
 def test_sigterm_stops_each_phase_with_a_true_status_and_143(tiny_recipe, tmp_path, phase, args, resume_says):
@@ -58,6 +59,8 @@ def test_sigterm_stops_each_phase_with_a_true_status_and_143(tiny_recipe, tmp_pa
     assert (status["status"], status["phase"], status["signal"], status["exit_code"]) == ("interrupted", phase, "SIGTERM", 143)
     assert resume_says in status["resume"] and "sftlaunch resume" in stdout
     assert not (run_dir / "eval.json").exists()
+    if phase == "training":  # stopped after a step, with that step's checkpoint (save_steps is far away)
+        assert 0 < status["step"] < 200 and (run_dir / "checkpoints" / f"checkpoint-{status['step']}").is_dir()
 
     resumed = run_cli("resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -65,7 +68,10 @@ def test_sigterm_stops_each_phase_with_a_true_status_and_143(tiny_recipe, tmp_pa
     assert final["status"] == "completed" and final["phase"] is None
     if phase == "final evaluation":  # training was done: the saved adapter is evaluated, not trained again
         assert "evaluating the saved adapter" in resumed.stdout and "resuming from" not in resumed.stdout
-    assert json.loads((run_dir / "eval.json").read_text())["train"]["steps"] == 4
+    if phase == "training":  # the resumed run went on from the checkpoint of the step it stopped at
+        assert f"resuming from {run_dir / 'checkpoints'}/checkpoint-{status['step']}" in resumed.stdout
+    steps = 200 if phase == "training" else 4
+    assert json.loads((run_dir / "eval.json").read_text())["train"]["steps"] == steps
 
 
 def test_sigkill_of_the_worker_is_recorded_by_the_launcher_with_137(tiny_recipe, tmp_path):
