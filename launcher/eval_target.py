@@ -56,7 +56,7 @@ def _items(recipe: Recipe, req: EvalRequest, plan):
         for d in plan.decisions:
             if d.field == "data_source" and plan.data_path:
                 print(f"data: {d.reason}", flush=True)
-        items = task.examples(recipe, plan.data_path)[1]
+        items = task.eval_examples(recipe, plan.data_path)  # the training split is not needed
         if not req.all_items:
             items = limit_eval(items, recipe)
     if req.limit:

@@ -74,7 +74,7 @@ def _merge(run_dir: RunDir, plan, out: Path, dtype: str, check_items: int, log) 
         model = load_model(str(run_dir.model), plan.trust_remote_code)
     else:
         model = PeftModel.from_pretrained(load_model(base_path, plan.trust_remote_code), str(run_dir.adapter))  # fp32
-    items = get_task(recipe.data.task).examples(recipe, plan.data_path)[1][:check_items]  # held-out items, eval.limit aside
+    items = get_task(recipe.data.task).eval_examples(recipe, plan.data_path)[:check_items]  # held-out items, eval.limit aside
     prompts = [format_prompt(ex.question, tokenizer, recipe.data.prompt_format) for ex in items]
     device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     model.to(device)

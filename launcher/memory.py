@@ -50,6 +50,11 @@ ADAM_BYTES_PER_PARAM = 16  # fp32 LoRA weight, fp32 gradient, two fp32 Adam mome
 # torch.cuda.max_memory_allocated leaves it out too. Models whose tensors are a few MiB do not follow
 # this: their resident set is mostly oneDNN's generated kernels and heap slack (README, "Measured").
 CPU_RESIDENT_FACTOR = {"half": 1.4, "fp32": 1.75}
+# Full fine-tuning is dominated by large tensors that live for the whole run (every weight's gradient and
+# Adam moments, above glibc's mmap threshold, so returned whole): resident / live-tensor peak measured
+# 1.10 (bf16), 1.13 (fp32), 1.17 (bf16 + checkpointing) on SmolLM2-135M at 8 x 128 tokens
+# (benchmarks/memory_estimate.py --method full).
+CPU_RESIDENT_FACTOR_FULL = 1.15
 
 
 @dataclass(frozen=True)
@@ -174,7 +179,8 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, precis
     else:
         activations = shape.layers * per_layer
     tensors = weights + lora + activations + logits
-    allocator = tensors * (CPU_RESIDENT_FACTOR[kind] - 1) if device == "cpu" else 0.0
+    factor = CPU_RESIDENT_FACTOR_FULL if method == "full" else CPU_RESIDENT_FACTOR[kind]
+    allocator = tensors * (factor - 1) if device == "cpu" else 0.0
     return MemoryEstimate(weights, lora, activations, logits, allocator, tensors + allocator, method)
 
 

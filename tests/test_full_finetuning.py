@@ -123,18 +123,28 @@ def test_full_fine_tuning_resumes_after_kill_9_to_the_same_result(full_recipe, t
     assert (run_dir / "model" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_full_fine_tuning_under_deepspeed_zero_with_two_cpu_processes(full_recipe, tiny_model, tmp_path, stage):
-    result = run_cli(str(full_recipe), "hardware.backend=deepspeed", f"hardware.zero_stage={stage}",
-                     "eval.compare_base=false", "eval.limit=3")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "world_size                  = 2" in result.stdout
-    run_dir = _run_dir(tmp_path / "outputs")
-    # The saved model is whole (ZeRO-3 gathers its shards) and every weight trained.
-    changed, total = _changed_weights(tiny_model, run_dir / "model")
-    assert changed == total
+def test_full_fine_tuning_under_deepspeed_zero_2_and_3_with_two_cpu_processes(full_recipe, tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert json.loads((run_dir / "eval.json").read_text())["trained"]["n"] == 3
+    saved = {}
+    for stage in (2, 3):
+        out = tmp_path / f"zero{stage}"
+        result = run_cli(str(full_recipe), "hardware.backend=deepspeed", f"hardware.zero_stage={stage}",
+                         "eval.compare_base=false", "eval.limit=3", f"output.dir={out}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "world_size                  = 2" in result.stdout and f"zero_stage                  = {stage}" in result.stdout
+        run_dir = _run_dir(out)
+        # The saved model is whole (ZeRO-3 gathers its shards), every weight trained, and it loads.
+        changed, total = _changed_weights(tiny_model, run_dir / "model")
+        assert changed == total
+        model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        assert json.loads((run_dir / "eval.json").read_text())["trained"]["n"] == 3
+        saved[stage] = load_file(run_dir / "model" / "model.safetensors")
+    # Sharding changes where the states live, not the arithmetic: the same seed gives the same weights.
+    # (A one-process run differs, by about a third of the update: its sampler deals other samples to each
+    # step, visible in a different first loss; see README "Measured".)
+    common = set(saved[2]) & set(saved[3])  # ZeRO-2's save also writes the tied head (checked equal above)
+    assert len(common) >= len(load_file(tiny_model / "model.safetensors"))
+    for name in common:
+        assert torch.allclose(saved[2][name], saved[3][name], rtol=1e-5, atol=1e-6), name

@@ -1,6 +1,7 @@
 """Tasks: each builds its training and evaluation examples from a recipe and judges generations.
 
-A task is a module with `examples(recipe) -> (train, evals)`, `parse_answer(text) -> float | None`,
+A task is a module with `examples(recipe, data_path) -> (train, evals)`, `eval_examples(recipe, data_path)`
+(the evaluation items alone), `parse_answer(text) -> float | None`,
 `is_correct(predicted, reference) -> bool`, `load_file(path) -> list[Example]` (for `eval --data`),
 and `DEFAULT_MAX_LENGTH` with its reason.
 """

@@ -128,14 +128,18 @@ def load_hub(dataset: str, config: str | None, split: str) -> list[Example]:
 
 def examples(recipe, data_path: str | None = None) -> tuple[list[Example], list[Example]]:
     """Train and test examples from data_path (the plan's data source: data.path or the bundled copy), else the Hub."""
+    d = recipe.data
+    evals = eval_examples(recipe, data_path)
+    return _load_split(data_path or d.path, "train", d.dataset, d.dataset_config), evals
+
+
+def eval_examples(recipe, data_path: str | None = None) -> list[Example]:
+    """The test split alone (sftlaunch eval and export need no training data)."""
     d, e = recipe.data, recipe.eval
     path = data_path or d.path
-    train = _load_split(path, "train", d.dataset, d.dataset_config)
     if e.path:
-        evals = _load_split(e.path, "test", d.dataset, d.dataset_config)
-    elif path and Path(path).is_file():
+        return _load_split(e.path, "test", d.dataset, d.dataset_config)
+    if path and Path(path).is_file():
         raise DataError(f"data.path={path} is one file, used for training; say which data to evaluate on. "
                         "Fix: set eval.path (a JSONL file or a folder with test.jsonl).")
-    else:
-        evals = _load_split(path, "test", d.dataset, d.dataset_config)
-    return train, evals
+    return _load_split(path, "test", d.dataset, d.dataset_config)

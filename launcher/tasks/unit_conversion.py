@@ -259,3 +259,9 @@ def examples(recipe, data_path: str | None = None) -> tuple[list[Example], list[
     if e.path:
         evals = load_file(e.path)
     return train, evals
+
+
+def eval_examples(recipe, data_path: str | None = None) -> list[Example]:
+    """The held-out items alone (generated with the training set, which costs nothing; or eval.path)."""
+    d, e = recipe.data, recipe.eval
+    return load_file(e.path) if e.path else generate(d.train_size, e.size, recipe.train.seed, d.target_style)[1]

@@ -119,3 +119,13 @@ def test_bundled_copy_is_checked_against_its_checksums(tmp_path, monkeypatch):
 def test_bundled_copy_ships_its_licence():
     assert "MIT License" in (gsm8k.BUNDLED / "LICENSE").read_text() and "OpenAI" in (gsm8k.BUNDLED / "LICENSE").read_text()
     assert len(_rows("train")) == 7473 and len(_rows("test")) == 1319
+
+
+def test_evaluation_items_load_without_the_training_split(tmp_path, monkeypatch):
+    recipe = load_recipe(ROOT / "recipes" / "gsm8k.yaml", [f"data.path={GSM8K}"])
+    expected = gsm8k.examples(recipe)[1]
+    loaded = []
+    real = gsm8k._load_split
+    monkeypatch.setattr(gsm8k, "_load_split", lambda path, split, *a: loaded.append(split) or real(path, split, *a))
+    assert gsm8k.eval_examples(recipe) == expected  # what sftlaunch eval and export read
+    assert loaded == ["test"]
