@@ -17,29 +17,13 @@ from tests.conftest import ROOT, run_cli
 
 
 @pytest.fixture
-def full_recipe(tmp_path, tiny_model) -> Path:
-    path = tmp_path / "full.yaml"
-    path.write_text(f"""\
-model:
-  name: {tiny_model}
-  method: full
-data:
-  train_size: 48
-  max_length: 96
-train:
-  max_steps: 8
-  effective_batch_size: 8
-  learning_rate: 1.0e-3
-  logging_steps: 1
-eval:
-  size: 12
-  batch_size: 6
-  max_new_tokens: 16
-hardware:
-  precision: fp32
-output:
-  dir: {tmp_path / 'outputs'}
-""")
+def full_recipe(tiny_recipe) -> Path:
+    """The tiny recipe with every weight training (no LoRA section), in fp32 so generations compare exactly."""
+    text = tiny_recipe.read_text()
+    assert "  lora: {rank: 4, alpha: 8}\n" in text
+    path = tiny_recipe.with_name("full.yaml")
+    path.write_text(text.replace("  lora: {rank: 4, alpha: 8}\n", "  method: full\n")
+                    .replace("  max_steps: 4\n", "  max_steps: 8\n") + "hardware:\n  precision: fp32\n")
     return path
 
 
