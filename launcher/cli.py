@@ -43,7 +43,6 @@ def _plan(recipe_path: str, overrides, profile: str | None, backend: str | None,
     if check or profile is None:  # inputs on this machine (a plan for another machine cannot see its files)
         from launcher.data import check_paths
         from launcher.models import check_reference
-
         from launcher.trackers import check_installed
 
         check_reference(recipe.model.name)
@@ -187,7 +186,7 @@ def _launch(plan, run_dir, resume: bool, rendezvous=None) -> None:
     from launcher.health import TrainingHealthError
     from launcher.oom import EXIT_OUT_OF_MEMORY, back_off
     from launcher.runner import run as run_spec
-    from launcher.signals import oom_kills
+    from launcher.signals import oom_kills, shell_exit_code
 
     rendezvous = rendezvous or Rendezvous(master_port=_free_port())
     while True:
@@ -195,8 +194,8 @@ def _launch(plan, run_dir, resume: bool, rendezvous=None) -> None:
         code = run_spec(BACKENDS[plan.backend].build(plan, run_dir.path, resume=resume, rendezvous=rendezvous), run_dir.path)
         if rendezvous.node_rank == 0:  # run.json ends true even when the worker was killed before it could write
             code = run_dir.record_worker_end(code, oom_before, oom_kills())
-        elif code < 0:
-            code = 128 - code
+        else:
+            code = shell_exit_code(code)
         if code != EXIT_OUT_OF_MEMORY or rendezvous.node_rank != 0:
             break
         try:

@@ -201,8 +201,8 @@ class TrainSection(_Section):
     report_to: list[Literal["none", "tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=lambda: ["none"],
         description="Experiment trackers that get every logged step (rank 0 only): tensorboard (event files in "
-        "the run directory), wandb (key from WANDB_API_KEY only; offline into the run directory unless a key "
-        "is set), mlflow (MLFLOW_TRACKING_URI, else the run directory). Each needs its pip extra.",
+        "the run directory), wandb (offline into the run directory unless WANDB_MODE says otherwise; the key only "
+        "from WANDB_API_KEY), mlflow (MLFLOW_TRACKING_URI, else the run directory). Each needs its pip extra.",
     )
     run_name: str | None = Field(
         None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",

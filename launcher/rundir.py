@@ -19,7 +19,7 @@ from launcher.errors import ConfigError, PlanError, Problem, StorageError
 from launcher.evaluate import write_predictions
 from launcher.plan import Plan
 from launcher.recipe import recipe_to_yaml
-from launcher.signals import pid_alive, worker_end
+from launcher.signals import pid_alive, shell_exit_code, worker_end
 
 
 class RunDir:
@@ -95,7 +95,7 @@ class RunDir:
 
     def record_training(self, record: dict) -> None:
         """The training summary, once the adapter is saved: a resumed run that finds both only evaluates."""
-        self.write_status(self.status().get("status", "running"), train=record)
+        self.write_status("running", train=record)
 
     def training_done(self) -> dict | None:
         record = self.status().get("train")
@@ -110,7 +110,7 @@ class RunDir:
             return end["exit_code"]
         if state.get("status") == "interrupted" and isinstance(state.get("exit_code"), int):
             return state["exit_code"]  # 143 for SIGTERM, whatever torchrun made of the worker's exit
-        return 128 - returncode if returncode < 0 else returncode
+        return shell_exit_code(returncode)
 
     def live_process(self) -> str | None:
         """'worker pid N' / 'launcher pid N' if this run is still being run by a live process, else None."""
@@ -234,29 +234,25 @@ def create_run_dir(plan: Plan, recipe_path: str | Path, suffix: str = "", explic
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError([Problem("--run-dir", f"cannot create {run_dir}: {exc.strerror}", "choose a writable folder")]) from None
-        rd = RunDir(run_dir)
+    else:
+        # A recipe file's stem may hold anything; keep the run name to safe characters.
+        name = out.name or re.sub(r"[^A-Za-z0-9._-]+", "_", Path(recipe_path).stem).strip("._") or "run"
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         try:
-            rd.write_inputs(plan)
+            Path(out.dir).mkdir(parents=True, exist_ok=True)
+            run_dir = _claim(Path(out.dir), f"{name}-{stamp}{suffix}")
         except OSError as exc:
-            raise StorageError(f"cannot write the run's inputs into {run_dir}: {exc.strerror or exc}. "
-                               "Fix: free space there, or give --run-dir another folder.") from None
-        return rd
-    # A recipe file's stem may hold anything; keep the run name to safe characters.
-    name = out.name or re.sub(r"[^A-Za-z0-9._-]+", "_", Path(recipe_path).stem).strip("._") or "run"
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    try:
-        Path(out.dir).mkdir(parents=True, exist_ok=True)
-        run_dir = _claim(Path(out.dir), f"{name}-{stamp}{suffix}")
-    except OSError as exc:
-        raise ConfigError([Problem("output.dir", f"cannot create a run directory there: {exc.strerror or exc}",
-                                   "choose a writable folder with free space", got=out.dir)]) from None
+            raise ConfigError([Problem("output.dir", f"cannot create a run directory there: {exc.strerror or exc}",
+                                       "choose a writable folder with free space", got=out.dir)]) from None
     rd = RunDir(run_dir)
     try:
         rd.write_inputs(plan)
     except OSError as exc:  # e.g. a full disk: never leave a half-made run directory (a 0-byte recipe.yaml)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise StorageError(f"cannot write the run's inputs into {run_dir}: {exc.strerror or exc}; the directory was "
-                           f"removed. Fix: free space in {out.dir}, or set output.dir to another folder.") from None
+        if not explicit:  # a folder we made; an explicit one may be shared by other nodes
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise StorageError(f"cannot write the run's inputs into {run_dir}: {exc.strerror or exc}"
+                           + ("" if explicit else "; the directory was removed")
+                           + f". Fix: free space there, or choose another {'--run-dir' if explicit else 'output.dir'}.") from None
     return rd
 
 

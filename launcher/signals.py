@@ -108,6 +108,11 @@ def oom_kills() -> int | None:
     return None
 
 
+def shell_exit_code(returncode: int) -> int:
+    """Popen's -N for a death by signal N as the shell's 128 + N (sys.exit(-15) would show 241)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
 def worker_end(returncode: int, oom_before: int | None, oom_after: int | None) -> dict:
     """run.json fields for a worker that exited without recording its end (it was killed, or crashed hard).
 

@@ -262,9 +262,9 @@ class Run:
 
         del self.trainer
         unset_hf_deepspeed_config()  # else from_pretrained would build a ZeRO-3-partitioned model again
-        self.attach_adapter(load_model(self.model_path, self.plan.trust_remote_code))
+        self.load_for_final_evaluation(load_model(self.model_path, self.plan.trust_remote_code))
 
-    def attach_adapter(self, base) -> None:
+    def load_for_final_evaluation(self, base) -> None:
         """The base model evaluated (unless done before), then the saved adapter put on it (method full: the
         saved model loaded in its place) for the final evaluation."""
         from peft import PeftModel
@@ -285,8 +285,7 @@ class Run:
         print(f"training finished before the stop (step {train_record.get('steps')}): evaluating the saved "
               f"{'model' if self.full else 'adapter'}", flush=True)
         self.results["train"] = train_record
-        self.enter(FINAL_EVAL)
-        self.attach_adapter(self.model)
+        self.load_for_final_evaluation(self.model)
         return self.evaluate_trained()
 
     def record_training(self, output, seconds: float, stop) -> None:
