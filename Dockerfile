@@ -34,7 +34,6 @@ RUN apt-get update \
  && chmod -R 1777 /workspace /home/sft/.cache
 COPY constraints.txt pyproject.toml README.md /src/
 COPY launcher /src/launcher
-COPY backends /src/backends
 COPY docker/wheels /tmp/wheels
 COPY recipes /workspace/recipes
 WORKDIR /workspace

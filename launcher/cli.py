@@ -137,7 +137,7 @@ def run(recipe, overrides, backend, smoke, nnodes, node_rank, master_addr, maste
             path.write_status("starting", recipe=str(recipe), overrides=list(overrides), smoke=smoke, launcher_pid=os.getpid())
     except SftlaunchError as exc:
         _fail(exc)
-    from backends.base import Rendezvous
+    from launcher.backends.base import Rendezvous
 
     if master_port is None:
         master_port = 29500 if plan.nodes > 1 else _free_port()
@@ -180,8 +180,8 @@ def resume(run_dir):
 
 def _launch(plan, run_dir, resume: bool, rendezvous=None) -> None:
     """Start the plan's backend on run_dir (a RunDir), back off on out-of-memory, print the summary."""
-    from backends import BACKENDS
-    from backends.base import Rendezvous
+    from launcher.backends import BACKENDS
+    from launcher.backends.base import Rendezvous
     from launcher.evaluate import format_comparison
     from launcher.health import TrainingHealthError
     from launcher.oom import EXIT_OUT_OF_MEMORY, back_off

@@ -24,7 +24,7 @@ GPU_MAX_MICRO_BATCH = 64
 # With no model shape to estimate from, a GPU micro-batch this small fits models up to ~1B parameters
 # with LoRA at 512 tokens on 16 GB.
 GPU_DEFAULT_MICRO_BATCH = 4
-# MPS may allocate this share of unified memory: the planner sizes the batch for it and backends/mps.py hands it
+# MPS may allocate this share of unified memory: the planner sizes the batch for it and launcher/backends/mps.py hands it
 # to PyTorch as the high watermark (PyTorch's default, 1.7, lets MPS swap the whole machine before it raises).
 MPS_MEMORY_SHARE = 0.7
 

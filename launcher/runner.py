@@ -7,7 +7,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from backends.base import LaunchSpec
+from launcher.backends.base import LaunchSpec
 
 
 def run(spec: LaunchSpec, run_dir: Path) -> int:

@@ -109,7 +109,7 @@ def base_image(engine):
 def image(engine, base_image, tmp_path_factory):
     # A copy of the build context with the CPU torch wheel in docker/wheels/ (the CPU index is unreachable).
     context = tmp_path_factory.mktemp("context")
-    for name in ("Dockerfile", ".dockerignore", "constraints.txt", "pyproject.toml", "README.md", "launcher", "backends", "recipes", "docker"):
+    for name in ("Dockerfile", ".dockerignore", "constraints.txt", "pyproject.toml", "README.md", "launcher", "recipes", "docker"):
         src = ROOT / name
         (shutil.copytree(src, context / name, ignore=shutil.ignore_patterns("__pycache__", "*.whl")) if src.is_dir()
          else shutil.copy(src, context / name))

@@ -57,4 +57,4 @@ def test_dockerignore_keeps_outputs_venvs_and_caches_out():
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     assert ignore[0 if ignore[0] == "*" else 1] == "*"  # everything is excluded unless listed
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
-    assert allowed == {"constraints.txt", "pyproject.toml", "README.md", "launcher", "backends", "recipes", "docker/wheels"}
+    assert allowed == {"constraints.txt", "pyproject.toml", "README.md", "launcher", "recipes", "docker/wheels"}

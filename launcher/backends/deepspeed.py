@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from backends.base import LaunchSpec, Rendezvous
+from launcher.backends.base import LaunchSpec, Rendezvous
 from launcher.plan import Plan
 from launcher.rundir import RunDir
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backends.base import LaunchSpec, Rendezvous, worker_argv
+from launcher.backends.base import LaunchSpec, Rendezvous, worker_argv
 from launcher.plan import Plan
 
 

@@ -3,8 +3,8 @@ import sys
 import typing
 from pathlib import Path
 
-from backends import BACKENDS
-from backends.base import Rendezvous
+from launcher.backends import BACKENDS
+from launcher.backends.base import Rendezvous
 from launcher.hardware import load_profile
 from launcher.memory import find_shape
 from launcher.plan import make_plan, runnable_here
