@@ -27,6 +27,8 @@ class GpuInfo(_Frozen):
     name: str = Field(description="Device name as the driver reports it.")
     memory_gb: float = Field(gt=0, description="Total device memory in GiB.")
     compute_capability: tuple[int, int] = Field(description="CUDA compute capability (major, minor).")
+    index: int | None = Field(None, ge=0, description="nvidia-smi's index (PCI bus order); the workers are pinned to it.")
+    uuid: str | None = Field(None, description="The driver's GPU UUID (GPU-...), as CUDA_VISIBLE_DEVICES may name it.")
 
 
 class HardwareInfo(_Frozen):
@@ -36,6 +38,9 @@ class HardwareInfo(_Frozen):
     cpu_bf16: bool = Field(description="The CPU has native bf16 instructions (avx512_bf16 / AMX).")
     gpus: tuple[GpuInfo, ...] = Field((), description="CUDA devices on this node.")
     mps: bool = Field(False, description="Apple-silicon GPU available through Metal (MPS).")
+    mps_working_set_gb: float | None = Field(
+        None, gt=0, description="Metal's recommendedMaxWorkingSetSize in GiB: what PyTorch's MPS watermark ratios "
+                                "multiply (None: not reported; the planner then estimates it from RAM and says so).")
     nodes: int = Field(1, ge=1, description="Nodes in the job (profiles of clusters).")
     hub_reachable: bool | None = Field(
         None, description="The Hugging Face Hub answered a connection (None: not probed, as for a profile)."
@@ -65,7 +70,7 @@ def _nvidia_gpus() -> tuple[GpuInfo, ...]:
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return ()
-    query = ["--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader,nounits"]
+    query = ["--query-gpu=index,uuid,name,memory.total,compute_cap", "--format=csv,noheader,nounits"]
     try:
         out = subprocess.run([exe, *query], capture_output=True, text=True, timeout=20, check=True)
     except (subprocess.SubprocessError, OSError):
@@ -74,14 +79,55 @@ def _nvidia_gpus() -> tuple[GpuInfo, ...]:
         return ()
     gpus = []
     for line in out.stdout.strip().splitlines():
-        name, mem_mib, cap = (part.strip() for part in line.split(","))
+        index, uuid, name, mem_mib, cap = (part.strip() for part in line.split(","))
         major, minor = cap.split(".")
-        gpus.append(GpuInfo(name=name, memory_gb=float(mem_mib) / 1024, compute_capability=(int(major), int(minor))))
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        keep = [int(i) for i in visible.split(",") if i.strip().isdigit() and int(i) < len(gpus)]
-        gpus = [gpus[i] for i in keep]
-    return tuple(gpus)
+        gpus.append(GpuInfo(name=name, memory_gb=float(mem_mib) / 1024, compute_capability=(int(major), int(minor)),
+                            index=int(index), uuid=uuid))
+    return visible_gpus(tuple(gpus), os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def visible_gpus(gpus: tuple[GpuInfo, ...], visible: str | None) -> tuple[GpuInfo, ...]:
+    """The GPUs CUDA_VISIBLE_DEVICES lets a process see, in its order.
+
+    nvidia-smi lists GPUs in PCI bus order; the workers are started with CUDA_DEVICE_ORDER=PCI_BUS_ID so
+    that an index means the same GPU to both (CUDA's own default order is fastest first). Entries are
+    indices or GPU UUIDs (a unique prefix, as CUDA accepts); as in CUDA, a negative index ends the list
+    ("-1" hides every GPU). An entry that names no GPU here is an error, never a silent CPU fallback.
+    """
+    if visible is None:
+        return gpus
+    chosen: list[GpuInfo] = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if entry == "":
+            continue
+        if entry.lstrip("-").isdigit():
+            if int(entry) < 0:
+                break
+            found = [g for g in gpus if g.index == int(entry)]
+        else:
+            found = [g for g in gpus if g.uuid and g.uuid.startswith(entry)]
+        if len(found) != 1:
+            listed = ", ".join(f"{g.index} ({g.uuid})" for g in gpus) or "none"
+            raise ConfigError([Problem("CUDA_VISIBLE_DEVICES", "names no single GPU of this machine" if not found else
+                                       "matches several GPUs", f"use indices or GPU UUIDs from `nvidia-smi -L` (here: {listed}); "
+                                       "MIG instances are not supported", got=entry)])
+        chosen.append(found[0])
+    return tuple(chosen)
+
+
+MPS_PROBE = ("import torch; print(torch.mps.recommended_max_memory() if torch.backends.mps.is_available() else 0)")
+
+
+def _mps_working_set_gb() -> float | None:
+    """Metal's recommendedMaxWorkingSetSize, asked of torch in a child process (this one never imports torch)."""
+    import sys
+
+    try:
+        out = subprocess.run([sys.executable, "-c", MPS_PROBE], capture_output=True, text=True, timeout=60, check=True)
+        size = int(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError):
+        return None
+    return round(size / 2**30, 2) if size > 0 else None
 
 
 HUB_TIMEOUT_SECONDS = 3.0
@@ -113,6 +159,7 @@ def detect() -> HardwareInfo:
         cpu_bf16=bool(flags & {"avx512_bf16", "amx_bf16"}),
         gpus=_nvidia_gpus(),
         mps=mac_arm,
+        mps_working_set_gb=_mps_working_set_gb() if mac_arm else None,
         hub_reachable=_hub_reachable(),
     )
 

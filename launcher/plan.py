@@ -24,9 +24,14 @@ GPU_MAX_MICRO_BATCH = 64
 # With no model shape to estimate from, a GPU micro-batch this small fits models up to ~1B parameters
 # with LoRA at 512 tokens on 16 GB.
 GPU_DEFAULT_MICRO_BATCH = 4
-# MPS may allocate this share of unified memory: the planner sizes the batch for it and launcher/backends/mps.py hands it
-# to PyTorch as the high watermark (PyTorch's default, 1.7, lets MPS swap the whole machine before it raises).
-MPS_MEMORY_SHARE = 0.7
+# PyTorch's MPS allocator limits allocations to HIGH x Metal's recommendedMaxWorkingSetSize (not x RAM) and
+# requires LOW <= HIGH (aten/src/ATen/mps/MPSAllocator.mm, init_allocator / setLowWatermarkRatio; defaults
+# 1.7 and 1.4 on unified memory, docs "MPS Environment Variables"). The default 1.7 lets a run swap the whole
+# machine before it raises; 1.0 stops at the working set Metal recommends for the GPU. Setting HIGH alone
+# below 1.4 fails every run at its first allocation ("invalid low watermark ratio 1.4", kohya-ss/sd-scripts#603),
+# so launcher/backends/mps.py sets both, keeping the default LOW/HIGH proportion.
+MPS_HIGH_WATERMARK_RATIO = 1.0
+MPS_LOW_WATERMARK_RATIO = round(MPS_HIGH_WATERMARK_RATIO * 1.4 / 1.7, 3)
 
 
 class Decision(BaseModel):
@@ -159,8 +164,20 @@ def _device_memory_gib(backend: str, hw: HardwareInfo) -> tuple[float, str]:
         g = min(hw.gpus, key=lambda g: g.memory_gb)
         return g.memory_gb, f"{g.memory_gb:.1f} GiB on {g.name}"
     if backend == "mps":
-        return hw.ram_gb * MPS_MEMORY_SHARE, f"the {MPS_MEMORY_SHARE:.0%} of {hw.ram_gb:.0f} GB unified memory MPS may use"
+        working_set, source = mps_working_set(hw)
+        return (working_set * MPS_HIGH_WATERMARK_RATIO,
+                f"PyTorch's MPS limit {MPS_HIGH_WATERMARK_RATIO:g} x Metal's recommended working set {working_set:.2f} GiB ({source})")
     return hw.ram_gb, f"{hw.ram_gb:.0f} GB of RAM"
+
+
+def mps_working_set(hw: HardwareInfo) -> tuple[float, str]:
+    """Metal's recommendedMaxWorkingSetSize in GiB and where the figure comes from."""
+    if hw.mps_working_set_gb:
+        return hw.mps_working_set_gb, "reported by Metal" if hw.name == "detected" else f"recorded in profile {hw.name}"
+    # Not reported (a profile without it, or torch could not say): Metal recommends about two thirds of RAM on
+    # Macs up to 36 GB and three quarters above (recommendedMaxWorkingSetSize as reported on M1/M2/M3 machines).
+    share = 2 / 3 if hw.ram_gb <= 36 else 3 / 4
+    return hw.ram_gb * share, f"not reported: estimated as {share:.0%} of {hw.ram_gb:.0f} GB RAM"
 
 
 def runnable_here(plan: Plan, hw: HardwareInfo) -> list[str]:

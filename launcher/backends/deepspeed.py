@@ -11,8 +11,13 @@ import sys
 from pathlib import Path
 
 from launcher.backends.base import LaunchSpec, Rendezvous
+from launcher.backends.cuda import gpu_environment
 from launcher.plan import Plan
 from launcher.rundir import RunDir
+
+
+# Seconds a stopping worker has for its last step and checkpoint before torchrun kills it.
+STOP_GRACE_SECONDS = 300
 
 
 def zero_config(plan: Plan) -> dict:
@@ -54,7 +59,13 @@ class DeepSpeedBackend:
                 "-m", "launcher.worker", str(run_dir)]
         if resume:
             argv.append("--resume")
-        env = {"OMP_NUM_THREADS": str(plan.threads)}
+        # On SIGTERM/SIGINT torchrun passes the signal to the workers and SIGKILLs them 30 s later (torch
+        # 2.13 torch/distributed/launcher/api.py: TORCH_ELASTIC_SHUTDOWN_TIMEOUT, default 30; elastic agent
+        # _shutdown -> pcontext.close(death_sig, timeout)). A worker finishes its step and writes a full
+        # checkpoint first, which can take longer: give it STOP_GRACE_SECONDS.
+        env = {"OMP_NUM_THREADS": str(plan.threads), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(STOP_GRACE_SECONDS)}
+        if plan.device == "cuda":
+            env.update(gpu_environment(plan.hardware.gpus[:plan.processes_per_node]))
         if plan.device == "cpu":
             # DeepSpeed on CPU: its CPU accelerator, collectives over gloo.
             env.update({"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""})

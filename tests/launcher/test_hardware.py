@@ -52,3 +52,55 @@ def test_help_does_not_import_torch():
     code = "import sys; from launcher.cli import main\ntry:\n main(['--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip().endswith("False")
+
+
+NVIDIA_SMI = """#!/bin/sh
+# A 4-GPU box as nvidia-smi --query-gpu=index,uuid,name,memory.total,compute_cap reports it (PCI bus order).
+echo "0, GPU-aaaa0000-0000, NVIDIA A10G, 23028, 8.6"
+echo "1, GPU-bbbb1111-1111, NVIDIA A10G, 23028, 8.6"
+echo "2, GPU-cccc2222-2222, NVIDIA A10G, 23028, 8.6"
+echo "3, GPU-dddd3333-3333, NVIDIA A10G, 23028, 8.6"
+"""
+
+
+@pytest.fixture
+def four_gpus(tmp_path, monkeypatch):
+    exe = tmp_path / "bin" / "nvidia-smi"
+    exe.parent.mkdir()
+    exe.write_text(NVIDIA_SMI)
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{exe.parent}:/usr/bin:/bin")
+    return monkeypatch
+
+
+@pytest.mark.parametrize("visible, expected", [
+    (None, [0, 1, 2, 3]),
+    ("3", [3]),                                         # the plan is made for GPU 3, and the backend pins GPU 3
+    ("2,0", [2, 0]),
+    ("GPU-dddd3333-3333", [3]),                         # UUIDs were read as "no GPU": a silent CPU fallback
+    ("GPU-cccc,GPU-aaaa0000-0000", [2, 0]),             # a unique prefix, as CUDA accepts
+    ("", []),
+    ("-1", []),                                         # CUDA stops at a negative index: the usual way to hide GPUs
+    ("1,-1,2", [1]),
+])
+def test_cuda_visible_devices_indices_and_uuids(four_gpus, visible, expected):
+    from launcher.hardware import _nvidia_gpus
+
+    if visible is None:
+        four_gpus.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        four_gpus.setenv("CUDA_VISIBLE_DEVICES", visible)
+    gpus = _nvidia_gpus()
+    assert [g.index for g in gpus] == expected
+    assert all(g.name == "NVIDIA A10G" and g.compute_capability == (8, 6) for g in gpus)
+
+
+@pytest.mark.parametrize("visible", ["7", "GPU-ffff", "MIG-0c3c1b1e-aaaa", "GPU-"])
+def test_cuda_visible_devices_naming_no_gpu_is_an_error_not_a_cpu_fallback(four_gpus, visible):
+    from launcher.hardware import _nvidia_gpus
+
+    four_gpus.setenv("CUDA_VISIBLE_DEVICES", visible)
+    with pytest.raises(ConfigError) as err:
+        _nvidia_gpus()
+    text = str(err.value)
+    assert "CUDA_VISIBLE_DEVICES" in text and visible in text and "nvidia-smi -L" in text

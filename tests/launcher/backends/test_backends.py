@@ -46,8 +46,55 @@ def test_cuda_launch_spec(tmp_path):
 def test_mps_launch_spec(tmp_path):
     plan, spec = _spec("mps", "m2-16gb", tmp_path)
     assert spec.env["PYTORCH_ENABLE_MPS_FALLBACK"] == "1"
-    assert 0 < float(spec.env["PYTORCH_MPS_HIGH_WATERMARK_RATIO"]) < 1
+    high, low = float(spec.env["PYTORCH_MPS_HIGH_WATERMARK_RATIO"]), float(spec.env["PYTORCH_MPS_LOW_WATERMARK_RATIO"])
+    # torch's MPSAllocator refuses LOW > HIGH at the first allocation; its unified-memory default LOW is 1.4, so a
+    # HIGH below 1.4 without a LOW crashed every MPS run at start-up.
+    assert 0 < low <= high <= 2.0
     assert plan.precision == "fp32"
+
+
+def test_mps_budget_is_the_metal_working_set_torch_multiplies_not_total_ram(tmp_path):
+    plan, spec = _spec("mps", "m2-16gb", tmp_path)
+    # torch allows HIGH x recommendedMaxWorkingSetSize (10.67 GiB on a 16 GB M2), so that is what the batch is sized for.
+    assert plan.device_memory_gib == round(10.67 * float(spec.env["PYTORCH_MPS_HIGH_WATERMARK_RATIO"]), 1)
+    assert plan.memory_estimate_gib <= plan.device_memory_gib * plan.recipe.hardware.memory_fraction
+    assert "recommended working set 10.67 GiB (recorded in profile m2-16gb)" in plan.decision("memory_estimate_gib").reason
+    # A Mac whose working set was not reported: estimated from RAM, and the plan says so.
+    hw = load_profile("m2-16gb").model_copy(update={"mps_working_set_gb": None, "name": "mac"})
+    recipe = load_recipe(RECIPE, ["hardware.backend=mps"])
+    unreported = make_plan(recipe, hw, find_shape(recipe.model.name)[0])
+    assert unreported.device_memory_gib == 10.7
+    assert "not reported: estimated as 67% of 16 GB RAM" in unreported.decision("memory_estimate_gib").reason
+
+
+def _gpu(index, memory=16.0):
+    from launcher.hardware import GpuInfo
+
+    return GpuInfo(name="Tesla T4", memory_gb=memory, compute_capability=(7, 5), index=index, uuid=f"GPU-{index}aaa-{index}")
+
+
+def test_cuda_keeps_the_gpu_the_user_chose_by_its_pci_index(tmp_path):
+    from launcher.hardware import HardwareInfo
+
+    # CUDA_VISIBLE_DEVICES=3 on a 4-GPU box: detection keeps GPU 3, and the worker must run there, not on GPU 0.
+    hw = HardwareInfo(cpu_cores=8, ram_gb=64, cpu_bf16=False, gpus=(_gpu(3),))
+    plan = make_plan(load_recipe(RECIPE, []), hw, find_shape("embedded:smollm2-135m-instruct")[0])
+    spec = BACKENDS[plan.backend].build(plan, tmp_path)
+    assert plan.backend == "cuda"
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == "3" and spec.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+
+
+def test_deepspeed_pins_the_planned_gpus_and_gives_a_stopping_worker_time_to_checkpoint(tmp_path):
+    from launcher.backends.deepspeed import STOP_GRACE_SECONDS
+    from launcher.hardware import HardwareInfo
+
+    hw = HardwareInfo(cpu_cores=8, ram_gb=64, cpu_bf16=False, gpus=(_gpu(2), _gpu(5)))
+    plan = make_plan(load_recipe(RECIPE, []), hw, find_shape("embedded:smollm2-135m-instruct")[0])
+    spec = BACKENDS[plan.backend].build(plan, tmp_path)
+    assert plan.backend == "deepspeed" and plan.world_size == 2
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == "2,5" and spec.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    # torchrun SIGKILLs workers 30 s after passing on a SIGTERM unless told otherwise.
+    assert int(spec.env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) == STOP_GRACE_SECONDS >= 120
 
 
 def test_specs_are_argument_lists_not_shell_strings(tmp_path):
