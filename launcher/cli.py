@@ -191,8 +191,13 @@ def _launch(plan, run_dir, resume: bool, rendezvous=None) -> None:
     rendezvous = rendezvous or Rendezvous(master_port=_free_port())
     while True:
         oom_before = oom_kills()
+        if rendezvous.node_rank == 0:
+            run_dir.clear_rank_ends()  # a retry or a resume starts with no rank's end recorded
         code = run_spec(BACKENDS[plan.backend].build(plan, run_dir.path, resume=resume, rendezvous=rendezvous), run_dir.path)
-        if rendezvous.node_rank == 0:  # run.json ends true even when the worker was killed before it could write
+        rank_code = run_dir.record_rank_ends(code, write=rendezvous.node_rank == 0) if plan.world_size > 1 else None
+        if rank_code is not None:  # the rank that failed first, not torchrun's "1"
+            code = rank_code
+        elif rendezvous.node_rank == 0:  # run.json ends true even when the worker was killed before it could write
             code = run_dir.record_worker_end(code, oom_before, oom_kills())
         else:
             code = shell_exit_code(code)

@@ -43,11 +43,46 @@ class StepRecord:
     losses: list[float] = field(default_factory=list)
     trainable_tokens: list[int] = field(default_factory=list)
     summed: bool = False  # each loss is a share of the step's loss (normalised by the step's token count)
+    grad_norm: float | None = None  # Trainer's own gradient norm of the step (unscaled; DeepSpeed: global)
+    update_applied: bool | None = None  # DeepSpeed only: the engine applied the update before the guard looked
+
+    def clear(self) -> None:
+        self.losses.clear()
+        self.trainable_tokens.clear()
+        self.grad_norm = self.update_applied = None
 
     def step_loss(self) -> float | None:
         if not self.losses:
             return None
         return sum(self.losses) if self.summed else sum(self.losses) / len(self.losses)
+
+
+# Below this loss scale, gradients that still overflow are not finite at any scale: a real failure.
+MIN_LOSS_SCALE = 1.0
+
+
+def scaler_overflow(precision: str, loss: float | None, grad_norm: float | None, scaler, update_applied: bool | None) -> str | None:
+    """Why a non-finite gradient is the fp16 loss scaler's normal overflow (it skips the update and halves its
+    scale), or None when it is not one: the loss itself is not finite, or the scale is already below
+    MIN_LOSS_SCALE, or nothing skips the step.
+
+    Trainer unscales before on_pre_optimizer_step (accelerate's clip_grad_norm_ calls unscale_gradients), so a
+    step GradScaler will skip reaches the guard as grad_norm inf; DeepSpeed's fp16 scaler has skipped it already.
+    """
+    if precision != "fp16" or grad_norm is None or math.isfinite(grad_norm):
+        return None
+    if loss is None or not math.isfinite(loss):
+        return None
+    if scaler is not None:
+        scale = float(scaler.get_scale())
+        if scale < MIN_LOSS_SCALE:
+            return None
+        return (f"fp16 loss scaler overflow (gradient norm {grad_norm} at scale {scale:g}): the scaler skips this update "
+                f"and halves its scale; this is the scaler working, not a bad step")
+    if update_applied is False:  # DeepSpeed's own fp16 loss scaler (ds_config "fp16": loss_scale 0, dynamic)
+        return (f"fp16 loss scaler overflow (gradient norm {grad_norm}): DeepSpeed skipped this update and lowered its "
+                "scale; this is the scaler working, not a bad step")
+    return None
 
 
 def diagnose(*, step: int, problem: str, loss: float | None, grad_norm: float | None, precision: str,
@@ -182,7 +217,20 @@ def collapse_diagnosis(report: dict, *, max_learning_rate: float, precision: str
 
 
 def non_finite_weights(named_parameters) -> list[str]:
-    """Names of trainable weights holding NaN or inf (checked before an adapter is saved)."""
+    """Names of trainable weights holding NaN or inf (checked before an adapter is saved).
+
+    Under ZeRO-3 a parameter's own tensor is an empty placeholder and this rank's shard is `ds_tensor`
+    (deepspeed/runtime/zero/partition_parameters.py): the shard is what is checked, so each rank checks its
+    part and the caller combines the ranks' answers.
+    """
     import torch
 
-    return [name for name, p in named_parameters if p.requires_grad and not bool(torch.isfinite(p.detach()).all())]
+    bad = []
+    for name, p in named_parameters:
+        if not p.requires_grad:
+            continue
+        data = getattr(p, "ds_tensor", None)
+        data = p.detach() if data is None else data.detach()
+        if data.numel() and not bool(torch.isfinite(data).all()):
+            bad.append(name)
+    return bad

@@ -34,6 +34,7 @@ class RunDir:
     ADAPTER, CHECKPOINTS, OOM_BACKOFF = "adapter", "checkpoints", "oom_backoff.jsonl"
     MODEL = "model"  # model.method=full: the complete trained model (instead of adapter/)
     PLOTS = "plots"  # training.png, comparison.png (launcher.plots)
+    RANKS = "ranks"  # distributed runs: ranks/rank-N.json, how each worker process ended
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -111,6 +112,50 @@ class RunDir:
         if state.get("status") == "interrupted" and isinstance(state.get("exit_code"), int):
             return state["exit_code"]  # 143 for SIGTERM, whatever torchrun made of the worker's exit
         return shell_exit_code(returncode)
+
+    # -- distributed ends ---------------------------------------------------------------------------
+    # torchrun reports any failed worker as its own exit 1 (torch.distributed.elastic: ChildFailedError), so a
+    # rank's 75 (out of memory), 3 (health guard) or 2 never reached the launcher: each rank writes its end here.
+    def write_rank_end(self, rank: int, record: dict) -> None:
+        folder = self.file(self.RANKS)
+        folder.mkdir(exist_ok=True)
+        _atomic_write(folder / f"rank-{rank}.json", json.dumps({"rank": rank, **record}, indent=2))
+
+    def rank_ends(self) -> list[dict]:
+        folder = self.file(self.RANKS)
+        ends = []
+        for path in sorted(folder.glob("rank-*.json")) if folder.is_dir() else []:
+            try:
+                record = json.loads(path.read_text())
+            except (ValueError, OSError):
+                continue  # a rank killed while writing: torchrun's code and run.json still say it failed
+            if isinstance(record, dict) and isinstance(record.get("exit_code"), int):
+                ends.append(record)
+        return ends
+
+    def clear_rank_ends(self) -> None:
+        shutil.rmtree(self.file(self.RANKS), ignore_errors=True)
+
+    def record_rank_ends(self, returncode: int, write: bool) -> int | None:
+        """After torchrun: the exit code of the rank that failed first, recorded in run.json (when `write`, on
+        node 0) with its rank; None when no rank recorded a failure of its own (killed outright, or all well).
+
+        When one rank fails, torchrun stops the others with SIGTERM, so their ends (143, or an error from a
+        collective whose peer is gone) follow from the first failure: the earliest end that is not a signal's
+        is the cause.
+        """
+        if returncode == 0:
+            return None
+        failed = [e for e in self.rank_ends() if e["exit_code"] not in (0, 130, 143)]
+        if not failed:
+            return None
+        first = min(failed, key=lambda e: (e.get("time", ""), e["rank"]))
+        if write:
+            fields = {k: v for k, v in first.items() if k not in ("rank", "status", "time")}
+            error = first.get("error") or f"rank {first['rank']} exited with code {first['exit_code']}"
+            self.write_status(first.get("status", "failed"), **{**fields, "rank": first["rank"],
+                                                                   "error": f"rank {first['rank']}: {error}"})
+        return first["exit_code"]
 
     def live_process(self) -> str | None:
         """'worker pid N' / 'launcher pid N' if this run is still being run by a live process, else None."""

@@ -224,6 +224,7 @@ class Run:
         t0 = time.time()
         output = self.trainer.train(resume_from_checkpoint=self.resumed_from)
         self.skipped_steps = list(self.trainer.skipped_steps)
+        self.overflow_steps = list(self.trainer.overflow_steps)
         if stop.signal is not None:
             raise Interrupted(stop.signal, output.global_step)
         return output, time.time() - t0, stop
@@ -241,11 +242,16 @@ class Run:
     def save(self, output) -> None:
         """Check every trained weight is finite, then save the adapter or (method full) the complete model,
         gathered from ZeRO-3 shards."""
+        from launcher.distributed import every_rank
+
         what = "model" if self.full else "adapter"
         bad = non_finite_weights(self.model.named_parameters())
-        if bad:  # never save weights that cannot generate anything
+        counts = every_rank(len(bad), self.trainer.args.device)  # ZeRO-3: each rank checked its own shards
+        if any(counts):  # never save weights that cannot generate anything
+            ranks = [r for r, c in enumerate(counts) if c]
+            bad = bad or [f"{int(counts[ranks[0]])} weights whose shards are on rank {ranks[0]}"]
             raise TrainingHealthError(
-                f"training ended with {len(bad)} non-finite {what} weights (first: {bad[0]}); the {what} was not saved. "
+                f"training ended with {int(sum(counts))} non-finite {what} weights (first: {bad[0]}); the {what} was not saved. "
                 f"Likely cause: train.learning_rate={self.recipe.train.learning_rate:g} too high (try 10x lower), or "
                 f"precision {self.plan.precision} overflow (hardware.precision=fp32 to rule it out). The last good checkpoint "
                 "is in the run directory.", {"non_finite_weights": bad[:20], "step": output.global_step})
@@ -294,6 +300,7 @@ class Run:
                                  "final_loss": self.run_dir.last_loss(), "train_loss": output.training_loss,
                                  "samples": len(self.features), "cut_by_time_budget": cut,
                                  "max_time_seconds": self.recipe.train.max_time_seconds, "skipped_steps": self.skipped_steps,
+                                 "loss_scaler_overflow_steps": self.overflow_steps,
                                  "resumed_from": self.resumed_from}
         if self.process.main:  # a resumed run that finds this (and the adapter) only evaluates
             self.run_dir.record_training(self.results["train"])

@@ -16,9 +16,11 @@ import shutil
 import signal
 import time
 
+from launcher.distributed import agreed_loss, any_rank, every_rank
 from launcher.errors import StorageError
 from launcher.signals import TRAINING, Stopped
-from launcher.health import LossWatch, StepRecord, TrainingHealthError, diagnose, diverged_diagnosis
+from launcher.health import (LossWatch, StepRecord, TrainingHealthError, diagnose, diverged_diagnosis,
+                             scaler_overflow)
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -51,17 +53,9 @@ class StopRequest:
         signal.signal(signal.SIGTERM, handler)
 
 
-def _any_rank(flag: bool, device) -> bool:
-    """True if any training process has the flag set: all ranks must stop at the same step."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
+# Consecutive loss-scaler overflows after which the gradients count as non-finite: halving from GradScaler's
+# initial 2^16 reaches a scale below 1 in 17 steps.
+MAX_OVERFLOW_STREAK = 24
 
 OOM_MARKERS = ("out of memory", "MPS backend out of memory")
 
@@ -84,8 +78,12 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
     from transformers import Trainer, TrainerCallback
 
     record = StepRecord()
-    # Fault injection for tests of the out-of-memory back-off: raise OOM for micro-batches above N.
-    oom_above = int(os.environ["SFTLAUNCH_FAULT_OOM_ABOVE_MICRO_BATCH"]) if os.environ.get("SFTLAUNCH_FAULT_OOM_ABOVE_MICRO_BATCH") else None
+    # Fault injection for the tests of the out-of-memory back-off and the guard, in real (also distributed)
+    # runs, where nothing can be patched from outside: raise OOM for micro-batches above N, make the loss NaN
+    # at optimizer step N; only on rank SFTLAUNCH_FAULT_RANK when it is set.
+    faulty_rank = os.environ.get("SFTLAUNCH_FAULT_RANK") in (None, os.environ.get("RANK", "0"))
+    oom_above = int(os.environ["SFTLAUNCH_FAULT_OOM_ABOVE_MICRO_BATCH"]) if os.environ.get("SFTLAUNCH_FAULT_OOM_ABOVE_MICRO_BATCH") and faulty_rank else None
+    nan_at = int(os.environ["SFTLAUNCH_FAULT_NAN_AT_STEP"]) if os.environ.get("SFTLAUNCH_FAULT_NAN_AT_STEP") and faulty_rank else None
 
     class Guard(TrainerCallback):
         def __init__(self):
@@ -94,41 +92,57 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
             self.start = time.monotonic()
             self.watch = LossWatch(vocab_size) if vocab_size else None
             self.skipped_steps: list[int] = []  # optimizer steps whose update was skipped (trainer.skipped_steps)
+            self.overflow_streak = 0
+            self.overflow_steps: list[int] = []  # fp16: steps the loss scaler skipped (overflow), which is normal
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = time.monotonic()
 
         def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
             tokens = record.trainable_tokens
-            loss = record.step_loss()
-            grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-            grad_norm = None
-            if grads:
-                import torch
-
-                grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
-            problem = None
-            if loss is not None and not math.isfinite(loss):
-                problem = f"the loss is {loss}"
-            elif grad_norm is not None and not math.isfinite(grad_norm):
-                problem = f"the gradient norm is {grad_norm}"
+            # Every rank judges the same numbers: the losses of all ranks, and the global gradient norm.
+            loss, bad_ranks = agreed_loss(every_rank(record.step_loss(), args.device))
+            grad_norm = record.grad_norm if record.grad_norm is not None else _grad_norm(model)
+            where = f" on rank {', '.join(map(str, bad_ranks))}" if bad_ranks and args.world_size > 1 else ""
             step = state.global_step + 1
             lr = lr_scheduler.get_last_lr()[0] if lr_scheduler else args.learning_rate
+            overflow = scaler_overflow(precision, loss, grad_norm, getattr(optimizer, "scaler", None), record.update_applied)
+            self.overflow_streak = self.overflow_streak + 1 if overflow else 0
+            if overflow and self.overflow_streak <= MAX_OVERFLOW_STREAK:
+                # The fp16 loss scaler working: it skips this update and lowers its scale. Past the streak, no
+                # scale gives finite gradients (DeepSpeed's scale stops at min_loss_scale): a bad step below.
+                self.overflow_steps.append(step)
+                print(f"note: step {step}: {overflow}", flush=True)
+                return
+            problem = None
+            if loss is not None and not math.isfinite(loss):
+                problem = f"the loss is {loss}{where}"
+            elif grad_norm is not None and not math.isfinite(grad_norm):
+                problem = f"the gradient norm is {grad_norm}"
+            details = {"step": step, "loss": loss, "grad_norm": grad_norm, "trainable_tokens": tokens, "learning_rate": lr}
+            if bad_ranks:
+                details["ranks"] = bad_ranks
             if problem:
                 self.bad_steps += 1
-                if self.bad_steps <= max_bad_steps:
-                    # Skip the update (the optimizer ignores parameters without a gradient); never zero
-                    # or rescale the bad gradients into something that looks trainable.
+                # DeepSpeed steps its engine inside backward() (accelerate's DeepSpeedEngineWrapper.backward), so
+                # the update is behind us here; its bf16 path applies non-finite gradients (deepspeed 0.19.8
+                # stage_1_and_2.py step(): overflow is only checked for other dtypes), which cannot be skipped.
+                applied = record.update_applied is True
+                if self.bad_steps <= max_bad_steps and not applied:
+                    # Skip the update (the optimizer ignores parameters without a gradient; DeepSpeed skipped it
+                    # already); never zero or rescale the bad gradients into something that looks trainable.
                     for p in model.parameters():
                         p.grad = None
                     print(f"warning: step {step}: {problem}; update skipped ({self.bad_steps} of "
                           f"train.guard.max_bad_steps={max_bad_steps} allowed)", flush=True)
                     self.skipped_steps.append(step)
                     return
+                if applied and self.bad_steps <= max_bad_steps:
+                    problem += (" and DeepSpeed had already applied the update (its bf16 path does not skip non-finite "
+                                "steps), so the weights are no longer usable: train.guard.max_bad_steps cannot skip it")
                 raise TrainingHealthError(
                     diagnose(step=step, problem=problem, loss=loss, grad_norm=grad_norm, precision=precision,
-                             tokens=tokens, learning_rate=lr, max_learning_rate=args.learning_rate),
-                    {"step": step, "loss": loss, "grad_norm": grad_norm, "trainable_tokens": tokens, "learning_rate": lr})
+                             tokens=tokens, learning_rate=lr, max_learning_rate=args.learning_rate), details)
             if self.watch is not None and loss is not None:
                 diverged = self.watch.check(step, loss)
                 if diverged:
@@ -144,16 +158,14 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
                     diagnose(step=step, problem=f"the loss was exactly 0.0 for {self.zero_streak} steps in a row "
                              "(nothing is being learned; usually every label is masked)", loss=loss,
                              grad_norm=grad_norm, precision=precision, tokens=tokens, learning_rate=lr,
-                             max_learning_rate=args.learning_rate),
-                    {"step": step, "loss": loss, "grad_norm": grad_norm, "trainable_tokens": tokens, "learning_rate": lr})
+                             max_learning_rate=args.learning_rate), details)
 
         def on_step_end(self, args, state, control, **kwargs):
-            record.losses.clear()
-            record.trainable_tokens.clear()
+            record.clear()
             if max_time is not None and stop.reason is None and time.monotonic() - self.start >= max_time \
                     and state.global_step < state.max_steps:
                 stop.reason = "time budget"
-            if _any_rank(stop.reason is not None, args.device):
+            if any_rank(stop.reason is not None, args.device):
                 stop.reason = stop.reason or "another rank stopped"
                 control.should_training_stop = True
                 control.should_save = True
@@ -178,6 +190,8 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
                     {"step": self.state.global_step + 1, "trainable_tokens": list(record.trainable_tokens)})
             loss = super().training_step(model, inputs, num_items_in_batch)
             record.losses.append(float(loss.detach()))
+            if nan_at is not None and self.state.global_step + 1 == nan_at:
+                record.losses[-1] = float("nan")
             # Trainer returns each micro-batch's share of the step's loss when it normalises by the step's
             # token count (num_items_in_batch), else the micro-batch mean: the step loss is then the sum.
             scaled = self.loss_is_scaled_for_ga
@@ -185,6 +199,22 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
                 scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
             record.summed = bool(scaled)
             return loss
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            out = super().compute_loss(model, inputs, *args, **kwargs)
+            if nan_at is not None and self.state.global_step + 1 == nan_at:  # fault injection (above)
+                return (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
+            return out
+
+        def _get_grad_norm(self, model, grad_norm=None):
+            # Trainer's own norm of the step, just before on_pre_optimizer_step (transformers 5.23 trainer.py,
+            # _inner_training_loop): unscaled under fp16, the engine's global norm under DeepSpeed, where
+            # ZeRO-2/3 leave p.grad None so the guard cannot compute it from the parameters.
+            norm = super()._get_grad_norm(model, grad_norm)
+            record.grad_norm = None if norm is None else float(norm)
+            if self.is_deepspeed_enabled:
+                record.update_applied = bool(self.model_wrapped.was_step_applied())
+            return norm
 
         def _save_checkpoint(self, model, trial):
             out = self.args.output_dir
@@ -218,4 +248,15 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
     guard = Guard()
     trainer = SftTrainer(callbacks=[*trainer_kwargs.pop("callbacks", []), guard], **trainer_kwargs)
     trainer.skipped_steps = guard.skipped_steps
+    trainer.overflow_steps = guard.overflow_steps
+    trainer.guard, trainer.step_record = guard, record  # for tests that drive the guard with constructed steps
     return trainer
+
+
+def _grad_norm(model) -> float | None:
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    if not grads:
+        return None
+    import torch
+
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))

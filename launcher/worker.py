@@ -19,6 +19,7 @@ from launcher.signals import LOADING, RESUME_DOES, FINAL_EVAL, TRAINING, PhaseSi
 
 
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+ENDED: dict = {}  # this rank's last recorded state (every rank keeps it; rank 0 also writes run.json)
 
 
 def main(argv: list[str]) -> int:
@@ -30,6 +31,9 @@ def main(argv: list[str]) -> int:
     rank = int(os.environ.get("RANK", "0"))
 
     def status(state: str, **extra) -> None:
+        ENDED.clear()
+        ENDED.update(status=state, **{k: v for k, v in extra.items() if k in ("error", "phase", "exit_code", "health",
+                                                                                 "micro_batch_size", "signal")})
         if rank == 0:
             run_dir.write_status(state, **extra)
 
@@ -133,12 +137,29 @@ def finish_trackers() -> None:
         mlflow.end_run()
 
 
+def record_rank_end(argv: list[str], code: int) -> None:
+    """Distributed: leave this rank's end in the run directory (torchrun passes on only "some worker failed")."""
+    import time
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not argv:
+        return
+    record = {**ENDED, "exit_code": code, "time": time.time(), "pid": os.getpid()}
+    if code != 0 and record.get("status") in (None, "running", "completed"):
+        record["status"] = "failed"
+    try:
+        RunDir(argv[0]).write_rank_end(int(os.environ.get("RANK", "0")), record)
+    except OSError as exc:  # the run's own status is already written where it could be; say why this one is not
+        print(f"warning: could not record this rank's end ({exc})", file=sys.stderr, flush=True)
+
+
 if __name__ == "__main__":
     try:
         code = main(sys.argv[1:])
-    except BaseException:
+    except BaseException as exc:
+        record_rank_end(sys.argv[1:], exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1)
         close_process_group()
         raise
+    record_rank_end(sys.argv[1:], code)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Every file is written and closed by now. A rank's teardown under DeepSpeed over gloo sometimes
         # aborts in C++ destructors ("terminate called without an active exception", SIGABRT; seen in about

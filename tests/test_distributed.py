@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,36 @@ def test_out_of_memory_at_micro_batch_one_gives_up_clearly(tiny_recipe, tmp_path
     assert result.returncode == 1
     assert "out of memory at micro-batch 1" in result.stderr and "data.max_length" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_rank_out_of_memory_reaches_the_launcher_and_backs_off(tiny_recipe, tmp_path):
+    # Only rank 1 runs out of memory. torchrun turns any failed worker into its own exit 1, so before the ranks
+    # recorded their ends the launcher never saw 75 and the back-off never ran under DeepSpeed.
+    result = run_cli(str(tiny_recipe), *DS, "hardware.zero_stage=2", "train.save_steps=1",
+                     env={"SFTLAUNCH_FAULT_OOM_ABOVE_MICRO_BATCH": "2", "SFTLAUNCH_FAULT_RANK": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "retrying from the last checkpoint with micro-batch 2 x accumulation 2" in result.stdout
+    run_dir = _run_dir(tmp_path / "outputs")
+    (backoff,) = [json.loads(line) for line in (run_dir / "oom_backoff.jsonl").read_text().splitlines()]
+    assert (backoff["from_micro_batch"], backoff["to_micro_batch"]) == (4, 2)
+    assert backoff["error"].startswith("rank 1: ") and "out of memory" in backoff["error"]
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+    assert json.loads((run_dir / "eval.json").read_text())["train"]["steps"] == 4
+
+
+def test_a_nan_on_one_rank_stops_every_rank_with_the_guards_exit_code(tiny_recipe, tmp_path):
+    # The loss becomes NaN at step 2 on rank 1 only. Each rank used to judge only its own loss: rank 1 stopped, rank 0
+    # went on into the next collective, and the user saw torchrun's 1 instead of the guard's 3.
+    start = time.monotonic()
+    result = run_cli(str(tiny_recipe), *DS, "hardware.zero_stage=2", "hardware.precision=fp32",
+                     env={"SFTLAUNCH_FAULT_NAN_AT_STEP": "2", "SFTLAUNCH_FAULT_RANK": "1"}, timeout=300)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "training stopped at optimizer step 2: the loss is nan on rank 1" in result.stderr
+    run_dir = _run_dir(tmp_path / "outputs")
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "failed" and status["exit_code"] == 3 and status["rank"] in (0, 1)
+    assert status["health"]["ranks"] == [1] and status["health"]["step"] == 2
+    ends = {json.loads(p.read_text())["rank"]: json.loads(p.read_text()) for p in (run_dir / "ranks").glob("rank-*.json")}
+    assert {r: e["exit_code"] for r, e in ends.items()} == {0: 3, 1: 3}  # every rank stopped, at the same step
+    assert not (run_dir / "adapter").exists()
+    assert time.monotonic() - start < 240  # no rank waited for a collective's timeout

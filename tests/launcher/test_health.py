@@ -243,3 +243,109 @@ def test_collapsed_generations_fail_the_run_with_a_diagnosis(tiny_recipe, tmp_pa
     status = json.loads((run_dir / "run.json").read_text())
     assert status["status"] == "failed" and status["collapsed"] is True
     assert json.loads((run_dir / "comparison.json").read_text())["trained_collapsed"] is True
+
+
+class _Scaler:
+    """GradScaler's side the guard reads: the current scale."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def get_scale(self) -> float:
+        return self.scale
+
+
+class _Optimizer:
+    """accelerate's AcceleratedOptimizer carries the GradScaler as .scaler (accelerate 1.15 optimizer.py)."""
+
+    def __init__(self, scaler=None):
+        self.scaler = scaler
+
+
+@pytest.fixture
+def guarded(tiny_model, tmp_path):
+    """A real Trainer with the guard, driven step by step with constructed losses and gradient norms."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from launcher.trainer import StopRequest, build_trainer
+
+    def make(precision: str, max_bad_steps: int = 0):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+        trainer = build_trainer(precision=precision, keep_checkpoints=1, max_bad_steps=max_bad_steps, zero_loss_steps=0,
+                                max_time=None, stop=StopRequest(), model=model, args=args)
+        return trainer, model
+
+    return make
+
+
+def _drive(trainer, model, step: int, loss: float, grad_norm: float, scaler=None, update_applied=None):
+    from transformers import TrainerControl, TrainerState
+
+    record = trainer.step_record
+    record.clear()
+    record.losses.append(loss)
+    record.trainable_tokens.append(12)
+    record.grad_norm, record.update_applied = grad_norm, update_applied
+    state = TrainerState()
+    state.global_step = step - 1
+    trainer.guard.on_pre_optimizer_step(trainer.args, state, TrainerControl(), model=model,
+                                        optimizer=_Optimizer(scaler), lr_scheduler=None)
+
+
+def test_fp16_loss_scaler_overflows_are_the_scaler_working_not_a_bad_step(guarded, capsys):
+    from launcher.health import TrainingHealthError
+
+    trainer, model = guarded("fp16", max_bad_steps=0)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    # GradScaler starts at 2^16 and halves on each overflow: the first steps of an fp16 run overflow, recurring later.
+    for step, scale in ((1, 65536.0), (2, 32768.0), (3, 16384.0), (40, 8192.0)):
+        _drive(trainer, model, step, loss=2.3, grad_norm=float("inf"), scaler=_Scaler(scale))
+    assert trainer.overflow_steps == [1, 2, 3, 40] and trainer.skipped_steps == []
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)  # the scaler skips, not the guard
+    assert capsys.readouterr().out.count("fp16 loss scaler overflow") == 4
+    _drive(trainer, model, 41, loss=2.2, grad_norm=1.5, scaler=_Scaler(8192.0))  # a normal step ends the streak
+    # A scale already below 1 that still overflows: gradients are not finite at any scale.
+    with pytest.raises(TrainingHealthError, match="step 42: the gradient norm is inf"):
+        _drive(trainer, model, 42, loss=2.3, grad_norm=float("inf"), scaler=_Scaler(0.5))
+
+
+def test_fp16_overflow_with_a_nan_loss_or_without_end_is_a_real_failure(guarded):
+    from launcher.health import TrainingHealthError
+    from launcher.trainer import MAX_OVERFLOW_STREAK
+
+    trainer, model = guarded("fp16")
+    with pytest.raises(TrainingHealthError, match="the loss is nan"):
+        _drive(trainer, model, 1, loss=float("nan"), grad_norm=float("inf"), scaler=_Scaler(65536.0))
+    trainer, model = guarded("fp16")
+    scale = 2.0 ** 40  # a scale that never drops below 1 within the streak
+    for step in range(1, MAX_OVERFLOW_STREAK + 1):
+        _drive(trainer, model, step, loss=2.0, grad_norm=float("inf"), scaler=_Scaler(scale / 2 ** step))
+    with pytest.raises(TrainingHealthError, match="the gradient norm is inf"):
+        _drive(trainer, model, MAX_OVERFLOW_STREAK + 1, loss=2.0, grad_norm=float("inf"), scaler=_Scaler(2.0 ** 10))
+
+
+def test_non_finite_gradients_without_a_loss_scaler_stop_the_run(guarded):
+    from launcher.health import TrainingHealthError
+
+    trainer, model = guarded("bf16")
+    with pytest.raises(TrainingHealthError, match="step 1: the gradient norm is inf"):
+        _drive(trainer, model, 1, loss=2.0, grad_norm=float("inf"))
+
+
+def test_deepspeed_update_already_applied_cannot_be_skipped(guarded):
+    from launcher.health import TrainingHealthError
+
+    # DeepSpeed's fp16 scaler skipped the step itself: an overflow, not a bad step.
+    trainer, model = guarded("fp16", max_bad_steps=2)
+    _drive(trainer, model, 1, loss=2.0, grad_norm=float("inf"), update_applied=False)
+    assert trainer.overflow_steps == [1]
+    # bf16 under DeepSpeed: the engine stepped inside backward() and applied the non-finite update.
+    trainer, model = guarded("bf16", max_bad_steps=2)
+    with pytest.raises(TrainingHealthError, match="DeepSpeed had already applied the update"):
+        _drive(trainer, model, 1, loss=2.0, grad_norm=float("nan"), update_applied=True)
+    # fp32 under DeepSpeed: its overflow check skipped the step, which an allowance may accept.
+    trainer, model = guarded("fp32", max_bad_steps=2)
+    _drive(trainer, model, 1, loss=2.0, grad_norm=float("nan"), update_applied=False)
+    assert trainer.skipped_steps == [1]
