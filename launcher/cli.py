@@ -109,9 +109,11 @@ SMOKE_STEPS, SMOKE_ITEMS = 10, 10
 @click.option("--smoke", is_flag=True, help=f"Check a set-up in a minute: at most {SMOKE_STEPS} steps, {SMOKE_ITEMS} eval items.")
 @click.option("--nnodes", type=click.IntRange(min=1), help="Nodes in a multi-node DeepSpeed job.")
 @click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True, help="This node's rank (node 0 evaluates).")
-@click.option("--master-addr", default="127.0.0.1", show_default=True, help="Address of node 0 (torchrun rendezvous).")
+@click.option("--master-addr", help="Address of node 0, reachable from every node (torchrun rendezvous; needed with "
+              "several nodes; one node: 127.0.0.1).")
 @click.option("--master-port", type=click.IntRange(1, 65535), help="Port on node 0 (default: 29500 for several nodes, a free port for one).")
-@click.option("--run-dir", type=click.Path(file_okay=False), help="Use this run directory (multi-node: the same shared path on every node).")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Use this run directory (multi-node: needed, the same path "
+              "on storage every node sees).")
 def run(recipe, overrides, backend, smoke, nnodes, node_rank, master_addr, master_port, run_dir):
     """Plan, train and evaluate RECIPE (overrides: key.path=value)."""
     from launcher.errors import PlanError
@@ -120,8 +122,11 @@ def run(recipe, overrides, backend, smoke, nnodes, node_rank, master_addr, maste
         if smoke:
             overrides = _smoke_overrides(recipe, overrides)
         plan = _plan(recipe, overrides, None, backend, nnodes=nnodes, check=True)
-        if node_rank >= plan.nodes:
-            raise PlanError(f"--node-rank {node_rank} is outside the {plan.nodes}-node job. Fix: 0 <= --node-rank < --nnodes.")
+        check_rendezvous(plan.nodes, node_rank, master_addr)
+        if plan.nodes > 1 and not run_dir:
+            raise PlanError(f"a {plan.nodes}-node job needs --run-dir: one folder on storage every node sees (each node "
+                            "writes its checkpoint shards there, and node 0 reads them to evaluate). Fix: --run-dir "
+                            "/shared/path/run-name on every node.")
         from launcher.rundir import RunDir, create_run_dir
 
         status = RunDir(run_dir).status().get("status") if run_dir else None
@@ -137,11 +142,27 @@ def run(recipe, overrides, backend, smoke, nnodes, node_rank, master_addr, maste
             path.write_status("starting", recipe=str(recipe), overrides=list(overrides), smoke=smoke, launcher_pid=os.getpid())
     except SftlaunchError as exc:
         _fail(exc)
+    _launch(plan, path, resume=False, rendezvous=_rendezvous(plan, node_rank, master_addr, master_port))
+
+
+def check_rendezvous(nodes: int, node_rank: int, master_addr: str | None) -> None:
+    """A node's place in a multi-node job, checked before anything is started or written."""
+    from launcher.errors import PlanError
+
+    if node_rank >= nodes:
+        raise PlanError(f"--node-rank {node_rank} is outside the {nodes}-node job. Fix: 0 <= --node-rank < --nnodes.")
+    if nodes > 1 and not master_addr:
+        # The default 127.0.0.1 made node 0 listen where no other machine can reach it, and the others wait.
+        raise PlanError(f"a {nodes}-node job needs --master-addr: node 0's address, reachable from every node "
+                        "(127.0.0.1 only when every node runs on this machine). Fix: --master-addr NODE0_ADDRESS on every node.")
+
+
+def _rendezvous(plan, node_rank: int, master_addr: str | None, master_port: int | None):
     from launcher.backends.base import Rendezvous
 
     if master_port is None:
         master_port = 29500 if plan.nodes > 1 else _free_port()
-    _launch(plan, path, resume=False, rendezvous=Rendezvous(node_rank, master_addr, master_port))
+    return Rendezvous(node_rank, master_addr or "127.0.0.1", master_port)
 
 
 def _free_port() -> int:
@@ -154,7 +175,11 @@ def _free_port() -> int:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-def resume(run_dir):
+@click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Multi-node run: this node's rank (run `sftlaunch resume` on every node).")
+@click.option("--master-addr", help="Multi-node run: address of node 0, reachable from every node.")
+@click.option("--master-port", type=click.IntRange(1, 65535), help="Multi-node run: port on node 0 (default 29500).")
+def resume(run_dir, node_rank, master_addr, master_port):
     """Continue an interrupted run from its last checkpoint, with the same plan and data order."""
     from launcher.errors import PlanError
     from launcher.hardware import detect
@@ -163,10 +188,11 @@ def resume(run_dir):
     path = RunDir(run_dir)
     try:
         plan = path.read_plan()
+        check_rendezvous(plan.nodes, node_rank, master_addr)
         state = path.status().get("status")
         if state == "completed":
             raise PlanError(f"{run_dir} already completed; nothing to resume.")
-        live = path.live_process()
+        live = path.live_process() if node_rank == 0 else None  # the pids in run.json are node 0's
         if live:
             raise PlanError(f"{run_dir} is still running ({live}, run.json says {state}); two workers must not share a run. "
                             f"Fix: wait for it to end, or stop it (kill -TERM {live.rsplit(' ', 1)[1]}) and resume then.")
@@ -174,21 +200,20 @@ def resume(run_dir):
     except SftlaunchError as exc:
         _fail(exc)
     click.echo(render_plan(plan))
-    path.write_status("starting", resumed=True, launcher_pid=os.getpid())
-    _launch(plan, path, resume=True)
+    if node_rank == 0:
+        path.write_status("starting", resumed=True, launcher_pid=os.getpid())
+    _launch(plan, path, resume=True, rendezvous=_rendezvous(plan, node_rank, master_addr, master_port))
 
 
-def _launch(plan, run_dir, resume: bool, rendezvous=None) -> None:
+def _launch(plan, run_dir, resume: bool, rendezvous) -> None:
     """Start the plan's backend on run_dir (a RunDir), back off on out-of-memory, print the summary."""
     from launcher.backends import BACKENDS
-    from launcher.backends.base import Rendezvous
     from launcher.evaluate import format_comparison
     from launcher.health import TrainingHealthError
     from launcher.oom import EXIT_OUT_OF_MEMORY, back_off
     from launcher.runner import run as run_spec
     from launcher.signals import oom_kills, shell_exit_code
 
-    rendezvous = rendezvous or Rendezvous(master_port=_free_port())
     while True:
         oom_before = oom_kills()
         if rendezvous.node_rank == 0:

@@ -15,18 +15,6 @@ def _group_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def any_rank(flag: bool, device) -> bool:
-    """True if any training process has the flag set."""
-    import torch
-    import torch.distributed as dist
-
-    if _group_size() == 1:
-        return flag
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def every_rank(value: float | None, device) -> list[float | None]:
     """Each rank's value, indexed by rank (None where a rank had none)."""
     import torch

@@ -138,7 +138,8 @@ class RunDir:
 
     def record_rank_ends(self, returncode: int, write: bool) -> int | None:
         """After torchrun: the exit code of the rank that failed first, recorded in run.json (when `write`, on
-        node 0) with its rank; None when no rank recorded a failure of its own (killed outright, or all well).
+        node 0) with its rank; a signal's 130/143 when the ranks were stopped; None when no rank recorded its
+        end (killed outright, or all well).
 
         When one rank fails, torchrun stops the others with SIGTERM, so their ends (143, or an error from a
         collective whose peer is gone) follow from the first failure: the earliest end that is not a signal's
@@ -146,9 +147,11 @@ class RunDir:
         """
         if returncode == 0:
             return None
-        failed = [e for e in self.rank_ends() if e["exit_code"] not in (0, 130, 143)]
-        if not failed:
-            return None
+        ends = self.rank_ends()
+        failed = [e for e in ends if e["exit_code"] not in (0, 130, 143)]
+        if not failed:  # stopped by a signal (on node 0, run.json says so already), or killed without a word
+            stopped = [e["exit_code"] for e in ends if e["exit_code"] in (130, 143)]
+            return stopped[0] if stopped else None
         first = min(failed, key=lambda e: (e.get("time", ""), e["rank"]))
         if write:
             fields = {k: v for k, v in first.items() if k not in ("rank", "status", "time")}

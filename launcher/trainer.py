@@ -16,7 +16,7 @@ import shutil
 import signal
 import time
 
-from launcher.distributed import agreed_loss, any_rank, every_rank
+from launcher.distributed import agreed_loss, every_rank
 from launcher.errors import StorageError
 from launcher.signals import TRAINING, Stopped
 from launcher.health import (LossWatch, StepRecord, TrainingHealthError, diagnose, diverged_diagnosis,
@@ -80,9 +80,11 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
     record = StepRecord()
     # Fault injection for the tests of the out-of-memory back-off and the guard, in real (also distributed)
     # runs, where nothing can be patched from outside: raise OOM for micro-batches above N, make the loss NaN
-    # at optimizer step N; only on rank SFTLAUNCH_FAULT_RANK when it is set.
+    # at optimizer step N, make every checkpoint take N seconds longer; OOM and NaN only on rank
+    # SFTLAUNCH_FAULT_RANK when it is set.
     faulty_rank = os.environ.get("SFTLAUNCH_FAULT_RANK") in (None, os.environ.get("RANK", "0"))
     oom_above = int(os.environ["SFTLAUNCH_FAULT_OOM_ABOVE_MICRO_BATCH"]) if os.environ.get("SFTLAUNCH_FAULT_OOM_ABOVE_MICRO_BATCH") and faulty_rank else None
+    slow_save = float(os.environ.get("SFTLAUNCH_FAULT_SLOW_SAVE_SECONDS") or 0)
     nan_at = int(os.environ["SFTLAUNCH_FAULT_NAN_AT_STEP"]) if os.environ.get("SFTLAUNCH_FAULT_NAN_AT_STEP") and faulty_rank else None
 
     class Guard(TrainerCallback):
@@ -165,8 +167,15 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
             if max_time is not None and stop.reason is None and time.monotonic() - self.start >= max_time \
                     and state.global_step < state.max_steps:
                 stop.reason = "time budget"
-            if any_rank(stop.reason is not None, args.device):
-                stop.reason = stop.reason or "another rank stopped"
+            # All ranks stop at the same step, and for the same reason: a signal reaches only the ranks of the
+            # node it was sent to (on the others training would go on to saving, alone), the time budget
+            # runs out on each rank's own clock.
+            kind = 2 if stop.signal is not None else 1 if stop.reason is not None else 0
+            agreed = max(int(k or 0) for k in every_rank(kind, args.device))
+            if agreed:
+                if agreed == 2 and stop.signal is None:
+                    stop.signal, stop.reason = signal.SIGTERM, "a signal on another node"
+                stop.reason = stop.reason or "time budget"
                 control.should_training_stop = True
                 control.should_save = True
 
@@ -225,6 +234,8 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
             self.accelerator.wait_for_everyone()
             self.args.output_dir = staging
             try:
+                if slow_save:  # fault injection (above): a checkpoint slower than torchrun's default 30 s of grace
+                    time.sleep(slow_save)
                 super()._save_checkpoint(model, trial)
             except OSError as exc:  # disk full, quota, read-only: leave no half-written staging folder behind
                 if self.args.should_save:

@@ -52,7 +52,10 @@ def main(argv: list[str]) -> int:
         if exc.phase != TRAINING and run_dir.training_done() is not None:
             does = RESUME_DOES[FINAL_EVAL]
         if rank == 0:
-            print(f"\n{signal_name(exc.signum)}: stopped during {exc.phase}; {does}: sftlaunch resume {run_dir}", flush=True)
+            nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))  # torchrun's node count (1 without torchrun)
+            again = (f"on every node: sftlaunch resume {run_dir} --node-rank N --master-addr NODE0_ADDRESS" if nodes > 1
+                     else f"sftlaunch resume {run_dir}")
+            print(f"\n{signal_name(exc.signum)}: stopped during {exc.phase}; {does}: {again}", flush=True)
         extra = {"step": exc.step} if exc.step is not None else {}
         status("interrupted", phase=exc.phase, signal=signal_name(exc.signum), exit_code=exc.exit_code, resume=does, **extra)
         if rank == 0 and exc.phase == TRAINING:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -119,3 +120,54 @@ def test_a_nan_on_one_rank_stops_every_rank_with_the_guards_exit_code(tiny_recip
     assert {r: e["exit_code"] for r, e in ends.items()} == {0: 3, 1: 3}  # every rank stopped, at the same step
     assert not (run_dir / "adapter").exists()
     assert time.monotonic() - start < 240  # no rank waited for a collective's timeout
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_two_node_job_stopped_on_node_0_with_a_slow_checkpoint_then_resumed_on_both_nodes(tiny_recipe, tiny_model, tmp_path):
+    # SIGTERM reaches node 0 only. Its ranks and node 1's must stop at the same step and write one checkpoint that
+    # takes longer than torchrun's default 30 s of grace before SIGKILL; then `resume` on both nodes finishes the run.
+    port, run_dir = _free_port(), tmp_path / "shared-run"
+    args = [str(tiny_recipe), *DS, "hardware.processes=1", "train.max_steps=6", "train.save_steps=100"]
+    common = [sys.executable, "-m", "launcher.cli", "run", *args, "--nnodes", "2", "--master-addr", "127.0.0.1",
+              "--master-port", str(port), "--run-dir", str(run_dir)]
+    env = {**os.environ, "SFTLAUNCH_FAULT_SLOW_SAVE_SECONDS": "35"}
+    nodes = [subprocess.Popen([*common, "--node-rank", str(r)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for r in (0, 1)]
+    metrics = run_dir / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and any(json.loads(line).get("step", 0) >= 2 for line in metrics.read_text().splitlines()),
+              300, "training to reach step 2")
+    nodes[0].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300) for p in nodes]
+    assert [p.returncode for p in nodes] == [143, 143], [o[1][-2000:] for o in outs]
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "interrupted" and status["phase"] == "training", status
+    (checkpoint,) = (run_dir / "checkpoints").iterdir()  # written whole, not cut by a SIGKILL
+    step = int(checkpoint.name.split("-")[1])
+    assert 2 <= step < 6 and status["step"] == step
+    assert "on every node: sftlaunch resume" in outs[0][0]
+
+    port = _free_port()
+    resume = [sys.executable, "-m", "launcher.cli", "resume", str(run_dir), "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    nodes = [subprocess.Popen([*resume, "--node-rank", str(r)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=os.environ.copy()) for r in (1, 0)]
+    outs = [p.communicate(timeout=600) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], [o[1][-2000:] for o in outs]
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+    assert json.loads((run_dir / "eval.json").read_text())["train"]["steps"] == 6
+    _assert_trained_adapter_loads(run_dir, tiny_model)
+
+
+def test_multi_node_needs_an_address_and_a_shared_run_directory(tiny_recipe, tmp_path):
+    no_addr = run_cli(str(tiny_recipe), *DS, "hardware.processes=1", "--nnodes", "2", "--run-dir", str(tmp_path / "r"))
+    assert no_addr.returncode == 2 and "needs --master-addr" in no_addr.stderr and "Traceback" not in no_addr.stderr
+    no_dir = run_cli(str(tiny_recipe), *DS, "hardware.processes=1", "--nnodes", "2", "--master-addr", "10.0.0.1")
+    assert no_dir.returncode == 2 and "needs --run-dir" in no_dir.stderr
+    assert not (tmp_path / "r").exists() and not (tmp_path / "outputs").exists()
