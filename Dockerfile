@@ -24,14 +24,16 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH \
     HF_HOME=/home/sft/.cache/huggingface \
     SFTLAUNCH_CACHE=/home/sft/.cache/sftlaunch
-# /workspace and the caches are writable by any --user uid, so files land on the host owned by the caller.
+# /workspace, the caches and HOME (/home/sft, which `sftlaunch docker run` sets: an uid missing from /etc/passwd
+# would get HOME=/) are writable by any --user uid, so files land on the host owned by the caller.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv /opt/venv \
  && useradd --create-home --uid 1000 --shell /bin/bash sft \
  && mkdir -p /workspace/outputs /home/sft/.cache/huggingface /home/sft/.cache/sftlaunch \
- && chmod -R 1777 /workspace /home/sft/.cache
+ && chmod -R 1777 /workspace /home/sft/.cache \
+ && chmod 1777 /home/sft
 COPY constraints.txt pyproject.toml README.md /src/
 COPY launcher /src/launcher
 COPY docker/wheels /tmp/wheels

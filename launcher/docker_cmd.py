@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONTAINER_WORKDIR = "/workspace"
 CONTAINER_OUTPUTS = "/workspace/outputs"
 CONTAINER_RECIPES = "/workspace/host-recipes"
+CONTAINER_HOME = "/home/sft"  # writable by any uid (Dockerfile)
 CONTAINER_HF_CACHE = "/home/sft/.cache/huggingface"
 # Secrets passed through from the environment to the container, never written to a file or printed.
 PASSTHROUGH_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
@@ -102,6 +103,9 @@ def container_args(req: RunRequest) -> dict:
     for host, inside in req.mounts:
         volumes[str(Path(host).resolve())] = {"bind": inside, "mode": "ro"}
     env = {k: os.environ[k] for k in PASSTHROUGH_ENV if os.environ.get(k)}
+    # The container runs as the caller's uid so outputs are theirs; a uid the image's /etc/passwd lacks gets HOME=/,
+    # where nothing is writable (~/.cache, ~/.triton, torch's extension builds): the image's writable home instead.
+    env["HOME"] = CONTAINER_HOME
     args = {"image": req.image, "command": command, "volumes": volumes, "environment": env, "user": req.user,
             "working_dir": CONTAINER_WORKDIR, "detach": True}
     if req.network:

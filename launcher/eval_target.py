@@ -89,12 +89,13 @@ def _check_request(req: EvalRequest, run_dir) -> None:
 def run_eval(req: EvalRequest) -> dict:
     """Metrics of the target (and of the comparison model); writes predictions and comparison.json."""
     from launcher.hardware import detect
+    from launcher.memory import find_shape
     from launcher.plan import make_eval_plan
 
     recipe, run_dir = _target_recipe(req.target, req.overrides)
     _check_request(req, run_dir)
     # Device and precision as training would choose them on this machine, for one evaluating process.
-    plan = make_eval_plan(recipe, detect())
+    plan = make_eval_plan(recipe, detect(), find_shape(recipe.model.name)[0])
     task, items = _items(recipe, req, plan)
     if req.generations:
         result, records = ev.score(task, items, ev.read_generations(req.generations))

@@ -15,17 +15,17 @@ GiB = 2**30
 # Shapes of models people fine-tune most, from their config.json, so that `sftlaunch plan` can size a
 # run for a model it has not downloaded. A local directory or a reachable Hub id is read directly.
 KNOWN_SHAPES = {
-    # name: hidden, layers, heads, kv_heads, intermediate, vocab, tied embeddings
-    "embedded:smollm2-135m-instruct": (576, 30, 9, 3, 1536, 49152, True),
-    "HuggingFaceTB/SmolLM2-135M-Instruct": (576, 30, 9, 3, 1536, 49152, True),
-    "HuggingFaceTB/SmolLM2-360M-Instruct": (960, 32, 15, 5, 2560, 49152, True),
-    "HuggingFaceTB/SmolLM2-1.7B-Instruct": (2048, 24, 32, 32, 8192, 49152, True),
-    "Qwen/Qwen2.5-0.5B-Instruct": (896, 24, 14, 2, 4864, 151936, True),
-    "Qwen/Qwen2.5-1.5B-Instruct": (1536, 28, 12, 2, 8960, 151936, True),
-    "Qwen/Qwen2.5-7B-Instruct": (3584, 28, 28, 4, 18944, 152064, False),
-    "meta-llama/Llama-3.2-1B-Instruct": (2048, 16, 32, 8, 8192, 128256, True),
-    "meta-llama/Llama-3.2-3B-Instruct": (3072, 28, 24, 8, 8192, 128256, True),
-    "meta-llama/Llama-3.1-8B-Instruct": (4096, 32, 32, 8, 14336, 128256, False),
+    # name: hidden, layers, heads, kv_heads, intermediate, vocab, tied embeddings, config's model_type
+    "embedded:smollm2-135m-instruct": (576, 30, 9, 3, 1536, 49152, True, "llama"),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": (576, 30, 9, 3, 1536, 49152, True, "llama"),
+    "HuggingFaceTB/SmolLM2-360M-Instruct": (960, 32, 15, 5, 2560, 49152, True, "llama"),
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct": (2048, 24, 32, 32, 8192, 49152, True, "llama"),
+    "Qwen/Qwen2.5-0.5B-Instruct": (896, 24, 14, 2, 4864, 151936, True, "qwen2"),
+    "Qwen/Qwen2.5-1.5B-Instruct": (1536, 28, 12, 2, 8960, 151936, True, "qwen2"),
+    "Qwen/Qwen2.5-7B-Instruct": (3584, 28, 28, 4, 18944, 152064, False, "qwen2"),
+    "meta-llama/Llama-3.2-1B-Instruct": (2048, 16, 32, 8, 8192, 128256, True, "llama"),
+    "meta-llama/Llama-3.2-3B-Instruct": (3072, 28, 24, 8, 8192, 128256, True, "llama"),
+    "meta-llama/Llama-3.1-8B-Instruct": (4096, 32, 32, 8, 14336, 128256, False, "llama"),
 }
 
 # Bytes kept for backward per token per layer, per hidden and per intermediate unit, without gradient
@@ -66,6 +66,7 @@ class ModelShape:
     intermediate: int
     vocab: int
     tied: bool
+    model_type: str = ""  # config.json's model_type ("llama", "qwen2", ...); "" when not known
 
     @property
     def params(self) -> int:
@@ -85,7 +86,8 @@ def shape_from_config(config: dict) -> ModelShape:
     heads = config["num_attention_heads"]
     return ModelShape(hidden=config["hidden_size"], layers=config["num_hidden_layers"], heads=heads,
                       kv_heads=config.get("num_key_value_heads") or heads, intermediate=config["intermediate_size"],
-                      vocab=config["vocab_size"], tied=bool(config.get("tie_word_embeddings", False)))
+                      vocab=config["vocab_size"], tied=bool(config.get("tie_word_embeddings", False)),
+                      model_type=str(config.get("model_type") or ""))
 
 
 def find_shape(model_name: str) -> tuple[ModelShape | None, str]:

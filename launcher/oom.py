@@ -12,7 +12,9 @@ EXIT_OUT_OF_MEMORY = 75  # the worker's exit code for "out of memory" (EX_TEMPFA
 
 
 class OutOfMemoryError(SftlaunchError):
-    exit_code = 1
+    """Out of memory with nothing left to halve: the worker's own code, as the README's exit-code table says."""
+
+    exit_code = EXIT_OUT_OF_MEMORY
 
 
 def back_off(plan: Plan, run_dir: RunDir) -> Plan:

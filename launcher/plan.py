@@ -133,6 +133,24 @@ def choose_precision(requested: str, backend: str, hw: HardwareInfo) -> tuple[st
     return requested, "requested by the recipe (hardware.precision)"
 
 
+# Model families whose activations overflow fp16 in inference: Qwen2/Qwen2.5 (1.5B, 7B) generate "!!!!" or NaN
+# in fp16 (QwenLM/Qwen2.5 issues; huggingface/transformers#33294). Evaluating them in fp16 would make the
+# collapse check blame the learning rate for what is an overflow.
+FP16_OVERFLOW_MODEL_TYPES = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+
+
+def choose_eval_precision(precision: str, shape: ModelShape | None) -> tuple[str, str]:
+    """The precision of the evaluation's weights copy, and why."""
+    model_type = shape.model_type if shape is not None else ""
+    if precision == "fp16" and model_type in FP16_OVERFLOW_MODEL_TYPES:
+        return "fp32", (f"{model_type} models overflow fp16 in generation (NaN or '!!!!' output, transformers#33294): "
+                        "evaluated in fp32, which the GPU without bf16 has")
+    if precision in ("bf16", "fp16"):
+        return precision, (f"generation runs on a {precision} copy of the weights: no optimizer needs fp32 masters there, and "
+                           "skipping autocast's per-step weight casts made it 1.5x faster on a 2-core CPU (SmolLM2, batch 32)")
+    return "fp32", f"same as training ({precision})"
+
+
 def choose_data_source(recipe: Recipe, hw: HardwareInfo) -> tuple[str | None, str | None]:
     """(the data path the worker reads, why) for a Hub dataset that ships bundled; (data.path, None) otherwise."""
     from launcher.tasks import gsm8k
@@ -211,7 +229,7 @@ class EvalPlan(BaseModel):
     decisions: tuple[Decision, ...]
 
 
-def make_eval_plan(recipe: Recipe, hw: HardwareInfo) -> EvalPlan:
+def make_eval_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None) -> EvalPlan:
     """Device and precision decided as training would on this machine, for a single evaluating process."""
     decisions: list[Decision] = []
 
@@ -224,14 +242,15 @@ def make_eval_plan(recipe: Recipe, hw: HardwareInfo) -> EvalPlan:
         backend, why = ("cuda", "evaluation runs one process, on GPU 0") if hw.gpus else ("cpu", "evaluation runs one process, on the CPU")
     device = decide("device", {"cuda": "cuda", "mps": "mps"}.get(backend, "cpu"), why)
     precision, why = choose_precision(recipe.hardware.precision, backend, hw)
-    decide("eval_precision", precision, f"as training would use here: {why}")
+    eval_precision, eval_why = choose_eval_precision(precision, shape)
+    decide("eval_precision", eval_precision, f"as training would use here ({why}); {eval_why}")
     threads = recipe.hardware.threads if recipe.hardware.threads != "auto" else hw.cpu_cores
     decide("threads", threads, "requested by the recipe (hardware.threads)" if recipe.hardware.threads != "auto"
            else f"all {hw.cpu_cores} CPU cores: one process")
     data_path, data_why = choose_data_source(recipe, hw)
     if data_why:
         decide("data_source", "bundled" if data_path else "hub", data_why)
-    return EvalPlan(device=device, eval_precision=precision, threads=threads, data_path=data_path,
+    return EvalPlan(device=device, eval_precision=eval_precision, threads=threads, data_path=data_path,
                     trust_remote_code=recipe.model.trust_remote_code, decisions=tuple(decisions))
 
 
@@ -331,12 +350,7 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
     backend = decide("backend", *choose_backend(hwr.backend, hw))
     device = {"cuda": "cuda", "mps": "mps"}.get(backend, "cuda" if backend == "deepspeed" and hw.gpus else "cpu")
     precision = decide("precision", *choose_precision(hwr.precision, backend, hw))
-    if precision in ("bf16", "fp16"):
-        eval_precision = decide("eval_precision", precision,
-                                f"generation runs on a {precision} copy of the weights: no optimizer needs fp32 masters there, and "
-                                "skipping autocast's per-step weight casts made it 1.5x faster on a 2-core CPU (SmolLM2, batch 32)")
-    else:
-        eval_precision = decide("eval_precision", "fp32", f"same as training ({precision})")
+    eval_precision = decide("eval_precision", *choose_eval_precision(precision, shape))
 
     nodes, per_node = _processes(hwr, backend, hw, decide)
     world_size = per_node * nodes

@@ -58,3 +58,14 @@ def test_dockerignore_keeps_outputs_venvs_and_caches_out():
     assert ignore[0 if ignore[0] == "*" else 1] == "*"  # everything is excluded unless listed
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     assert allowed == {"constraints.txt", "pyproject.toml", "README.md", "launcher", "recipes", "docker/wheels"}
+
+
+def test_a_container_run_as_the_callers_uid_has_a_writable_home(tmp_path):
+    from launcher.docker_cmd import CONTAINER_HOME, RunRequest, container_args
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name: x}\n")
+    args = container_args(RunRequest(image="sftlaunch:cpu", recipe=recipe, user="4242:4242"))
+    # uid 4242 is not in the image's /etc/passwd: without HOME, Docker gives it HOME=/, where nothing is writable.
+    assert args["environment"]["HOME"] == CONTAINER_HOME == "/home/sft"
+    assert "chmod 1777 /home/sft" in (ROOT / "Dockerfile").read_text()

@@ -231,3 +231,29 @@ def test_eval_plan_ignores_training_only_constraints_on_eight_gpus():
     assert "one process, on GPU 0" in next(d.reason for d in plan.decisions if d.field == "device")
     cpu = make_eval_plan(load_recipe(RECIPE, []), CPU_OLD)
     assert (cpu.device, cpu.eval_precision) == ("cpu", "fp32")
+
+
+def test_fp16_training_evaluates_qwen2_models_in_fp32():
+    from launcher.memory import find_shape
+    from launcher.plan import make_eval_plan
+
+    # A T4 trains in fp16; Qwen2-family activations overflow fp16 in generation, so evaluation runs in fp32.
+    from launcher.memory import find_shape as shape_of
+
+    qwen = plan_for(T4, "model.name=Qwen/Qwen2.5-0.5B-Instruct", shape=shape_of("Qwen/Qwen2.5-0.5B-Instruct")[0])
+    assert (qwen.precision, qwen.eval_precision) == ("fp16", "fp32")
+    assert "transformers#33294" in qwen.decision("eval_precision").reason
+    llama = plan_for(T4, "model.name=HuggingFaceTB/SmolLM2-135M-Instruct", shape=shape_of("HuggingFaceTB/SmolLM2-135M-Instruct")[0])
+    assert (llama.precision, llama.eval_precision) == ("fp16", "fp16")
+    recipe = load_recipe(ROOT / "recipes" / "unit-conversion.yaml", ["model.name=Qwen/Qwen2.5-1.5B-Instruct"])
+    assert make_eval_plan(recipe, T4, find_shape(recipe.model.name)[0]).eval_precision == "fp32"
+
+
+def test_model_type_is_read_from_a_local_config(tmp_path):
+    import json
+
+    from launcher.memory import find_shape
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2,
+                                                      "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 400}))
+    assert find_shape(str(tmp_path))[0].model_type == "qwen2"
