@@ -210,7 +210,7 @@ def _launch(plan, run_dir, resume: bool, rendezvous) -> None:
     from launcher.backends import BACKENDS
     from launcher.evaluate import format_comparison
     from launcher.health import TrainingHealthError
-    from launcher.oom import EXIT_OUT_OF_MEMORY, back_off
+    from launcher.oom import EXIT_OUT_OF_MEMORY, back_off, no_back_off
     from launcher.runner import run as run_spec
     from launcher.signals import oom_kills, shell_exit_code
 
@@ -229,6 +229,7 @@ def _launch(plan, run_dir, resume: bool, rendezvous) -> None:
         if code != EXIT_OUT_OF_MEMORY or rendezvous.node_rank != 0:
             break
         try:
+            no_back_off(plan, run_dir.status())
             plan = back_off(plan, run_dir)
         except SftlaunchError as exc:
             _fail(exc)

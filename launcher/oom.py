@@ -17,6 +17,19 @@ class OutOfMemoryError(SftlaunchError):
     exit_code = EXIT_OUT_OF_MEMORY
 
 
+def no_back_off(plan: Plan, status: dict) -> None:
+    """Raise when the out-of-memory happened outside training: a smaller training micro-batch cannot help there."""
+    phase = status.get("phase")
+    if phase in (None, "training"):
+        return
+    evaluating = "evaluation" in phase
+    fix = (f"lower eval.batch_size (now {plan.recipe.eval.batch_size}) or eval.max_new_tokens (now "
+           f"{plan.recipe.eval.max_new_tokens}), then `sftlaunch resume` (training is not repeated)" if evaluating else
+           "a smaller model, or more GPUs with hardware.backend=deepspeed (ZeRO-3 shards the weights)")
+    raise OutOfMemoryError(f"out of memory during {phase} ({status.get('error', 'no message')}): halving the training "
+                           f"micro-batch cannot help there. Fix: {fix}.")
+
+
 def back_off(plan: Plan, run_dir: RunDir) -> Plan:
     """The same plan with half the micro-batch and twice the accumulation (the effective batch is kept).
 

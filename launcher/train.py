@@ -140,6 +140,7 @@ class Run:
 
     def enter(self, phase: str) -> None:
         """Say in run.json which phase runs, and how a SIGINT/SIGTERM stops it (training: the StopRequest)."""
+        self.signals.phase = phase  # training's own handler is the StopRequest; the phase is still recorded
         if phase == SAVING:
             self.signals.defer(phase)
         elif phase != TRAINING:

@@ -96,7 +96,7 @@ def _run(plan, run_dir: RunDir, resume: bool, signals: PhaseSignals, status) -> 
         if isinstance(exc, Exception) and is_out_of_memory(exc):
             print(f"out of memory at micro-batch {plan.micro_batch_size}: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
             status("out_of_memory", error=str(exc).splitlines()[0], micro_batch_size=plan.micro_batch_size,
-                   exit_code=EXIT_OUT_OF_MEMORY)
+                   exit_code=EXIT_OUT_OF_MEMORY, phase=signals.phase)
             return EXIT_OUT_OF_MEMORY
         status("failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(), exit_code=1)
         raise

@@ -87,6 +87,8 @@ def test_out_of_memory_at_micro_batch_one_gives_up_clearly(tiny_recipe, tmp_path
     assert result.returncode == 75  # the README's exit code for out of memory (it was 1, which means a bug)
     assert "out of memory at micro-batch 1" in result.stderr and "data.max_length" in result.stderr
     assert "Traceback" not in result.stderr
+    status = json.loads((_run_dir(tmp_path / "outputs") / "run.json").read_text())
+    assert (status["status"], status["phase"], status["exit_code"]) == ("out_of_memory", "training", 75)
 
 
 def test_a_rank_out_of_memory_reaches_the_launcher_and_backs_off(tiny_recipe, tmp_path):
