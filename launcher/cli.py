@@ -213,6 +213,7 @@ def _launch(plan, run_dir, resume: bool, rendezvous) -> None:
     from launcher.oom import EXIT_OUT_OF_MEMORY, back_off, no_back_off
     from launcher.runner import run as run_spec
     from launcher.signals import oom_kills, shell_exit_code
+    from launcher.trained import output_word
 
     while True:
         oom_before = oom_kills()
@@ -246,7 +247,7 @@ def _launch(plan, run_dir, resume: bool, rendezvous) -> None:
     if rendezvous.node_rank != 0:
         click.echo(f"node {rendezvous.node_rank} finished; node 0 evaluates and writes the results")
         return
-    click.echo(f"{'model' if plan.recipe.model.method == 'full' else 'adapter'}, metrics and predictions: {run_dir}")
+    click.echo(f"{output_word(plan.recipe.model.method)}, metrics and predictions: {run_dir}")
 
 
 def _smoke_overrides(recipe_path, overrides) -> list[str]:
@@ -296,7 +297,7 @@ def plan(recipe, overrides, profile, backend, as_json):
 @click.option("--predictions", type=click.Path(dir_okay=False), help="Write one JSON line per item here.")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of the metrics.")
 def eval_cmd(target, overrides, data_file, limit, all_items, compare, generations, predictions, as_json):
-    """Evaluate a run directory's adapter, or a recipe's base model."""
+    """Evaluate a run directory's trained model (its adapter or full model), or a recipe's base model."""
     try:
         from launcher.eval_target import EvalRequest, run_eval
 

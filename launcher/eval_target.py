@@ -1,4 +1,4 @@
-"""`sftlaunch eval`: evaluate a run directory's adapter or a recipe's base model, or score given generations."""
+"""`sftlaunch eval`: evaluate a run directory's trained model or a recipe's base model, or score given generations."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from launcher import evaluate as ev
 from launcher.errors import ConfigError, Problem
 from launcher.recipe import Recipe
+from launcher.trained import load_trained, output_word
 
 if TYPE_CHECKING:
     from launcher.rundir import RunDir
@@ -80,7 +81,7 @@ def _check_request(req: EvalRequest, run_dir) -> None:
         problems.append(Problem("--compare", "a recipe's target already is its base model", "pass a run directory, or --compare MODEL"))
     method = run_dir.read_plan().recipe.model.method if run_dir is not None else "lora"
     if run_dir is not None and not req.generations and not run_dir.has_output(method):
-        problems.append(Problem("TARGET", f"the run has no trained {'model' if method == 'full' else 'adapter'} in "
+        problems.append(Problem("TARGET", f"the run has no trained {output_word(method)} in "
                                 f"{run_dir.output(method)}", "evaluate a finished run (or `sftlaunch resume` it)", got=req.target))
     if problems:
         raise ConfigError(problems)
@@ -112,15 +113,11 @@ def run_eval(req: EvalRequest) -> dict:
     model_path = resolve_model(recipe.model.name)
     tokenizer = load_tokenizer(model_path, plan.trust_remote_code)
     full = run_dir is not None and recipe.model.method == "full"
-    # A full fine-tuning run's target is its saved model; a LoRA run's is the base with the adapter on it.
-    model = load_model(str(run_dir.model) if full else model_path, plan.trust_remote_code)
-    adapter = None
-    if run_dir is not None and not full:
-        adapter = run_dir.adapter
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
-    model.to(plan.device)
+    if run_dir is None:  # a recipe: its base model
+        model = load_model(model_path, plan.trust_remote_code).to(plan.device)
+    else:
+        model = load_trained(run_dir, recipe.model.method, model_path, device=plan.device, dtype="fp32",
+                             trust_remote_code=plan.trust_remote_code)
 
     out: dict = {}
     t0 = time.time()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from launcher.errors import ConfigError, Problem, SftlaunchError
 from launcher.rundir import RunDir
+from launcher.trained import load_trained, output_word
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -36,7 +37,7 @@ def export(run_dir: RunDir, out: Path, *, merge: bool, dtype: str = "fp32", chec
     plan = run_dir.read_plan()
     method = plan.recipe.model.method
     if not run_dir.has_output(method):
-        raise ConfigError([Problem("RUN_DIR", f"the run has no trained {'model' if method == 'full' else 'adapter'} in "
+        raise ConfigError([Problem("RUN_DIR", f"the run has no trained {output_word(method)} in "
                                    f"{run_dir.output(method)}", "export a finished run (or `sftlaunch resume` it first)",
                                    got=str(run_dir))])
     if method == "full" and not merge:
@@ -55,30 +56,32 @@ def export(run_dir: RunDir, out: Path, *, merge: bool, dtype: str = "fp32", chec
 
 
 def _merge(run_dir: RunDir, plan, out: Path, dtype: str, check_items: int, log) -> dict:
-    import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from launcher.data import format_prompt
-    from launcher.evaluate import generate
+    from launcher.evaluate import generate, settings
+    from launcher.hardware import detect
     from launcher.health import non_finite_weights
-    from launcher.models import load_model, load_tokenizer, resolve_model
+    from launcher.models import load_tokenizer, resolve_model, torch_dtype
+    from launcher.plan import make_eval_plan
     from launcher.tasks import get_task
 
     recipe = plan.recipe
     t0 = time.time()
+    # The device `sftlaunch eval` would use on this machine, and the evaluation's generation settings; the
+    # merge and its check stay in fp32 whatever the evaluation's precision.
+    eval_plan = make_eval_plan(recipe, detect())
+    evaluation = settings(recipe, eval_plan)
+    device = evaluation["device"]
+    gen = {k: evaluation[k] for k in ("batch_size", "max_new_tokens", "device", "stop_on_repetition")}
     base_path = resolve_model(recipe.model.name)
     tokenizer = load_tokenizer(base_path, plan.trust_remote_code)
     full = recipe.model.method == "full"
-    if full:  # nothing to merge: the run's complete model, in fp32, cast and checked like a merge
-        model = load_model(str(run_dir.model), plan.trust_remote_code)
-    else:
-        model = PeftModel.from_pretrained(load_model(base_path, plan.trust_remote_code), str(run_dir.adapter))  # fp32
+    # A full run has nothing to merge: its complete model, in fp32, is cast and checked like a merge.
+    model = load_trained(run_dir, recipe.model.method, base_path, device=device, dtype="fp32",
+                         trust_remote_code=plan.trust_remote_code)
     items = get_task(recipe.data.task).eval_examples(recipe, plan.data_path)[:check_items]  # held-out items, eval.limit aside
-    prompts = [format_prompt(ex.question, tokenizer, recipe.data.prompt_format) for ex in items]
-    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    model.to(device)
-    gen = dict(batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens, device=device)
+    prompts = [format_prompt(ex.question, tokenizer, evaluation["prompt_format"]) for ex in items]
     expected = generate(model, tokenizer, prompts, label="trained model" if full else "base + adapter", **gen)
 
     merged = model if full else model.merge_and_unload()  # fp32 weights: W + (alpha / r) * B @ A, rounded once
@@ -86,15 +89,14 @@ def _merge(run_dir: RunDir, plan, out: Path, dtype: str, check_items: int, log) 
     if bad:
         raise ExportError(f"the merged model has {len(bad)} non-finite weights (first: {bad[0]}); nothing was written. "
                           "Fix: re-train (the adapter itself was checked finite when saved, so the base is suspect).")
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    merged = merged.to("cpu", torch_dtype)
+    merged = merged.to("cpu", torch_dtype(dtype))
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, max_shard_size="2GB")  # safetensors; a generation_config.json with it
     tokenizer.save_pretrained(out)
     del model, merged
 
     # The check loads what was written, as a user would: no PEFT, no sftlaunch.
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch_dtype).to(device)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch_dtype(dtype)).to(device)
     got = generate(reloaded, tokenizer, prompts, label="exported model", **gen)
     matches = sum(a == b for a, b in zip(expected, got))
     info = {"kind": "merged", "base_model": recipe.model.name, "run": str(run_dir.path), "dtype": dtype,

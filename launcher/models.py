@@ -133,14 +133,20 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(path: str, trust_remote_code: bool = False):
+def torch_dtype(name: str):
+    """The torch dtype of a precision name (fp32, bf16, fp16)."""
     import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def load_model(path: str, trust_remote_code: bool = False, dtype: str = "fp32"):
+    """The model at path with weights in dtype. Training loads fp32: mixed precision autocasts the compute, and
+    half-precision weights under the optimizer are the classic grad_norm: nan. Evaluation may load half."""
     from transformers import AutoModelForCausalLM
 
     try:
-        # fp32 weights always: mixed precision autocasts the compute; half-precision weights under the
-        # optimizer are the classic grad_norm: nan.
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise _hub_error(path, exc) from None
     except ValueError as exc:

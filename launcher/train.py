@@ -20,6 +20,7 @@ from launcher.plan import Plan
 from launcher.rundir import RunDir
 from launcher.signals import BASE_EVAL, FINAL_EVAL, LOADING, SAVING, TRAINING, PhaseSignals, Stopped
 from launcher.tasks import get_task
+from launcher.trained import load_trained, output_word
 from launcher.trainer import StopRequest, build_trainer, checkpoints
 
 
@@ -245,7 +246,7 @@ class Run:
         gathered from ZeRO-3 shards."""
         from launcher.distributed import every_rank
 
-        what = "model" if self.full else "adapter"
+        what = output_word(self.recipe.model.method)
         bad = non_finite_weights(self.model.named_parameters())
         counts = every_rank(len(bad), self.trainer.args.device)  # ZeRO-3: each rank checked its own shards
         if any(counts):  # never save weights that cannot generate anything
@@ -272,25 +273,22 @@ class Run:
         self.load_for_final_evaluation(load_model(self.model_path, self.plan.trust_remote_code))
 
     def load_for_final_evaluation(self, base) -> None:
-        """The base model evaluated (unless done before), then the saved adapter put on it (method full: the
-        saved model loaded in its place) for the final evaluation."""
-        from peft import PeftModel
-
+        """The base model evaluated (unless done before), then the run's trained model loaded for the final
+        evaluation: the saved adapter put on the base (method full: the saved model in its place)."""
         base = base.to(self.plan.device)
         self.evaluate_base(base)
         self.enter(FINAL_EVAL)
-        if self.full:
-            del base
-            self.model = load_model(str(self.run_dir.model), self.plan.trust_remote_code).to(self.plan.device)
-        else:
-            self.model = PeftModel.from_pretrained(base, str(self.run_dir.adapter)).to(self.plan.device)
+        if self.full:  # the saved model replaces the base: drop every reference to it first
+            base = self.model = None
+        self.model = load_trained(self.run_dir, self.recipe.model.method, self.model_path, device=self.plan.device,
+                                  dtype="fp32", trust_remote_code=self.plan.trust_remote_code, base=base)
 
     def evaluate_saved(self, train_record: dict) -> dict | None:
         """A resumed run whose training had finished (stopped while evaluating): evaluate the saved adapter."""
         if not self.process.main:
             return None
         print(f"training finished before the stop (step {train_record.get('steps')}): evaluating the saved "
-              f"{'model' if self.full else 'adapter'}", flush=True)
+              f"{output_word(self.recipe.model.method)}", flush=True)
         self.results["train"] = train_record
         self.load_for_final_evaluation(self.model)
         return self.evaluate_trained()
