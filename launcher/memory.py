@@ -204,3 +204,53 @@ def _full_states(params: int, deepspeed_half: bool, zero_stage: int, world_size:
     if offload:
         optimizer = 0.0
     return grads + optimizer
+
+
+@dataclass(frozen=True)
+class EvalMemoryEstimate:
+    """Peak bytes of the evaluation's generation on its one device."""
+
+    training_weights: float  # one process: the fp32 weights training used, alive beside the evaluation's copy
+    eval_weights: float  # the weights generation runs on, in the evaluation's precision
+    kv_cache: float
+    activations: float  # the prompts' forward pass (one layer at a time) and the last position's logits
+    allocator: float
+    total: float
+
+    def describe(self) -> str:
+        g = {k: round(v / GiB, 2) for k, v in asdict(self).items()}
+        text = f"{g['total']} GiB = "
+        text += f"training weights {g['training_weights']} + " if self.training_weights else ""
+        text += f"evaluation weights {g['eval_weights']} + " if self.eval_weights else ""
+        text += f"KV cache {g['kv_cache']} + activations {g['activations']}"
+        return text + (f" + CPU allocator {g['allocator']}" if self.allocator else "")
+
+
+def estimate_eval_memory(shape: ModelShape, *, eval_precision: str, training_precision: str, batch: int, prompt_len: int,
+                         new_tokens: int, reloaded: bool, device: str) -> EvalMemoryEstimate:
+    """The evaluation's peak: generation on `batch` prompts of up to `prompt_len` tokens plus `new_tokens`.
+
+    One process evaluates the model it trained: its fp32 weights stay, and under mixed precision generation
+    runs on a half-precision copy beside them (launcher.evaluate.inference_weights, cast weight by weight).
+    Under DeepSpeed (`reloaded`) the engine is freed and the model is loaded again in the evaluation's
+    precision alone.
+    """
+    eval_bytes = 2.0 if eval_precision in ("bf16", "fp16") else 4.0
+    if reloaded:
+        training, weights = 0.0, shape.params * eval_bytes
+    else:
+        training = shape.params * 4.0
+        weights = 0.0 if eval_bytes == 4.0 else shape.params * eval_bytes
+    head_dim = shape.hidden // shape.heads
+    positions = prompt_len + new_tokens
+    kv_cache = 2 * shape.layers * batch * positions * shape.kv_heads * head_dim * eval_bytes
+    # The prompts' forward pass holds one layer's hidden states and MLP intermediates; the last position's
+    # logits come out in the model's dtype and are upcast to fp32 for the choice of the next token.
+    activations = batch * prompt_len * (4 * shape.hidden + 3 * shape.intermediate) * eval_bytes
+    activations += batch * shape.vocab * (eval_bytes + 8)
+    tensors = training + weights + kv_cache + activations
+    kind = "half" if training_precision in ("bf16", "fp16") else "fp32"
+    # The CPU allocator's slack comes from the many short-lived tensors of each decoding step; the weights are
+    # large single allocations (mmap'd by glibc and returned whole), so only the rest carries the factor.
+    allocator = (kv_cache + activations) * (CPU_RESIDENT_FACTOR[kind] - 1) if device == "cpu" else 0.0
+    return EvalMemoryEstimate(training, weights, kv_cache, activations, allocator, tensors + allocator)

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from launcher import trackers
 from launcher.errors import PlanError
 from launcher.hardware import HardwareInfo
-from launcher.memory import GiB, MemoryEstimate, ModelShape, estimate_memory
+from launcher.memory import GiB, MemoryEstimate, ModelShape, estimate_eval_memory, estimate_memory
 from launcher.recipe import Recipe
 from launcher.tasks import get_task
 
@@ -379,6 +379,8 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
     else:
         threads = decide("threads", hwr.threads, "requested by the recipe (hardware.threads)")
 
+    _decide_eval_memory(recipe, shape, eval_precision, precision, backend, device, max_length, mem_gib, decide)
+
     data_path, data_why = choose_data_source(recipe, hw)
     if data_why:
         decide("data_source", "bundled" if data_path else "hub", data_why)
@@ -395,6 +397,36 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
                 memory_estimate_gib=None if fit.estimate is None else round(fit.estimate.total / GiB, 2),
                 device_memory_gib=round(mem_gib, 1), trust_remote_code=trust, data_path=data_path,
                 decisions=tuple(decisions))
+
+
+def _decide_eval_memory(recipe: Recipe, shape: ModelShape | None, eval_precision: str, precision: str, backend: str,
+                        device: str, max_length: int, mem_gib: float, decide) -> None:
+    """The evaluation's peak on its device, decided before training: a run that trains and then cannot evaluate
+    has spent its time for nothing (the out-of-memory back-off halves the training batch, which cannot help)."""
+    if shape is None:
+        decide("eval_memory_gib", None, "model shape unknown: the evaluation's memory is not estimated")
+        return
+    ev, budget = recipe.eval, mem_gib * recipe.hardware.memory_fraction
+
+    def estimate(batch: int):
+        return estimate_eval_memory(shape, eval_precision=eval_precision, training_precision=precision, batch=batch,
+                                    prompt_len=max_length, new_tokens=ev.max_new_tokens, reloaded=backend == "deepspeed",
+                                    device=device)
+
+    est = estimate(ev.batch_size)
+    where = f"{budget:.1f} GiB usable"
+    if est.total / GiB > budget:
+        fits = next((b for b in range(ev.batch_size - 1, 0, -1) if estimate(b).total / GiB <= budget), None)
+        raise PlanError(f"the evaluation of {recipe.model.name} does not fit: {est.describe()} at eval.batch_size="
+                        f"{ev.batch_size}, but only {where}. Fix: " +
+                        (f"eval.batch_size={fits} (the largest that fits) or lower eval.max_new_tokens (now {ev.max_new_tokens})"
+                         if fits else "a smaller model, or hardware.backend=deepspeed (the evaluation reloads the model "
+                                      "in its precision alone, without the training copy)") + ".")
+    how = ("the engine is freed and the model reloaded in " + eval_precision if backend == "deepspeed" else
+           f"a {eval_precision} copy beside the trained fp32 weights" if eval_precision != "fp32" else
+           "generation runs on the trained fp32 weights")
+    decide("eval_memory_gib", round(est.total / GiB, 2),
+           f"{est.describe()} at eval.batch_size={ev.batch_size}, {max_length}+{ev.max_new_tokens} tokens ({how}); fits {where}")
 
 
 def _cap(backend: str) -> int:

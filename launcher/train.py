@@ -15,7 +15,7 @@ from launcher import evaluate as ev
 from launcher import trackers
 from launcher.data import build_examples, encode_examples
 from launcher.health import TrainingHealthError, collapse_diagnosis, collapse_report, non_finite_weights
-from launcher.models import check_target_modules, load_model, load_tokenizer, resolve_model
+from launcher.models import check_target_modules, load_model, load_tokenizer, resolve_model, torch_dtype
 from launcher.plan import Plan
 from launcher.rundir import RunDir
 from launcher.signals import BASE_EVAL, FINAL_EVAL, LOADING, SAVING, TRAINING, PhaseSignals, Stopped
@@ -135,6 +135,7 @@ class Run:
             return None
         self.record_training(output, seconds, stop)
         self.enter(FINAL_EVAL)  # a signal that came while saving stops here, with the adapter complete
+        self.release_training()
         if self.distributed:
             self.reload_for_evaluation()
         return self.evaluate_trained()
@@ -264,24 +265,39 @@ class Run:
         if self.process.main:
             self.tokenizer.save_pretrained(out)
 
+    def release_training(self) -> None:
+        """Free what only training needed (optimizer state, gradients, the engine) before evaluating: the
+        evaluation's own copy of the weights must not sit on top of it."""
+        import gc
+
+        import torch
+
+        self.trainer = None
+        if self.distributed:  # the engine's (sharded, half-precision) module is of no use to the evaluation
+            self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def reload_for_evaluation(self) -> None:
-        """Under DeepSpeed: evaluate in this process alone, on a fresh copy (the engine's weights are sharded)."""
+        """Under DeepSpeed: evaluate in this process alone, on a fresh copy (the engine's weights are sharded),
+        loaded straight in the evaluation's precision: no fp32 copy, and nothing of the engine left."""
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-        del self.trainer
         unset_hf_deepspeed_config()  # else from_pretrained would build a ZeRO-3-partitioned model again
-        self.load_for_final_evaluation(load_model(self.model_path, self.plan.trust_remote_code))
+        self.load_for_final_evaluation(load_model(self.model_path, self.plan.trust_remote_code, dtype=self.plan.eval_precision))
 
     def load_for_final_evaluation(self, base) -> None:
         """The base model evaluated (unless done before), then the run's trained model loaded for the final
-        evaluation: the saved adapter put on the base (method full: the saved model in its place)."""
-        base = base.to(self.plan.device)
+        evaluation: the saved adapter put on the base (method full: the saved model in its place), in the
+        evaluation's precision. Nothing trains the base any more, so it is cast in place."""
+        base = base.to(self.plan.device, dtype=torch_dtype(self.plan.eval_precision))
         self.evaluate_base(base)
         self.enter(FINAL_EVAL)
         if self.full:  # the saved model replaces the base: drop every reference to it first
             base = self.model = None
         self.model = load_trained(self.run_dir, self.recipe.model.method, self.model_path, device=self.plan.device,
-                                  dtype="fp32", trust_remote_code=self.plan.trust_remote_code, base=base)
+                                  dtype=self.plan.eval_precision, trust_remote_code=self.plan.trust_remote_code, base=base)
 
     def evaluate_saved(self, train_record: dict) -> dict | None:
         """A resumed run whose training had finished (stopped while evaluating): evaluate the saved adapter."""

@@ -1,0 +1,95 @@
+"""The evaluation's memory: planned before a run, measured on this CPU against the plan, and a weights copy that
+costs half the fp32 weights, not twice them."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from launcher.errors import PlanError
+from launcher.hardware import load_profile
+from launcher.memory import GiB, ModelShape, estimate_eval_memory, find_shape
+from launcher.plan import make_plan
+from launcher.recipe import load_recipe
+from tests.conftest import ROOT
+
+GSM8K = ROOT / "recipes" / "gsm8k.yaml"
+
+# A 10-layer Llama of 126M parameters (504 MB in fp32) with the tiny tokenizer's 400-token vocabulary: big enough
+# that a copy of its weights stands out of the allocator's noise.
+CHILD = r'''
+import gc, json, sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from launcher.evaluate import generate, inference_weights
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+path, precision, batch, new = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(1)
+tok = AutoTokenizer.from_pretrained(path)
+prompts = [f"Question: convert {i} ft to m\nAnswer:" for i in range(batch)]
+gc.collect()
+with open("/proc/self/clear_refs", "w") as f:  # reset the resident high-water mark (Linux)
+    f.write("5")
+base = status("VmRSS")
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+with inference_weights(model, precision) as weights:
+    generate(weights, tok, prompts, batch_size=batch, max_new_tokens=new, device="cpu", label="x")
+print(json.dumps({"peak": status("VmHWM") - base, "prompt_tokens": max(len(tok(p).input_ids) for p in prompts)}))
+'''
+
+
+@pytest.fixture(scope="module")
+def mid_model(tiny_model, tmp_path_factory):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("mid-llama")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=2816, num_hidden_layers=10,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256, tie_word_embeddings=True,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_evaluation_peak_on_cpu_matches_the_plan_and_the_copy_costs_half_the_weights(mid_model):
+    batch, new = 8, 8
+    out = subprocess.run([sys.executable, "-c", CHILD, str(mid_model), "bf16", str(batch), str(new)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    shape = find_shape(str(mid_model))[0]
+    fp32_bytes = shape.params * 4
+    est = estimate_eval_memory(shape, eval_precision="bf16", training_precision="bf16", batch=batch,
+                               prompt_len=measured["prompt_tokens"], new_tokens=new, reloaded=False, device="cpu")
+    ratio = measured["peak"] / est.total
+    print(f"evaluation peak: measured {measured['peak'] / GiB:.2f} GiB, planned {est.total / GiB:.2f} GiB ({ratio:.2f}x)")
+    # deepcopy(model).to(bf16) held a second fp32 copy: the peak was >= 2x the fp32 weights. The bf16 copy is 0.5x.
+    assert measured["peak"] < 1.8 * fp32_bytes
+    assert 0.75 <= ratio <= 1.25
+
+
+def test_plan_decides_the_evaluation_memory_and_refuses_what_cannot_evaluate():
+    recipe = load_recipe(GSM8K, ["model.name=Qwen/Qwen2.5-7B-Instruct"])
+    shape = find_shape(recipe.model.name)[0]
+    plan = make_plan(recipe, load_profile("a100-40gb-x8"), shape)
+    decision = plan.decision("eval_memory_gib")
+    # Under DeepSpeed the engine is freed and the model reloaded in bf16: 7.6B x 2 bytes, no fp32 copy beside it.
+    assert 14 < decision.value < 20 and "reloaded in bf16" in decision.reason and "training weights" not in decision.reason
+    # One GPU: the trained fp32 weights stay beside the evaluation's copy, and a big batch of long prompts does not fit.
+    small = load_recipe(GSM8K, ["model.name=Qwen/Qwen2.5-1.5B-Instruct", "eval.batch_size=512", "eval.max_new_tokens=1024"])
+    with pytest.raises(PlanError) as err:
+        make_plan(small, load_profile("t4-16gb"), find_shape(small.model.name)[0])
+    text = str(err.value)
+    assert "the evaluation of Qwen/Qwen2.5-1.5B-Instruct does not fit" in text and "eval.batch_size=" in text
+    fix = int(text.split("Fix: eval.batch_size=")[1].split(" ")[0])
+    fitted = load_recipe(GSM8K, ["model.name=Qwen/Qwen2.5-1.5B-Instruct", f"eval.batch_size={fix}", "eval.max_new_tokens=1024"])
+    assert make_plan(fitted, load_profile("t4-16gb"), find_shape(fitted.model.name)[0]).decision("eval_memory_gib").value
