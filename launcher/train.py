@@ -167,8 +167,25 @@ class Run:
         if self.process.main:
             print(report.render(), flush=True)
             self.run_dir.write_preflight(report.as_dict())
+        # The training arguments first: under DeepSpeed they register the ZeRO config (a weak reference that
+        # lives as long as they do, transformers/integrations/deepspeed.py set_hf_deepspeed_config), so that
+        # under ZeRO-3 from_pretrained builds the model inside deepspeed.zero.Init (modeling_utils.py,
+        # needs_zero3_init) and each rank holds its shard, not the whole fp32 model, from the start.
+        self.args = training_arguments(self.plan, self.run_dir)
+        if self.plan.backend == "deepspeed":
+            import deepspeed
+
+            # zero.Init builds its DeepSpeedConfig, which checks the batch sizes against deepspeed.comm's world size,
+            # before it initialises deepspeed.comm (deepspeed/runtime/zero/partition_parameters.py, Init.__init__):
+            # start the process group (accelerate, through args.device) and hand it to deepspeed.comm first.
+            self.args.device
+            deepspeed.init_distributed()
         # Under DeepSpeed the engine places the model; one process places it itself.
         self.model = load_model(self.model_path, self.plan.trust_remote_code)
+        if self.plan.backend == "deepspeed" and self.plan.zero_stage == 3 and self.process.main:
+            held = sum(p.numel() for p in self.model.parameters())
+            whole = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
+            print(f"ZeRO-3: the model was partitioned as it loaded; this rank holds {held:,} of {whole:,} weights", flush=True)
         check_target_modules(self.model, self.recipe.model.lora.target_modules, self.recipe.model.name)
         if not self.distributed:
             self.model = self.model.to(self.plan.device)
@@ -218,7 +235,7 @@ class Run:
             max_bad_steps=guard.max_bad_steps, zero_loss_steps=guard.zero_loss_steps,
             max_time=self.recipe.train.max_time_seconds, stop=stop,
             vocab_size=self.model.config.vocab_size if guard.divergence else None,
-            model=self.model, args=training_arguments(self.plan, self.run_dir), train_dataset=self.features,
+            model=self.model, args=self.args, train_dataset=self.features,
             # Pads labels with -100 (never with the pad id, which is EOS here) and input ids with the pad id.
             data_collator=DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100),
             callbacks=[_metrics_callback(self.run_dir.metrics)],

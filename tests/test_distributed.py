@@ -42,6 +42,10 @@ def test_deepspeed_zero_two_processes_on_cpu(tiny_recipe, tiny_model, tmp_path, 
     result = run_cli(str(tiny_recipe), *DS, f"hardware.zero_stage={stage}", "train.save_steps=2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"zero_stage                  = {stage}" in result.stdout and "world_size                  = 2" in result.stdout
+    if stage == 3:  # built inside deepspeed.zero.Init: no rank ever held the whole model
+        held, whole = (int(n.replace(",", "")) for n in
+                       result.stdout.split("this rank holds ")[1].split(" weights")[0].split(" of "))
+        assert whole > 0 and held < whole
     run_dir = _run_dir(tmp_path / "outputs")
     ds = json.loads((run_dir / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == stage
