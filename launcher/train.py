@@ -278,9 +278,31 @@ class Run:
         # save_model gathers ZeRO-3 shards and writes from the main process only (safetensors; a full model
         # with its generation config, sharded when large).
         out = self.run_dir.output(self.recipe.model.method)
-        self.trainer.save_model(str(out))
+        if self.plan.backend == "deepspeed" and not self.full:
+            state = self.master_adapter_weights()
+            if self.process.main:
+                self.model.save_pretrained(str(out), state_dict=state)
+        else:
+            self.trainer.save_model(str(out))
         if self.process.main:
             self.tokenizer.save_pretrained(out)
+
+    def master_adapter_weights(self) -> dict:
+        """The adapter's fp32 master weights from DeepSpeed's optimizer (every rank takes part: ZeRO-3 gathers).
+
+        Trainer.save_model under DeepSpeed saves the module's weights, which the engine keeps in bf16/fp16
+        (ZeRO-2: the module itself; ZeRO-3: the 16-bit gather, stage3_gather_16bit_weights_on_model_save): the
+        adapter lost its low bits to the cast. deepspeed.utils.safe_get_full_fp32_param reads the optimizer's
+        fp32 copy (deepspeed/utils/tensor_fragment.py); a parameter without one (fp32 training) is its own master.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                master = safe_get_full_fp32_param(p)
+                state[name] = (master if master is not None else p.detach()).float().cpu().clone()
+        return state
 
     def release_training(self) -> None:
         """Free what only training needed (optimizer state, gradients, the engine) before evaluating: the

@@ -39,8 +39,15 @@ def _assert_trained_adapter_loads(run_dir: Path, base: Path):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_two_processes_on_cpu(tiny_recipe, tiny_model, tmp_path, stage):
-    result = run_cli(str(tiny_recipe), *DS, f"hardware.zero_stage={stage}", "train.save_steps=2")
+    # bf16 whatever the CPU (emulated where it has no bf16 instructions): the engine's module is then bf16, and the
+    # adapter must come from the optimizer's fp32 master weights, not from the module.
+    result = run_cli(str(tiny_recipe), *DS, f"hardware.zero_stage={stage}", "train.save_steps=2", "hardware.precision=bf16")
     assert result.returncode == 0, result.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    saved = load_file(_run_dir(tmp_path / "outputs") / "adapter" / "adapter_model.safetensors")
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())
+    assert any(bool((t != t.to(torch.bfloat16).float()).any()) for t in saved.values())  # fp32 bits a bf16 copy lacks
     assert f"zero_stage                  = {stage}" in result.stdout and "world_size                  = 2" in result.stdout
     if stage == 3:  # built inside deepspeed.zero.Init: no rank ever held the whole model
         held, whole = (int(n.replace(",", "")) for n in
