@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from launcher import trackers
 from launcher.errors import PlanError
 from launcher.hardware import HardwareInfo
-from launcher.memory import GiB, MemoryEstimate, ModelShape, estimate_eval_memory, estimate_memory
+from launcher.memory import ADAM_BYTES_PER_PARAM, GiB, MemoryEstimate, ModelShape, estimate_eval_memory, estimate_memory
 from launcher.recipe import Recipe
 from launcher.tasks import get_task
 
@@ -380,6 +380,8 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
         threads = decide("threads", hwr.threads, "requested by the recipe (hardware.threads)")
 
     _decide_eval_memory(recipe, shape, eval_precision, precision, backend, device, max_length, mem_gib, decide)
+    if device == "cuda":
+        _decide_host_memory(recipe, shape, hw, per_node, world_size, stage, offload, decide)
 
     data_path, data_why = choose_data_source(recipe, hw)
     if data_why:
@@ -399,6 +401,32 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
                 decisions=tuple(decisions))
 
 
+def _decide_host_memory(recipe: Recipe, shape: ModelShape | None, hw: HardwareInfo, per_node: int, world_size: int,
+                        zero_stage: int, offload: bool, decide) -> None:
+    """Host RAM of one node while its GPU processes load the model: each loads the fp32 weights in its own
+    memory before they move to its GPU (a half-precision checkpoint is converted, so the pages are private), so
+    8 processes load 8 copies, except under ZeRO-3, where zero.Init gives each its shard; offloaded optimizer
+    state lives there for the whole run."""
+    if shape is None:
+        return
+    per_process = shape.params * 4.0 / (world_size if zero_stage == 3 else 1)
+    states = 0.0
+    if offload:
+        per_weight = 12.0 if recipe.model.method == "full" else 0.0
+        states = (shape.params * per_weight + shape.lora_params(recipe.model.lora.rank, recipe.model.lora.target_modules)
+                  * ADAM_BYTES_PER_PARAM) / world_size * per_node
+    need = (per_node * per_process + states) / GiB
+    budget = hw.ram_gb * recipe.hardware.memory_fraction
+    parts = f"{per_node} process(es) x {per_process / GiB:.2f} GiB of fp32 weights while loading" + (
+        " (ZeRO-3: each its shard)" if zero_stage == 3 else "") + (f" + {states / GiB:.2f} GiB of offloaded optimizer state" if states else "")
+    if need > budget:
+        raise PlanError(f"loading {recipe.model.name} needs {need:.1f} GiB of host RAM on each node ({parts}), but "
+                        f"{budget:.1f} GiB is usable ({recipe.hardware.memory_fraction:.0%} of {hw.ram_gb:.0f} GB). Fix: "
+                        "hardware.zero_stage=3 (each process loads only its shard), fewer processes per node "
+                        "(hardware.processes), or a machine with more RAM.")
+    decide("host_memory_gib", round(need, 2), f"{parts}; fits {budget:.1f} GiB of host RAM")
+
+
 def _decide_eval_memory(recipe: Recipe, shape: ModelShape | None, eval_precision: str, precision: str, backend: str,
                         device: str, max_length: int, mem_gib: float, decide) -> None:
     """The evaluation's peak on its device, decided before training: a run that trains and then cannot evaluate
@@ -415,16 +443,22 @@ def _decide_eval_memory(recipe: Recipe, shape: ModelShape | None, eval_precision
 
     est = estimate(ev.batch_size)
     where = f"{budget:.1f} GiB usable"
-    if est.total / GiB > budget:
-        fits = next((b for b in range(ev.batch_size - 1, 0, -1) if estimate(b).total / GiB <= budget), None)
-        raise PlanError(f"the evaluation of {recipe.model.name} does not fit: {est.describe()} at eval.batch_size="
-                        f"{ev.batch_size}, but only {where}. Fix: " +
-                        (f"eval.batch_size={fits} (the largest that fits) or lower eval.max_new_tokens (now {ev.max_new_tokens})"
-                         if fits else "a smaller model, or hardware.backend=deepspeed (the evaluation reloads the model "
-                                      "in its precision alone, without the training copy)") + ".")
     how = ("the engine is freed and the model reloaded in " + eval_precision if backend == "deepspeed" else
            f"a {eval_precision} copy beside the trained fp32 weights" if eval_precision != "fp32" else
            "generation runs on the trained fp32 weights")
+    if estimate(1).total / GiB > budget:
+        raise PlanError(f"{recipe.model.name} would train here but cannot be evaluated: even one prompt needs "
+                        f"{estimate(1).describe()} ({how}), and only {where} on the evaluating device. Fix: a GPU with "
+                        "more memory, or a smaller model.")
+    if est.total / GiB > budget:
+        # Prompts as long as data.max_length are the upper bound; real prompts are usually far shorter, so this
+        # warns instead of refusing, and names what fits even for the longest.
+        fits = next(b for b in range(ev.batch_size - 1, 0, -1) if estimate(b).total / GiB <= budget)
+        decide("eval_memory_gib", round(est.total / GiB, 2),
+               f"warning: prompts as long as data.max_length ({max_length} tokens) would need {est.describe()} at "
+               f"eval.batch_size={ev.batch_size}, more than {where}; eval.batch_size={fits} fits even then (an "
+               "out-of-memory while evaluating stops with that fix, and `sftlaunch resume` evaluates without training again)")
+        return
     decide("eval_memory_gib", round(est.total / GiB, 2),
            f"{est.describe()} at eval.batch_size={ev.batch_size}, {max_length}+{ev.max_new_tokens} tokens ({how}); fits {where}")
 

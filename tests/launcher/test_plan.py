@@ -175,13 +175,18 @@ def test_checkpointing_chosen_for_a_usable_micro_batch_says_what_it_bought():
     assert "even micro-batch" not in reason
 
 
+A10Gx2 = HardwareInfo(cpu_cores=16, ram_gb=128, cpu_bf16=False,
+                      gpus=(GpuInfo(name="NVIDIA A10G", memory_gb=22, compute_capability=(8, 6)),) * 2)
+
+
 def test_zero3_and_offload_when_the_model_does_not_fit_a_device():
     z = plan_for(A10Gx8, "train.effective_batch_size=64", "data.max_length=4096", shape=LLAMA8B)
     # 8B weights in bf16 (16 GB) plus the logits of a 4096-token sample exceed a 22 GB GPU at stage 2.
     assert z.backend == "deepspeed" and z.zero_stage == 3
     assert "stage 2 does not fit" in z.decision("zero_stage").reason
-    # On two 15 GB T4s even ZeRO-3 (8 GB of weights each) plus a 4096-token sample does not fit: offload.
-    off = plan_for(T4x2, "train.effective_batch_size=64", "data.max_length=4096", shape=LLAMA8B)
+    # On two 22 GB A10Gs even ZeRO-3 (8 GB of weights each) plus an 8192-token sample does not fit: offload. (Two
+    # 15 GB T4s would train it so too, but could not evaluate it: tests/launcher/test_eval_memory.py.)
+    off = plan_for(A10Gx2, "train.effective_batch_size=64", "data.max_length=8192", shape=LLAMA8B)
     assert off.zero_stage == 3 and off.offload is True
     assert "even ZeRO-3 does not fit" in off.decision("offload").reason
 
@@ -257,3 +262,19 @@ def test_model_type_is_read_from_a_local_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2,
                                                       "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 400}))
     assert find_shape(str(tmp_path))[0].model_type == "qwen2"
+
+
+def test_eight_gpu_processes_loading_fp32_weights_must_fit_host_ram():
+    from launcher.memory import find_shape
+
+    # 8 x A100-80GB with 128 GB of RAM: each of the 8 processes loads Qwen2.5-7B in fp32 (28.4 GiB) before it moves.
+    box = HardwareInfo(cpu_cores=64, ram_gb=128, cpu_bf16=True,
+                       gpus=(GpuInfo(name="A100-80GB", memory_gb=80, compute_capability=(8, 0)),) * 8)
+    shape = find_shape("Qwen/Qwen2.5-7B-Instruct")[0]
+    with pytest.raises(PlanError) as err:
+        plan_for(box, "model.name=Qwen/Qwen2.5-7B-Instruct", "train.effective_batch_size=64", shape=shape)
+    assert "needs 227.0 GiB of host RAM" in str(err.value) and "hardware.zero_stage=3" in str(err.value)
+    # ZeRO-3 builds the model inside zero.Init: each process holds its shard, an eighth.
+    plan = plan_for(box, "model.name=Qwen/Qwen2.5-7B-Instruct", "train.effective_batch_size=64", "hardware.zero_stage=3",
+                    shape=shape)
+    assert plan.decision("host_memory_gib").value == pytest.approx(28.37, abs=0.01)
