@@ -12,6 +12,9 @@
 # Versions come from constraints.txt, the same pins the test suite ran with.
 # Wheels placed in docker/wheels/ are preferred to downloads (offline or air-gapped builds).
 
+# Ubuntu 24.04's Python is 3.12, while the cpu image the tests build (Debian 12) has 3.11: every pin of
+# constraints.txt except torch and deepspeed resolves to a 3.12 wheel (pip install --dry-run --python-version 3.12
+# --only-binary=:all:); torch publishes 3.12 wheels, and deepspeed installs from its pure-Python source.
 ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 FROM ${BASE_IMAGE} AS base
