@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from launcher import evaluate as ev
@@ -17,6 +16,7 @@ from launcher.data import build_examples, encode_examples
 from launcher.health import TrainingHealthError, collapse_diagnosis, collapse_report, non_finite_weights
 from launcher.models import check_target_modules, load_model, load_tokenizer, resolve_model
 from launcher.plan import Plan
+from launcher.process import Process
 from launcher.rundir import RunDir
 from launcher.signals import BASE_EVAL, FINAL_EVAL, LOADING, SAVING, TRAINING, PhaseSignals, Stopped
 from launcher.tasks import get_task
@@ -83,22 +83,6 @@ def _metrics_callback(path: Path):
                 f.write(json.dumps(record) + "\n")
 
     return MetricsFile()
-
-
-@dataclass(frozen=True)
-class Process:
-    """This process's place in the job, parsed once from torchrun's environment (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @classmethod
-    def from_env(cls) -> "Process":
-        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
 
 class Run:

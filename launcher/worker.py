@@ -14,6 +14,7 @@ import sys
 import traceback
 
 from launcher.errors import SftlaunchError, StorageError
+from launcher.process import Process
 from launcher.rundir import RunDir
 from launcher.signals import LOADING, RESUME_DOES, FINAL_EVAL, TRAINING, PhaseSignals, Stopped, signal_name
 
@@ -21,25 +22,24 @@ from launcher.signals import LOADING, RESUME_DOES, FINAL_EVAL, TRAINING, PhaseSi
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], process: Process) -> int:
     # First, before torch and transformers load (seconds): a SIGTERM from here on stops the worker cleanly.
     signals = PhaseSignals()
     signals.stop_now(LOADING)
     run_dir = RunDir(argv[0])
     resume = "--resume" in argv[1:]
-    rank = int(os.environ.get("RANK", "0"))
 
     def status(state: str, **extra) -> None:
-        if rank == 0:
+        if process.main:
             run_dir.write_status(state, **extra)
 
     try:
         plan = run_dir.read_plan()
-        if rank == 0:
+        if process.main:
             run_dir.write_versions()
         status("running", resumed=resume, worker_pid=os.getpid(), phase=LOADING)
-        code = _run(plan, run_dir, resume, signals, status)
-        if rank == 0:
+        code = _run(plan, run_dir, process, resume, signals, status)
+        if process.main:
             draw_plots(run_dir)
         return code
     except Stopped as exc:
@@ -47,11 +47,11 @@ def main(argv: list[str]) -> int:
         does = exc.resume_does
         if exc.phase != TRAINING and run_dir.training_done() is not None:
             does = RESUME_DOES[FINAL_EVAL]
-        if rank == 0:
+        if process.main:
             print(f"\n{signal_name(exc.signum)}: stopped during {exc.phase}; {does}: sftlaunch resume {run_dir}", flush=True)
         extra = {"step": exc.step} if exc.step is not None else {}
         status("interrupted", phase=exc.phase, signal=signal_name(exc.signum), exit_code=exc.exit_code, resume=does, **extra)
-        if rank == 0 and exc.phase == TRAINING:
+        if process.main and exc.phase == TRAINING:
             draw_plots(run_dir)  # the curve so far; a resumed run redraws it whole
         return exc.exit_code
     except SftlaunchError as exc:
@@ -60,14 +60,14 @@ def main(argv: list[str]) -> int:
         return exc.exit_code
 
 
-def _run(plan, run_dir: RunDir, resume: bool, signals: PhaseSignals, status) -> int:
+def _run(plan, run_dir: RunDir, process: Process, resume: bool, signals: PhaseSignals, status) -> int:
     from launcher.health import TrainingHealthError
     from launcher.oom import EXIT_OUT_OF_MEMORY
-    from launcher.train import Process, Run
+    from launcher.train import Run
     from launcher.trainer import is_out_of_memory
 
     try:
-        results = Run(plan, run_dir, Process.from_env(), resume, signals)()
+        results = Run(plan, run_dir, process, resume, signals)()
         signals.defer("recording the results")
     except TrainingHealthError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -134,12 +134,13 @@ def finish_trackers() -> None:
 
 
 if __name__ == "__main__":
+    process = Process.from_env()
     try:
-        code = main(sys.argv[1:])
+        code = main(sys.argv[1:], process)
     except BaseException:
         close_process_group()
         raise
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if process.world_size > 1:
         # Every file is written and closed by now. A rank's teardown under DeepSpeed over gloo sometimes
         # aborts in C++ destructors ("terminate called without an active exception", SIGABRT; seen in about
         # one in ten ZeRO-3 CPU runs, also with the process group destroyed first), which turned finished

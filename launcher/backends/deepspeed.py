@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from launcher.backends.base import LaunchSpec, Rendezvous
+from launcher.backends.base import LaunchSpec, Rendezvous, worker_module_args
 from launcher.plan import Plan
 from launcher.rundir import RunDir
 
@@ -47,13 +47,12 @@ class DeepSpeedBackend:
     name = "deepspeed"
 
     def build(self, plan: Plan, run_dir: Path, resume: bool = False, rendezvous: Rendezvous = Rendezvous()) -> LaunchSpec:
+        # torchrun's own flags, then the worker's module and arguments as one process would get them.
         argv = [sys.executable, "-m", "torch.distributed.run",
                 f"--nnodes={plan.nodes}", f"--node_rank={rendezvous.node_rank}",
                 f"--nproc_per_node={plan.processes_per_node}",
                 f"--master_addr={rendezvous.master_addr}", f"--master_port={rendezvous.master_port}",
-                "-m", "launcher.worker", str(run_dir)]
-        if resume:
-            argv.append("--resume")
+                *worker_module_args(run_dir, resume)]
         env = {"OMP_NUM_THREADS": str(plan.threads)}
         if plan.device == "cpu":
             # DeepSpeed on CPU: its CPU accelerator, collectives over gloo.

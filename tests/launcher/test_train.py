@@ -68,7 +68,8 @@ def test_a_resumed_run_reads_the_base_evaluation_instead_of_repeating_it(tmp_pat
     from launcher.plan import make_plan
     from launcher.recipe import validate_recipe
     from launcher.rundir import RunDir
-    from launcher.train import Process, Run
+    from launcher.process import Process
+    from launcher.train import Run
 
     run_dir = RunDir(tmp_path)
     records = [{"question": "q1", "reference": 1.0, "generated": "1", "parsed": 1.0, "correct": True, "group": "all"},
