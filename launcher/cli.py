@@ -168,7 +168,7 @@ def resume(run_dir):
             raise PlanError(f"{run_dir} already completed; nothing to resume.")
         live = path.live_process()
         if live:
-            raise PlanError(f"{run_dir} is still running ({live}, run.json says {state}); two workers must not share a run. "
+            raise PlanError(f"{run_dir} is still running ({live}, {RunDir.STATUS} says {state}); two workers must not share a run. "
                             f"Fix: wait for it to end, or stop it (kill -TERM {live.rsplit(' ', 1)[1]}) and resume then.")
         _check_backend(plan, detect())
     except SftlaunchError as exc:

@@ -11,24 +11,14 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import signal
 import time
 
 from launcher.errors import StorageError
+from launcher.rundir import RunDir, complete_checkpoints
 from launcher.signals import TRAINING, Stopped
 from launcher.health import LossWatch, StepRecord, TrainingHealthError, diagnose, diverged_diagnosis
-
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def checkpoints(folder) -> list[str]:
-    """Complete checkpoints in a folder, oldest first (staging folders are never listed)."""
-    if not os.path.isdir(folder):
-        return []
-    found = [(int(m.group(1)), name) for name in os.listdir(folder) if (m := CHECKPOINT.match(name))]
-    return [os.path.join(folder, name) for _, name in sorted(found)]
 
 
 class StopRequest:
@@ -188,8 +178,8 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
 
         def _save_checkpoint(self, model, trial):
             out = self.args.output_dir
-            staging = os.path.join(out, ".staging")
-            name = f"checkpoint-{self.state.global_step}"
+            staging = os.path.join(out, RunDir.STAGING)
+            name = RunDir.checkpoint_name(self.state.global_step)
             if self.args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)
             self.accelerator.wait_for_everyone()
@@ -212,7 +202,7 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
                     shutil.rmtree(final)
                 os.replace(os.path.join(staging, name), final)  # the checkpoint appears whole or not at all
                 shutil.rmtree(staging, ignore_errors=True)
-                for old in checkpoints(out)[:-keep_checkpoints]:
+                for old in complete_checkpoints(out)[:-keep_checkpoints]:
                     shutil.rmtree(old, ignore_errors=True)
 
     guard = Guard()
