@@ -90,7 +90,8 @@ def render_plan(plan) -> str:
 @click.group(cls=_DefaultRun, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sftlaunch")
 def main():
-    """Fine-tune a model with LoRA from a YAML recipe, with settings decided from the hardware.
+    """Fine-tune a model (LoRA, or every weight with model.method=full) from a YAML recipe, with settings decided
+    from the hardware.
 
     \b
     sftlaunch RECIPE [key.path=value ...]     plan, train and evaluate (same as `sftlaunch run`)

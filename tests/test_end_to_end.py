@@ -22,6 +22,7 @@ def test_train_and_evaluate_tiny_model_end_to_end(tiny_recipe, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "precision" in result.stdout and "# " in result.stdout  # the plan with reasons is printed
     assert "pre-flight: 48 samples" in result.stdout
+    assert "Setting accelerator" not in result.stdout + result.stderr  # DeepSpeed, installed but unused, stays quiet
 
     run_dir = _only_run_dir(tmp_path / "outputs")
     assert run_dir.name.startswith("tiny-")
