@@ -186,7 +186,7 @@ def _launch(plan, run_dir, resume: bool, rendezvous=None) -> None:
     from launcher.evaluate import format_comparison
     from launcher.health import TrainingHealthError
     from launcher.oom import EXIT_OUT_OF_MEMORY, back_off
-    from launcher.runner import run as run_spec
+    from launcher.launch import run as run_spec
     from launcher.signals import oom_kills, shell_exit_code
     from launcher.trained import output_word
 
@@ -309,7 +309,7 @@ def plot(run_dir):
 @click.option("--json", "as_json", is_flag=True, help="One JSON array of the runs.")
 def runs(folder, as_json):
     """List the run directories in FOLDER (default: outputs), newest first."""
-    from launcher.runs import format_table, list_runs
+    from launcher.history import format_table, list_runs
 
     try:
         rows = list_runs(folder)

@@ -1,4 +1,4 @@
-"""The worker's job: load the model, evaluate the base, train LoRA with Trainer, evaluate the adapter.
+"""The worker's whole job in phases: load, evaluate the base, train (LoRA, or every weight), save, evaluate the trained model.
 
 Everything it needs comes from the Plan (plan.json); it never re-reads YAML or re-detects hardware.
 """

@@ -63,7 +63,7 @@ def main(argv: list[str], process: Process) -> int:
 def _run(plan, run_dir: RunDir, process: Process, resume: bool, signals: PhaseSignals, status) -> int:
     from launcher.health import TrainingHealthError
     from launcher.oom import EXIT_OUT_OF_MEMORY
-    from launcher.train import Run
+    from launcher.job import Run
     from launcher.trainer import is_out_of_memory
 
     try:

@@ -36,7 +36,7 @@ def test_seeded_tiny_model_loss_curve_is_pinned(tmp_path):
     from launcher.recipe import validate_recipe
     from launcher.rundir import RunDir
     from launcher.tasks.unit_conversion import generate
-    from launcher.train import training_arguments
+    from launcher.job import training_arguments
     from launcher.trainer import StopRequest, build_trainer
 
     recipe = validate_recipe({"model": {"name": str(tiny_model), "lora": {"rank": 4, "alpha": 8}},
@@ -69,7 +69,7 @@ def test_a_resumed_run_reads_the_base_evaluation_instead_of_repeating_it(tmp_pat
     from launcher.recipe import validate_recipe
     from launcher.rundir import RunDir
     from launcher.process import Process
-    from launcher.train import Run
+    from launcher.job import Run
 
     run_dir = RunDir(tmp_path)
     records = [{"question": "q1", "reference": 1.0, "generated": "1", "parsed": 1.0, "correct": True, "group": "all"},
@@ -98,7 +98,7 @@ def test_a_full_disk_while_checkpointing_leaves_no_staging_folder_and_says_so(tm
     from launcher.recipe import validate_recipe
     from launcher.rundir import RunDir
     from launcher.tasks.unit_conversion import generate
-    from launcher.train import training_arguments
+    from launcher.job import training_arguments
     from launcher.trainer import StopRequest, build_trainer
     from peft import LoraConfig, get_peft_model
 
