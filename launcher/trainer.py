@@ -74,8 +74,6 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
     from transformers import Trainer, TrainerCallback
 
     record = StepRecord()
-    # Fault injection for tests of the out-of-memory back-off: raise OOM for micro-batches above N.
-    oom_above = int(os.environ["SFTLAUNCH_FAULT_OOM_ABOVE_MICRO_BATCH"]) if os.environ.get("SFTLAUNCH_FAULT_OOM_ABOVE_MICRO_BATCH") else None
 
     class Guard(TrainerCallback):
         def __init__(self):
@@ -151,12 +149,6 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
     class SftTrainer(Trainer):
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            if oom_above is not None and inputs["input_ids"].shape[0] > oom_above:
-                import torch
-
-                raise torch.OutOfMemoryError(
-                    f"CUDA out of memory (injected: micro-batch {inputs['input_ids'].shape[0]} > "
-                    f"SFTLAUNCH_FAULT_OOM_ABOVE_MICRO_BATCH={oom_above})")
             # Targets are labels shifted by one: position 0 is never predicted.
             tokens = int((inputs["labels"][:, 1:] != -100).sum())
             record.trainable_tokens.append(tokens)
