@@ -73,12 +73,6 @@ def test_train_and_evaluate_tiny_model_end_to_end(tiny_recipe, tmp_path):
     assert len(pred_file.read_text().splitlines()) == 2
 
 
-def test_eval_of_a_recipe_uses_the_base_model(tiny_recipe):
-    result = run_cli("eval", str(tiny_recipe), "--limit", "3", "--json")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1])["n"] == 3
-
-
 def test_unreachable_hub_model_names_the_embedded_alternative(tiny_recipe, tmp_path):
     result = run_cli(str(tiny_recipe), "model.name=Qwen/Qwen2.5-0.5B-Instruct", env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
