@@ -90,7 +90,8 @@ def render_plan(plan) -> str:
 @click.group(cls=_DefaultRun, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sftlaunch")
 def main():
-    """Fine-tune a model with LoRA from a YAML recipe, with settings decided from the hardware.
+    """Fine-tune a model (LoRA, or every weight with model.method=full) from a YAML recipe, with settings decided
+    from the hardware.
 
     \b
     sftlaunch RECIPE [key.path=value ...]     plan, train and evaluate (same as `sftlaunch run`)
@@ -194,7 +195,7 @@ def resume(run_dir, node_rank, master_addr, master_port):
             raise PlanError(f"{run_dir} already completed; nothing to resume.")
         live = path.live_process() if node_rank == 0 else None  # the pids in run.json are node 0's
         if live:
-            raise PlanError(f"{run_dir} is still running ({live}, run.json says {state}); two workers must not share a run. "
+            raise PlanError(f"{run_dir} is still running ({live}, {RunDir.STATUS} says {state}); two workers must not share a run. "
                             f"Fix: wait for it to end, or stop it (kill -TERM {live.rsplit(' ', 1)[1]}) and resume then.")
         _check_backend(plan, detect())
     except SftlaunchError as exc:
@@ -210,8 +211,8 @@ def _launch(plan, run_dir, resume: bool, rendezvous) -> None:
     from launcher.backends import BACKENDS
     from launcher.evaluate import format_comparison
     from launcher.health import TrainingHealthError
+    from launcher.launch import run as run_spec
     from launcher.oom import EXIT_OUT_OF_MEMORY, back_off, no_back_off
-    from launcher.runner import run as run_spec
     from launcher.signals import oom_kills, shell_exit_code
     from launcher.trained import output_word
 
@@ -339,7 +340,7 @@ def plot(run_dir):
 @click.option("--json", "as_json", is_flag=True, help="One JSON array of the runs.")
 def runs(folder, as_json):
     """List the run directories in FOLDER (default: outputs), newest first."""
-    from launcher.runs import format_table, list_runs
+    from launcher.history import format_table, list_runs
 
     try:
         rows = list_runs(folder)

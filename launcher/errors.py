@@ -43,7 +43,7 @@ class ConfigError(SftlaunchError):
     def __init__(self, problems: list[Problem]):
         merged: dict[str, Problem] = {}
         for p in problems:
-            if p.key in merged and merged[p.key].message != p.message:
+            if p.key in merged and p.message not in merged[p.key].message.split("; or "):  # each message once
                 old = merged[p.key]
                 merged[p.key] = Problem(p.key, f"{old.message}; or {p.message}", old.fix, old.got, old.where)
             else:

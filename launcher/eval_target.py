@@ -10,6 +10,7 @@ from pathlib import Path
 
 from launcher import evaluate as ev
 from launcher.errors import ConfigError, Problem
+from launcher.jsonl import write_jsonl
 from launcher.recipe import Recipe
 from launcher.trained import load_trained, output_word
 
@@ -101,7 +102,7 @@ def run_eval(req: EvalRequest) -> dict:
     if req.generations:
         result, records = ev.score(task, items, ev.read_generations(req.generations))
         if req.predictions:
-            ev.write_predictions(req.predictions, records)
+            write_jsonl(req.predictions, records)
         return {"result": result}
 
     from launcher.models import load_model, load_tokenizer, resolve_model
@@ -124,7 +125,7 @@ def run_eval(req: EvalRequest) -> dict:
     out["result"], records = ev.evaluate(model, tokenizer, task, items, label="evaluating", **kwargs)
     out["result"]["seconds"] = round(time.time() - t0, 1)
     if req.predictions:
-        ev.write_predictions(req.predictions, records)
+        write_jsonl(req.predictions, records)
     if req.compare:
         if req.compare == "base" and not full:
             with model.disable_adapter():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections import defaultdict
@@ -13,6 +12,7 @@ from launcher import stats
 from launcher.data import format_prompt
 from launcher.errors import DataError
 from launcher.jsonl import read_jsonl
+from launcher.rundir import RunDir
 from launcher.tasks import Example
 
 
@@ -200,7 +200,7 @@ def format_comparison(c: dict) -> str:
     lines.append(f"{'items':<24}{c['n']:>16}{c['n']:>16}   (both right: {c['both_correct']})")
     lines.append(f"McNemar exact p = {c['mcnemar_p_value']:.4g}: {c['verdict']}")
     if c.get("trained_collapsed"):
-        lines.append("COLLAPSED: the trained model's generations are degenerate (see run.json for the diagnosis)")
+        lines.append(f"COLLAPSED: the trained model's generations are degenerate (see {RunDir.STATUS} for the diagnosis)")
     return "\n".join(lines)
 
 
@@ -263,12 +263,6 @@ def read_generations(path: str | Path) -> list[str]:
             raise DataError(f'{path}:{n}: expected {{"generated": TEXT}}.')
         out.append(row["generated"])
     return out
-
-
-def write_predictions(path: str | Path, records: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def format_metrics(name: str, m: dict) -> str:

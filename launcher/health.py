@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from launcher.errors import SftlaunchError
+from launcher.rundir import RunDir
 
 # Divergence (see LossWatch). Fitted to nothing: these are wide margins around measured healthy curves
 # (README "Health guard"): no healthy run of either shipped recipe came within half of either margin.
@@ -98,9 +99,9 @@ def diagnose(*, step: int, problem: str, loss: float | None, grad_norm: float | 
                       "(weights are fp32 under the optimizer, so it rarely is)")
     if not tokens or min(tokens) == 0:
         causes.insert(0, "all labels masked: a micro-batch has no trainable tokens, so its loss is 0/0; check "
-                         "data.max_length, data.prompt_format and the data (the pre-flight report in preflight.json)")
+                         f"data.max_length, data.prompt_format and the data (the pre-flight report in {RunDir.PREFLIGHT})")
     else:
-        causes.append("all or nearly all labels masked: check preflight.json and data.max_length")
+        causes.append(f"all or nearly all labels masked: check {RunDir.PREFLIGHT} and data.max_length")
     causes.append(f"learning rate too high: train.learning_rate={max_learning_rate:g} (try 10x lower), "
                   "and keep train.max_grad_norm at 1.0")
     lines = [
@@ -209,10 +210,10 @@ def collapse_diagnosis(report: dict, *, max_learning_rate: float, precision: str
                      f"one {base['most_common_count']} times" + (" (the base had collapsed already)" if base["collapsed"] else ""))
     lines.append("  likely causes, most likely first:")
     causes = diverged_causes(precision, max_learning_rate)
-    causes.insert(1, "training targets that repeat themselves or are all alike: check the data (preflight.json, "
+    causes.insert(1, f"training targets that repeat themselves or are all alike: check the data ({RunDir.PREFLIGHT}, "
                      "data.path) and data.max_length")
     lines += [f"    {i}. {c}" for i, c in enumerate(causes, 1)]
-    lines.append("  The adapter, predictions.jsonl and eval.json are kept in the run directory for inspection.")
+    lines.append(f"  The trained weights, {RunDir.PREDICTIONS} and {RunDir.EVAL} are kept in the run directory for inspection.")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Reading JSON Lines with errors that name the file and line."""
+"""JSON Lines: reading with errors that name the file and line, writing one record a line."""
 
 from __future__ import annotations
 
@@ -24,3 +24,16 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
         raise DataError(f"{path}: cannot read ({exc.strerror}). Fix: check the path.") from None
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text. Fix: save the file as UTF-8.") from None
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> None:
+    """The records, one JSON object a line, replacing what the file held."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """One record added at the end, written as it happens (a crash keeps the lines before it)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")

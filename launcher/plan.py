@@ -6,6 +6,7 @@ the plan directly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
@@ -77,6 +78,24 @@ class Plan(BaseModel):
         out["hardware"] = self.hardware.name
         out["decisions"] = [d.model_dump(mode="json") for d in self.decisions]
         return out
+
+
+def _recorder() -> tuple[list[Decision], Callable[[str, Any, str], Any]]:
+    """A list of decisions, and `decide(field, value, reason) -> value` that records one in it."""
+    decisions: list[Decision] = []
+
+    def decide(field: str, value: Any, reason: str) -> Any:
+        decisions.append(Decision(field=field, value=value, reason=reason))
+        return value
+
+    return decisions, decide
+
+
+def _device(backend: str, hw: HardwareInfo) -> str:
+    """The torch device a backend's processes run on: DeepSpeed's are GPUs when there are any, else CPUs."""
+    if backend in ("cuda", "mps"):
+        return backend
+    return "cuda" if backend == "deepspeed" and hw.gpus else "cpu"
 
 
 def choose_backend(requested: str, hw: HardwareInfo) -> tuple[str, str]:
@@ -231,16 +250,11 @@ class EvalPlan(BaseModel):
 
 def make_eval_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None) -> EvalPlan:
     """Device and precision decided as training would on this machine, for a single evaluating process."""
-    decisions: list[Decision] = []
-
-    def decide(field: str, value: Any, reason: str) -> Any:
-        decisions.append(Decision(field=field, value=value, reason=reason))
-        return value
-
+    decisions, decide = _recorder()
     backend, why = choose_backend(recipe.hardware.backend, hw)
     if backend == "deepspeed":  # evaluation is one process: the first GPU, or the CPU
         backend, why = ("cuda", "evaluation runs one process, on GPU 0") if hw.gpus else ("cpu", "evaluation runs one process, on the CPU")
-    device = decide("device", {"cuda": "cuda", "mps": "mps"}.get(backend, "cpu"), why)
+    device = decide("device", _device(backend, hw), why)
     precision, why = choose_precision(recipe.hardware.precision, backend, hw)
     eval_precision, eval_why = choose_eval_precision(precision, shape)
     decide("eval_precision", eval_precision, f"as training would use here ({why}); {eval_why}")
@@ -341,14 +355,9 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
     memory planner cannot size the batch and says so.
     """
     hwr = recipe.hardware
-    decisions: list[Decision] = []
-
-    def decide(field: str, value: Any, reason: str) -> Any:
-        decisions.append(Decision(field=field, value=value, reason=reason))
-        return value
-
+    decisions, decide = _recorder()
     backend = decide("backend", *choose_backend(hwr.backend, hw))
-    device = {"cuda": "cuda", "mps": "mps"}.get(backend, "cuda" if backend == "deepspeed" and hw.gpus else "cpu")
+    device = _device(backend, hw)
     precision = decide("precision", *choose_precision(hwr.precision, backend, hw))
     eval_precision = decide("eval_precision", *choose_eval_precision(precision, shape))
 

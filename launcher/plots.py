@@ -12,7 +12,6 @@ from pathlib import Path
 from launcher.rundir import RunDir
 from launcher.stats import wilson_interval
 
-TRAINING, COMPARISON = "training.png", "comparison.png"
 SERIES = (("loss", "training loss"), ("grad_norm", "gradient norm"), ("learning_rate", "learning rate"))
 
 
@@ -99,8 +98,7 @@ def comparison_figure(comparison: dict, base: dict, trained: dict, title: str):
 def draw(run_dir: RunDir) -> list[Path]:
     """Draw what the run directory has data for; returns the files written (plots/ in the run directory)."""
     plt = _pyplot()
-    out = run_dir.file(run_dir.PLOTS)
-    out.mkdir(exist_ok=True)
+    run_dir.plots.mkdir(exist_ok=True)
     status = run_dir.status()
     results = run_dir.read_eval() or {}
     train = results.get("train") or status.get("train")
@@ -110,13 +108,13 @@ def draw(run_dir: RunDir) -> list[Path]:
     metrics = run_dir.read_metrics()
     if metrics:
         fig = training_figure(metrics, train, f"{name}  ({model})  status: {status.get('status', '?')}")
-        fig.savefig(out / TRAINING, dpi=110)
+        fig.savefig(run_dir.training_plot, dpi=110)
         plt.close(fig)
-        written.append(out / TRAINING)
+        written.append(run_dir.training_plot)
     comparison = run_dir.read_comparison()
     if comparison and results.get("base") and results.get("trained"):
         fig = comparison_figure(comparison, results["base"], results["trained"], f"{name}  ({model})")
-        fig.savefig(out / COMPARISON, dpi=110)
+        fig.savefig(run_dir.comparison_plot, dpi=110)
         plt.close(fig)
-        written.append(out / COMPARISON)
+        written.append(run_dir.comparison_plot)
     return written

@@ -14,12 +14,18 @@ import re
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from launcher.errors import ConfigError, PlanError, Problem, StorageError
-from launcher.evaluate import write_predictions
-from launcher.plan import Plan
+from launcher.jsonl import append_jsonl, write_jsonl
 from launcher.recipe import recipe_to_yaml
 from launcher.signals import pid_alive, shell_exit_code, worker_end
+
+if TYPE_CHECKING:  # read_plan imports it when it runs: plan imports trackers, whose folders are named here
+    from launcher.plan import Plan
+
+# checkpoints/checkpoint-N: Trainer's name for the checkpoint after optimizer step N.
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class RunDir:
@@ -33,8 +39,12 @@ class RunDir:
     PREDICTIONS, PREDICTIONS_BASE = "predictions.jsonl", "predictions-base.jsonl"
     ADAPTER, CHECKPOINTS, OOM_BACKOFF = "adapter", "checkpoints", "oom_backoff.jsonl"
     MODEL = "model"  # model.method=full: the complete trained model (instead of adapter/)
-    PLOTS = "plots"  # training.png, comparison.png (launcher.plots)
     RANKS = "ranks"  # distributed runs: ranks/rank-N.json, how each worker process ended
+    PLOTS, TRAINING_PLOT, COMPARISON_PLOT = "plots", "training.png", "comparison.png"  # drawn by launcher.plots
+    # Where the trackers (train.report_to) write, pointed there by launcher.trackers; W&B names its wandb/ itself.
+    TENSORBOARD, WANDB, MLRUNS = "tensorboard", "wandb", "mlruns"
+    # Under checkpoints/: a checkpoint is written here whole, then renamed to checkpoint-N (launcher.trainer).
+    STAGING = ".staging"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -62,6 +72,8 @@ class RunDir:
 
     def read_plan(self) -> Plan:
         from pydantic import ValidationError
+
+        from launcher.plan import Plan
 
         if not self.has_plan():
             raise PlanError(f"{self.path} is not a run directory (no {self.PLAN}). Fix: pass outputs/<run>.")
@@ -178,14 +190,16 @@ class RunDir:
         self.file(self.PREFLIGHT).write_text(json.dumps(report, indent=2))
 
     def append_oom_backoff(self, record: dict) -> None:
-        with open(self.file(self.OOM_BACKOFF), "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(self.file(self.OOM_BACKOFF), record)
 
     # -- training -----------------------------------------------------------------------------------
     @property
     def metrics(self) -> Path:
         """metrics.jsonl: one record per logged step, appended by the trainer's callback as it happens."""
         return self.file(self.METRICS)
+
+    def append_metrics(self, record: dict) -> None:
+        append_jsonl(self.metrics, record)
 
     def read_metrics(self) -> list[dict]:
         return [json.loads(line) for line in self.metrics.read_text().splitlines()] if self.metrics.exists() else []
@@ -203,6 +217,22 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.file(self.CHECKPOINTS)
+
+    def last_checkpoint(self) -> Path | None:
+        found = complete_checkpoints(self.checkpoints)
+        return Path(found[-1]) if found else None
+
+    @staticmethod
+    def checkpoint_name(step: int) -> str:
+        return f"checkpoint-{step}"
+
+    @staticmethod
+    def checkpoint_step(path: str | Path) -> int:
+        """The optimizer step a checkpoint folder was saved at (the N of checkpoint-N)."""
+        m = CHECKPOINT.match(Path(path).name)
+        if m is None:
+            raise ValueError(f"{path} is not a checkpoint folder (checkpoint-N)")
+        return int(m.group(1))
 
     @property
     def adapter(self) -> Path:
@@ -229,10 +259,31 @@ class RunDir:
     def ds_config(self) -> Path:
         return self.file(self.DS_CONFIG)
 
+    # -- trackers and plots -------------------------------------------------------------------------
+    @property
+    def tensorboard(self) -> Path:
+        return self.file(self.TENSORBOARD)
+
+    @property
+    def mlruns(self) -> Path:
+        return self.file(self.MLRUNS)
+
+    @property
+    def plots(self) -> Path:
+        return self.file(self.PLOTS)
+
+    @property
+    def training_plot(self) -> Path:
+        return self.plots / self.TRAINING_PLOT
+
+    @property
+    def comparison_plot(self) -> Path:
+        return self.plots / self.COMPARISON_PLOT
+
     # -- evaluation ---------------------------------------------------------------------------------
     def write_base_eval(self, metrics: dict, records: list[dict]) -> None:
         """The base model's result: written once, so a resumed run does not evaluate the base again."""
-        write_predictions(self.file(self.PREDICTIONS_BASE), records)
+        write_jsonl(self.file(self.PREDICTIONS_BASE), records)
         self.file(self.EVAL_BASE).write_text(json.dumps(metrics, indent=2))
 
     def read_base_eval(self) -> tuple[dict, list[dict]] | None:
@@ -242,7 +293,7 @@ class RunDir:
         return json.loads(self.file(self.EVAL_BASE).read_text()), records
 
     def write_predictions(self, records: list[dict]) -> None:
-        write_predictions(self.file(self.PREDICTIONS), records)
+        write_jsonl(self.file(self.PREDICTIONS), records)
 
     def write_eval(self, results: dict) -> None:
         self.file(self.EVAL).write_text(json.dumps(results, indent=2))
@@ -260,6 +311,14 @@ class RunDir:
     def read_comparison(self) -> dict | None:
         path = self.file(self.COMPARISON)
         return json.loads(path.read_text()) if path.exists() else None
+
+
+def complete_checkpoints(folder: str | Path) -> list[str]:
+    """Complete checkpoints in a checkpoints folder, oldest first (the staging folder is never listed)."""
+    if not os.path.isdir(folder):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(folder) if (m := CHECKPOINT.match(name))]
+    return [os.path.join(folder, name) for _, name in sorted(found)]
 
 
 def _first_line(exc: BaseException) -> str:

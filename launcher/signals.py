@@ -82,22 +82,23 @@ class PhaseSignals:
 
 # -- the launcher's side: the worker has exited; what run.json must say ---------------------------------
 
-def oom_kills() -> int | None:
+def oom_kills(cgroup_file: Path = Path("/proc/self/cgroup"), cgroup_root: Path = Path("/sys/fs/cgroup")) -> int | None:
     """The kernel's out-of-memory kill count for this process's memory cgroup (v2 or v1), None if unreadable.
 
     Read before and after a worker runs: a rise while it ran and a SIGKILL mean the kernel killed it for memory.
+    (The paths are parameters so that a test can give it both layouts.)
     """
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = cgroup_file.read_text().splitlines()
     except OSError:
         return None
     candidates = []
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # cgroup v2
-            candidates.append(Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.events")
+            candidates.append(cgroup_root / path.lstrip("/") / "memory.events")
         elif "memory" in controllers.split(","):  # cgroup v1
-            candidates.append(Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.oom_control")
+            candidates.append(cgroup_root / "memory" / path.lstrip("/") / "memory.oom_control")
     for file in candidates:
         try:
             m = re.search(r"^oom_kill (\d+)$", file.read_text(), re.M)

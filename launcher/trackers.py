@@ -12,11 +12,11 @@ import os
 from typing import Mapping
 
 from launcher.errors import ConfigError, Problem
+from launcher.rundir import RunDir
 
 # tracker -> importable modules (any one will do) and the pip extra that installs it
 PACKAGES = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb"),
             "mlflow": (("mlflow",), "mlflow")}
-TENSORBOARD_DIR, WANDB_DIR, MLFLOW_DIR = "tensorboard", "wandb", "mlruns"
 
 
 def active(report_to: list[str]) -> list[str]:
@@ -45,13 +45,13 @@ def environment(report_to: list[str], run_dir: str, env: Mapping[str, str] = os.
     out: dict[str, str] = {}
     trackers = active(report_to)
     if "tensorboard" in trackers:
-        out["TENSORBOARD_LOGGING_DIR"] = os.path.join(run_dir, TENSORBOARD_DIR)
+        out["TENSORBOARD_LOGGING_DIR"] = str(RunDir(run_dir).tensorboard)
     if "wandb" in trackers:
         out["WANDB_MODE"] = wandb_mode(env)
         out["WANDB_DIR"] = env.get("WANDB_DIR") or run_dir  # W&B makes its own wandb/ folder inside
         out["WANDB_PROJECT"] = env.get("WANDB_PROJECT") or "sftlaunch"
     if "mlflow" in trackers:
-        out["MLFLOW_TRACKING_URI"] = env.get("MLFLOW_TRACKING_URI") or "file:" + os.path.join(os.path.abspath(run_dir), MLFLOW_DIR)
+        out["MLFLOW_TRACKING_URI"] = env.get("MLFLOW_TRACKING_URI") or "file:" + str(RunDir(os.path.abspath(run_dir)).mlruns)
         out["MLFLOW_EXPERIMENT_NAME"] = env.get("MLFLOW_EXPERIMENT_NAME") or "sftlaunch"
     return out
 
@@ -60,15 +60,15 @@ def describe(report_to: list[str], env: Mapping[str, str] = os.environ) -> str:
     """The plan's reason for train.report_to: where each tracker writes."""
     trackers = active(report_to)
     if not trackers:
-        return "no tracker (train.report_to); metrics.jsonl and plots/ in the run directory"
+        return f"no tracker (train.report_to); {RunDir.METRICS} and {RunDir.PLOTS}/ in the run directory"
     where = []
     for t in trackers:
         if t == "tensorboard":
-            where.append(f"tensorboard: event files in RUN_DIR/{TENSORBOARD_DIR} (tensorboard --logdir RUN_DIR/{TENSORBOARD_DIR})")
+            where.append(f"tensorboard: event files in RUN_DIR/{RunDir.TENSORBOARD} (tensorboard --logdir RUN_DIR/{RunDir.TENSORBOARD})")
         elif t == "wandb":
             mode = wandb_mode(env)
             where.append(f"wandb: {mode} (WANDB_MODE {'from the environment' if env.get('WANDB_MODE') else 'unset: offline, `wandb sync` uploads later'}), "
-                         f"project {env.get('WANDB_PROJECT') or 'sftlaunch'}, files in {env.get('WANDB_DIR') or 'RUN_DIR'}/wandb")
+                         f"project {env.get('WANDB_PROJECT') or 'sftlaunch'}, files in {env.get('WANDB_DIR') or 'RUN_DIR'}/{RunDir.WANDB}")
         else:
-            where.append(f"mlflow: {env.get('MLFLOW_TRACKING_URI') or 'file:RUN_DIR/' + MLFLOW_DIR}")
+            where.append(f"mlflow: {env.get('MLFLOW_TRACKING_URI') or 'file:RUN_DIR/' + RunDir.MLRUNS}")
     return "; ".join(where) + "; rank 0 reports"

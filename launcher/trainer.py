@@ -11,26 +11,16 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import signal
 import time
 
 from launcher.distributed import agreed_loss, every_rank
 from launcher.errors import StorageError
+from launcher.rundir import RunDir, complete_checkpoints
 from launcher.signals import TRAINING, Stopped
 from launcher.health import (LossWatch, StepRecord, TrainingHealthError, diagnose, diverged_diagnosis,
                              scaler_overflow)
-
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def checkpoints(folder) -> list[str]:
-    """Complete checkpoints in a folder, oldest first (staging folders are never listed)."""
-    if not os.path.isdir(folder):
-        return []
-    found = [(int(m.group(1)), name) for name in os.listdir(folder) if (m := CHECKPOINT.match(name))]
-    return [os.path.join(folder, name) for _, name in sorted(found)]
 
 
 class StopRequest:
@@ -78,14 +68,6 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
     from transformers import Trainer, TrainerCallback
 
     record = StepRecord()
-    # Fault injection for the tests of the out-of-memory back-off and the guard, in real (also distributed)
-    # runs, where nothing can be patched from outside: raise OOM for micro-batches above N, make the loss NaN
-    # at optimizer step N, make every checkpoint take N seconds longer; OOM and NaN only on rank
-    # SFTLAUNCH_FAULT_RANK when it is set.
-    faulty_rank = os.environ.get("SFTLAUNCH_FAULT_RANK") in (None, os.environ.get("RANK", "0"))
-    oom_above = int(os.environ["SFTLAUNCH_FAULT_OOM_ABOVE_MICRO_BATCH"]) if os.environ.get("SFTLAUNCH_FAULT_OOM_ABOVE_MICRO_BATCH") and faulty_rank else None
-    slow_save = float(os.environ.get("SFTLAUNCH_FAULT_SLOW_SAVE_SECONDS") or 0)
-    nan_at = int(os.environ["SFTLAUNCH_FAULT_NAN_AT_STEP"]) if os.environ.get("SFTLAUNCH_FAULT_NAN_AT_STEP") and faulty_rank else None
 
     class Guard(TrainerCallback):
         def __init__(self):
@@ -182,12 +164,6 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
     class SftTrainer(Trainer):
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            if oom_above is not None and inputs["input_ids"].shape[0] > oom_above:
-                import torch
-
-                raise torch.OutOfMemoryError(
-                    f"CUDA out of memory (injected: micro-batch {inputs['input_ids'].shape[0]} > "
-                    f"SFTLAUNCH_FAULT_OOM_ABOVE_MICRO_BATCH={oom_above})")
             # Targets are labels shifted by one: position 0 is never predicted.
             tokens = int((inputs["labels"][:, 1:] != -100).sum())
             record.trainable_tokens.append(tokens)
@@ -199,8 +175,6 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
                     {"step": self.state.global_step + 1, "trainable_tokens": list(record.trainable_tokens)})
             loss = super().training_step(model, inputs, num_items_in_batch)
             record.losses.append(float(loss.detach()))
-            if nan_at is not None and self.state.global_step + 1 == nan_at:
-                record.losses[-1] = float("nan")
             # Trainer returns each micro-batch's share of the step's loss when it normalises by the step's
             # token count (num_items_in_batch), else the micro-batch mean: the step loss is then the sum.
             scaled = self.loss_is_scaled_for_ga
@@ -208,12 +182,6 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
                 scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
             record.summed = bool(scaled)
             return loss
-
-        def compute_loss(self, model, inputs, *args, **kwargs):
-            out = super().compute_loss(model, inputs, *args, **kwargs)
-            if nan_at is not None and self.state.global_step + 1 == nan_at:  # fault injection (above)
-                return (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
-            return out
 
         def _get_grad_norm(self, model, grad_norm=None):
             # Trainer's own norm of the step, just before on_pre_optimizer_step (transformers 5.23 trainer.py,
@@ -227,15 +195,13 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
 
         def _save_checkpoint(self, model, trial):
             out = self.args.output_dir
-            staging = os.path.join(out, ".staging")
-            name = f"checkpoint-{self.state.global_step}"
+            staging = os.path.join(out, RunDir.STAGING)
+            name = RunDir.checkpoint_name(self.state.global_step)
             if self.args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)
             self.accelerator.wait_for_everyone()
             self.args.output_dir = staging
             try:
-                if slow_save:  # fault injection (above): a checkpoint slower than torchrun's default 30 s of grace
-                    time.sleep(slow_save)
                 super()._save_checkpoint(model, trial)
             except OSError as exc:  # disk full, quota, read-only: leave no half-written staging folder behind
                 if self.args.should_save:
@@ -253,7 +219,7 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
                     shutil.rmtree(final)
                 os.replace(os.path.join(staging, name), final)  # the checkpoint appears whole or not at all
                 shutil.rmtree(staging, ignore_errors=True)
-                for old in checkpoints(out)[:-keep_checkpoints]:
+                for old in complete_checkpoints(out)[:-keep_checkpoints]:
                     shutil.rmtree(old, ignore_errors=True)
 
     guard = Guard()

@@ -14,6 +14,7 @@ import sys
 import traceback
 
 from launcher.errors import SftlaunchError, StorageError
+from launcher.process import Process
 from launcher.rundir import RunDir
 from launcher.signals import LOADING, RESUME_DOES, FINAL_EVAL, TRAINING, PhaseSignals, Stopped, signal_name
 
@@ -22,28 +23,27 @@ STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 ENDED: dict = {}  # this rank's last recorded state (every rank keeps it; rank 0 also writes run.json)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], process: Process) -> int:
     # First, before torch and transformers load (seconds): a SIGTERM from here on stops the worker cleanly.
     signals = PhaseSignals()
     signals.stop_now(LOADING)
     run_dir = RunDir(argv[0])
     resume = "--resume" in argv[1:]
-    rank = int(os.environ.get("RANK", "0"))
 
     def status(state: str, **extra) -> None:
         ENDED.clear()
         ENDED.update(status=state, **{k: v for k, v in extra.items() if k in ("error", "phase", "exit_code", "health",
                                                                                  "micro_batch_size", "signal")})
-        if rank == 0:
+        if process.main:
             run_dir.write_status(state, **extra)
 
     try:
         plan = run_dir.read_plan()
-        if rank == 0:
+        if process.main:
             run_dir.write_versions()
         status("running", resumed=resume, worker_pid=os.getpid(), phase=LOADING)
-        code = _run(plan, run_dir, resume, signals, status)
-        if rank == 0:
+        code = _run(plan, run_dir, process, resume, signals, status)
+        if process.main:
             draw_plots(run_dir)
         return code
     except Stopped as exc:
@@ -51,14 +51,14 @@ def main(argv: list[str]) -> int:
         does = exc.resume_does
         if exc.phase != TRAINING and run_dir.training_done() is not None:
             does = RESUME_DOES[FINAL_EVAL]
-        if rank == 0:
+        if process.main:
             nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))  # torchrun's node count (1 without torchrun)
             again = (f"on every node: sftlaunch resume {run_dir} --node-rank N --master-addr NODE0_ADDRESS" if nodes > 1
                      else f"sftlaunch resume {run_dir}")
             print(f"\n{signal_name(exc.signum)}: stopped during {exc.phase}; {does}: {again}", flush=True)
         extra = {"step": exc.step} if exc.step is not None else {}
         status("interrupted", phase=exc.phase, signal=signal_name(exc.signum), exit_code=exc.exit_code, resume=does, **extra)
-        if rank == 0 and exc.phase == TRAINING:
+        if process.main and exc.phase == TRAINING:
             draw_plots(run_dir)  # the curve so far; a resumed run redraws it whole
         return exc.exit_code
     except SftlaunchError as exc:
@@ -67,14 +67,14 @@ def main(argv: list[str]) -> int:
         return exc.exit_code
 
 
-def _run(plan, run_dir: RunDir, resume: bool, signals: PhaseSignals, status) -> int:
+def _run(plan, run_dir: RunDir, process: Process, resume: bool, signals: PhaseSignals, status) -> int:
     from launcher.health import TrainingHealthError
     from launcher.oom import EXIT_OUT_OF_MEMORY
-    from launcher.train import Process, Run
+    from launcher.job import Run
     from launcher.trainer import is_out_of_memory
 
     try:
-        results = Run(plan, run_dir, Process.from_env(), resume, signals)()
+        results = Run(plan, run_dir, process, resume, signals)()
         signals.defer("recording the results")
     except TrainingHealthError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -140,30 +140,31 @@ def finish_trackers() -> None:
         mlflow.end_run()
 
 
-def record_rank_end(argv: list[str], code: int) -> None:
+def record_rank_end(argv: list[str], process: Process, code: int) -> None:
     """Distributed: leave this rank's end in the run directory (torchrun passes on only "some worker failed")."""
     import time
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not argv:
+    if process.world_size <= 1 or not argv:
         return
     record = {**ENDED, "exit_code": code, "time": time.time(), "pid": os.getpid()}
     if code != 0 and record.get("status") in (None, "running", "completed"):
         record["status"] = "failed"
     try:
-        RunDir(argv[0]).write_rank_end(int(os.environ.get("RANK", "0")), record)
+        RunDir(argv[0]).write_rank_end(process.rank, record)
     except OSError as exc:  # the run's own status is already written where it could be; say why this one is not
         print(f"warning: could not record this rank's end ({exc})", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
+    process = Process.from_env()
     try:
-        code = main(sys.argv[1:])
+        code = main(sys.argv[1:], process)
     except BaseException as exc:
-        record_rank_end(sys.argv[1:], exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1)
+        record_rank_end(sys.argv[1:], process, exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1)
         close_process_group()
         raise
-    record_rank_end(sys.argv[1:], code)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    record_rank_end(sys.argv[1:], process, code)
+    if process.world_size > 1:
         # Every file is written and closed by now. A rank's teardown under DeepSpeed over gloo sometimes
         # aborts in C++ destructors ("terminate called without an active exception", SIGABRT; seen in about
         # one in ten ZeRO-3 CPU runs, also with the process group destroyed first), which turned finished

@@ -119,3 +119,12 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 def pytest_terminal_summary(terminalreporter):
     for line in SUMMARY:
         terminalreporter.write_line(line)
+
+
+FAULTS = Path(__file__).parent / "faults"  # its sitecustomize.py injects faults into every Python process
+
+
+def fault_env(**faults) -> dict:
+    """The environment that makes processes started with it inject the named faults (tests/faults)."""
+    return {**{k.upper(): str(v) for k, v in faults.items()},
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(FAULTS), os.environ.get("PYTHONPATH")]))}

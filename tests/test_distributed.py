@@ -1,4 +1,4 @@
-"""Real multi-process training on CPU (DeepSpeed over gloo), a simulated two-node job, and the OOM back-off."""
+"""Real multi-process training on CPU (DeepSpeed over gloo) and a simulated two-node job."""
 
 import json
 import os
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, fault_env, run_cli
 
 DS = ["hardware.backend=deepspeed", "eval.compare_base=false", "eval.limit=3"]
 
@@ -78,35 +78,11 @@ def test_two_node_job_simulated_on_one_machine(tiny_recipe, tiny_model, tmp_path
     _assert_trained_adapter_loads(run_dir, tiny_model)
 
 
-def test_out_of_memory_halves_the_micro_batch_and_resumes(tiny_recipe, tmp_path):
-    # Fault injection: any micro-batch above 2 raises CUDA's out-of-memory error.
-    result = run_cli(str(tiny_recipe), "train.save_steps=1", "eval.compare_base=false", "eval.limit=2",
-                     env={"SFTLAUNCH_FAULT_OOM_ABOVE_MICRO_BATCH": "2"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "retrying from the last checkpoint with micro-batch 4 x accumulation 2" in result.stdout
-    assert "retrying from the last checkpoint with micro-batch 2 x accumulation 4" in result.stdout
-    run_dir = _run_dir(tmp_path / "outputs")
-    backoff = [json.loads(line) for line in (run_dir / "oom_backoff.jsonl").read_text().splitlines()]
-    assert [(b["from_micro_batch"], b["to_micro_batch"]) for b in backoff] == [(8, 4), (4, 2)]
-    plan = json.loads((run_dir / "plan.json").read_text())
-    assert (plan["micro_batch_size"], plan["gradient_accumulation_steps"]) == (2, 4)
-    assert json.loads((run_dir / "eval.json").read_text())["train"]["steps"] == 4
-
-
-def test_out_of_memory_at_micro_batch_one_gives_up_clearly(tiny_recipe, tmp_path):
-    result = run_cli(str(tiny_recipe), "eval.compare_base=false", env={"SFTLAUNCH_FAULT_OOM_ABOVE_MICRO_BATCH": "0"})
-    assert result.returncode == 75  # the README's exit code for out of memory (it was 1, which means a bug)
-    assert "out of memory at micro-batch 1" in result.stderr and "data.max_length" in result.stderr
-    assert "Traceback" not in result.stderr
-    status = json.loads((_run_dir(tmp_path / "outputs") / "run.json").read_text())
-    assert (status["status"], status["phase"], status["exit_code"]) == ("out_of_memory", "training", 75)
-
-
 def test_a_rank_out_of_memory_reaches_the_launcher_and_backs_off(tiny_recipe, tmp_path):
     # Only rank 1 runs out of memory. torchrun turns any failed worker into its own exit 1, so before the ranks
     # recorded their ends the launcher never saw 75 and the back-off never ran under DeepSpeed.
     result = run_cli(str(tiny_recipe), *DS, "hardware.zero_stage=2", "train.save_steps=1",
-                     env={"SFTLAUNCH_FAULT_OOM_ABOVE_MICRO_BATCH": "2", "SFTLAUNCH_FAULT_RANK": "1"})
+                     env=fault_env(oom_above_micro_batch=2, fault_rank=1))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "retrying from the last checkpoint with micro-batch 2 x accumulation 2" in result.stdout
     run_dir = _run_dir(tmp_path / "outputs")
@@ -122,7 +98,7 @@ def test_a_nan_on_one_rank_stops_every_rank_with_the_guards_exit_code(tiny_recip
     # went on into the next collective, and the user saw torchrun's 1 instead of the guard's 3.
     start = time.monotonic()
     result = run_cli(str(tiny_recipe), *DS, "hardware.zero_stage=2", "hardware.precision=fp32",
-                     env={"SFTLAUNCH_FAULT_NAN_AT_STEP": "2", "SFTLAUNCH_FAULT_RANK": "1"}, timeout=300)
+                     env=fault_env(nan_at_step=2, fault_rank=1), timeout=300)
     assert result.returncode == 3, result.stderr[-3000:]
     assert "training stopped at optimizer step 2: the loss is nan on rank 1" in result.stderr
     run_dir = _run_dir(tmp_path / "outputs")
@@ -151,7 +127,7 @@ def test_two_node_job_stopped_on_node_0_with_a_slow_checkpoint_then_resumed_on_b
     args = [str(tiny_recipe), *DS, "hardware.processes=1", "train.max_steps=6", "train.save_steps=100"]
     common = [sys.executable, "-m", "launcher.cli", "run", *args, "--nnodes", "2", "--master-addr", "127.0.0.1",
               "--master-port", str(port), "--run-dir", str(run_dir)]
-    env = {**os.environ, "SFTLAUNCH_FAULT_SLOW_SAVE_SECONDS": "35"}
+    env = {**os.environ, **fault_env(slow_save_seconds=35)}
     nodes = [subprocess.Popen([*common, "--node-rank", str(r)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env) for r in (0, 1)]
     metrics = run_dir / "metrics.jsonl"

@@ -36,5 +36,11 @@ class Backend(Protocol):
         ...
 
 
+def worker_module_args(run_dir: Path, resume: bool = False) -> tuple[str, ...]:
+    """The worker as Python's arguments (`-m launcher.worker RUN_DIR [--resume]`), for python or torchrun."""
+    return ("-m", "launcher.worker", str(run_dir), *(("--resume",) if resume else ()))
+
+
 def worker_argv(run_dir: Path, resume: bool = False) -> tuple[str, ...]:
-    return (sys.executable, "-m", "launcher.worker", str(run_dir), *(("--resume",) if resume else ()))
+    """The command that starts one worker process."""
+    return (sys.executable, *worker_module_args(run_dir, resume))

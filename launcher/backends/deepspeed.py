@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from launcher.backends.base import LaunchSpec, Rendezvous
+from launcher.backends.base import LaunchSpec, Rendezvous, worker_module_args
 from launcher.backends.cuda import gpu_environment
 from launcher.plan import Plan
 from launcher.rundir import RunDir
@@ -52,13 +52,12 @@ class DeepSpeedBackend:
     name = "deepspeed"
 
     def build(self, plan: Plan, run_dir: Path, resume: bool = False, rendezvous: Rendezvous = Rendezvous()) -> LaunchSpec:
+        # torchrun's own flags, then the worker's module and arguments as one process would get them.
         argv = [sys.executable, "-m", "torch.distributed.run",
                 f"--nnodes={plan.nodes}", f"--node_rank={rendezvous.node_rank}",
                 f"--nproc_per_node={plan.processes_per_node}",
                 f"--master_addr={rendezvous.master_addr}", f"--master_port={rendezvous.master_port}",
-                "-m", "launcher.worker", str(run_dir)]
-        if resume:
-            argv.append("--resume")
+                *worker_module_args(run_dir, resume)]
         # On SIGTERM/SIGINT torchrun passes the signal to the workers and SIGKILLs them 30 s later (torch
         # 2.13 torch/distributed/launcher/api.py: TORCH_ELASTIC_SHUTDOWN_TIMEOUT, default 30; elastic agent
         # _shutdown -> pcontext.close(death_sig, timeout)). A worker finishes its step and writes a full

@@ -64,7 +64,7 @@ def test_all_masked_batch_is_caught(tiny_model, tmp_path):
     from launcher.plan import make_plan
     from launcher.recipe import validate_recipe
     from launcher.rundir import RunDir
-    from launcher.train import training_arguments
+    from launcher.job import training_arguments
     from launcher.trainer import StopRequest, build_trainer
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq

@@ -6,7 +6,7 @@ import shutil
 import struct
 from pathlib import Path
 
-from launcher.plots import COMPARISON, TRAINING, comparison_figure, draw, training_figure
+from launcher.plots import comparison_figure, draw, training_figure
 from launcher.rundir import RunDir
 
 RECORDED = Path(__file__).parent / "data" / "recorded-run"
@@ -23,7 +23,7 @@ def test_draw_writes_both_pictures_of_a_recorded_run(tmp_path):
     run_dir = RunDir(tmp_path / "run")
     run_dir.write_status("completed")
     written = draw(run_dir)
-    assert written == [run_dir.file("plots") / TRAINING, run_dir.file("plots") / COMPARISON]
+    assert written == [run_dir.path / "plots" / "training.png", run_dir.path / "plots" / "comparison.png"]
     for path in written:
         width, height = _png_size(path)
         assert 500 <= width <= 1200 and 400 <= height <= 1000 and path.stat().st_size > 20_000

@@ -114,9 +114,21 @@ def test_worker_end_names_the_signal_and_the_conventional_exit_code():
     assert (crashed["status"], crashed["exit_code"]) == ("failed", 1)
 
 
-def test_oom_kill_count_is_read_where_this_machine_keeps_it():
-    count = oom_kills()
-    assert count is None or count >= 0
+def test_oom_kill_count_is_read_from_cgroup_v2_and_v1_and_is_none_when_unreadable(tmp_path):
+    v2 = tmp_path / "v2"
+    (v2 / "user.slice/job").mkdir(parents=True)
+    (v2 / "user.slice/job/memory.events").write_text("low 0\nhigh 0\nmax 12\noom 3\noom_kill 2\n")
+    (tmp_path / "cgroup-v2").write_text("0::/user.slice/job\n")
+    assert oom_kills(tmp_path / "cgroup-v2", v2) == 2
+
+    v1 = tmp_path / "v1"
+    (v1 / "memory/docker/abc").mkdir(parents=True)
+    (v1 / "memory/docker/abc/memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 5\n")
+    (tmp_path / "cgroup-v1").write_text("12:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n")
+    assert oom_kills(tmp_path / "cgroup-v1", v1) == 5
+
+    assert oom_kills(tmp_path / "cgroup-v2", tmp_path / "nowhere") is None  # no memory.events to read
+    assert oom_kills(tmp_path / "no-such-file", v2) is None  # not Linux, or no /proc
 
 
 def test_pid_alive_checks_the_command_line_not_just_the_pid():

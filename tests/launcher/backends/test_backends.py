@@ -131,10 +131,10 @@ def test_deepspeed_zero3_offload_config(tmp_path):
 def test_deepspeed_multi_node_spec_places_nodes_by_torchrun_rendezvous_without_a_hostfile(tmp_path):
     plan, spec = _spec("deepspeed", "h100-80gb-x8-2nodes", tmp_path, "train.effective_batch_size=64",
                        resume=True, rendezvous=Rendezvous(node_rank=1, master_addr="10.0.0.1", master_port=29511))
-    argv = list(spec.argv)
-    for arg in ("--nnodes=2", "--node_rank=1", "--nproc_per_node=8", "--master_addr=10.0.0.1", "--master_port=29511"):
-        assert arg in argv
-    assert argv[-1] == "--resume" and plan.world_size == 16
+    # torchrun's flags first, then the worker exactly as one process is started: -m launcher.worker RUN_DIR --resume
+    assert spec.argv == (sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--node_rank=1", "--nproc_per_node=8",
+                         "--master_addr=10.0.0.1", "--master_port=29511", "-m", "launcher.worker", str(tmp_path), "--resume")
+    assert plan.world_size == 16
     assert list(spec.files) == ["ds_config.json"]  # torchrun never read a hostfile: none is written
 
 

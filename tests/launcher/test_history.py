@@ -2,7 +2,7 @@
 
 import json
 
-from launcher.runs import format_table, list_runs
+from launcher.history import format_table, list_runs
 from launcher.rundir import RunDir
 from tests.conftest import run_cli
 

@@ -24,7 +24,7 @@ def summary(run_dir: RunDir) -> dict:
     try:
         status = run_dir.status()
     except SftlaunchError:
-        status = {"status": "unreadable run.json"}
+        status = {"status": f"unreadable {RunDir.STATUS}"}
     try:
         plan = run_dir.read_plan()
     except SftlaunchError:

@@ -1,15 +1,12 @@
-"""The worker's job: load the model, evaluate the base, train LoRA with Trainer, evaluate the adapter.
+"""The worker's whole job in phases: load, evaluate the base, train (LoRA, or every weight), save, evaluate the trained model.
 
 Everything it needs comes from the Plan (plan.json); it never re-reads YAML or re-detects hardware.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 from launcher import evaluate as ev
 from launcher import trackers
@@ -17,18 +14,19 @@ from launcher.data import build_examples, encode_examples
 from launcher.health import TrainingHealthError, collapse_diagnosis, collapse_report, non_finite_weights
 from launcher.models import check_target_modules, load_model, load_tokenizer, resolve_model, torch_dtype
 from launcher.plan import Plan
+from launcher.process import Process
 from launcher.rundir import RunDir
 from launcher.signals import BASE_EVAL, FINAL_EVAL, LOADING, SAVING, TRAINING, PhaseSignals, Stopped
 from launcher.tasks import get_task
 from launcher.trained import load_trained, output_word
-from launcher.trainer import StopRequest, build_trainer, checkpoints
+from launcher.trainer import StopRequest, build_trainer
 
 
 class Interrupted(Stopped):
     """Training stopped on SIGINT/SIGTERM after saving a checkpoint at that step."""
 
     def __init__(self, signum: int, step: int):
-        super().__init__(signum, TRAINING, f"resume continues from checkpoint-{step}", step=step)
+        super().__init__(signum, TRAINING, f"resume continues from {RunDir.checkpoint_name(step)}", step=step)
 
 
 def training_arguments(plan: Plan, run_dir: RunDir):
@@ -69,36 +67,18 @@ def training_arguments(plan: Plan, run_dir: RunDir):
     )
 
 
-def _metrics_callback(path: Path):
+def _metrics_callback(run_dir: RunDir):
     from transformers import TrainerCallback
 
     class MetricsFile(TrainerCallback):
-        """Append every logged step (loss, grad_norm, learning_rate) to metrics.jsonl as it happens."""
+        """Append every logged step (loss, grad_norm, learning_rate) to the run's metrics as it happens."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or not state.is_world_process_zero:
                 return
-            record = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            run_dir.append_metrics({"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs})
 
     return MetricsFile()
-
-
-@dataclass(frozen=True)
-class Process:
-    """This process's place in the job, parsed once from torchrun's environment (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @classmethod
-    def from_env(cls) -> "Process":
-        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
 
 class Run:
@@ -238,7 +218,7 @@ class Run:
             model=self.model, args=self.args, train_dataset=self.features,
             # Pads labels with -100 (never with the pad id, which is EOS here) and input ids with the pad id.
             data_collator=DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100),
-            callbacks=[_metrics_callback(self.run_dir.metrics)],
+            callbacks=[_metrics_callback(self.run_dir)],
         )
         self.resumed_from = self._resume_point()
         t0 = time.time()
@@ -252,12 +232,12 @@ class Run:
     def _resume_point(self) -> str | None:
         if not self.resume:
             return None
-        found = checkpoints(self.run_dir.checkpoints)
-        step = int(found[-1].rsplit("-", 1)[1]) if found else 0
+        found = self.run_dir.last_checkpoint()
+        step = RunDir.checkpoint_step(found) if found else 0
         if self.process.main:
             self.run_dir.truncate_metrics(step)
-            print(f"resuming from {found[-1]} (step {step})" if found else "no checkpoint yet: training starts from step 0", flush=True)
-        return found[-1] if found else None
+            print(f"resuming from {found} (step {step})" if found else "no checkpoint yet: training starts from step 0", flush=True)
+        return str(found) if found else None
 
     def save(self, output) -> None:
         """Check every trained weight is finite, then save the adapter or (method full) the complete model,
