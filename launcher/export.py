@@ -61,7 +61,7 @@ def _merge(run_dir: RunDir, plan, out: Path, dtype: str, check_items: int, log) 
     from launcher.data import format_prompt
     from launcher.evaluate import generate, settings
     from launcher.hardware import detect
-    from launcher.health import non_finite_weights
+    from launcher.health import check_finite
     from launcher.models import load_tokenizer, resolve_model, torch_dtype
     from launcher.plan import make_eval_plan
     from launcher.tasks import get_task
@@ -85,11 +85,13 @@ def _merge(run_dir: RunDir, plan, out: Path, dtype: str, check_items: int, log) 
     expected = generate(model, tokenizer, prompts, label="trained model" if full else "base + adapter", **gen)
 
     merged = model if full else model.merge_and_unload()  # fp32 weights: W + (alpha / r) * B @ A, rounded once
-    bad = non_finite_weights(merged.named_parameters())
-    if bad:
-        raise ExportError(f"the merged model has {len(bad)} non-finite weights (first: {bad[0]}); nothing was written. "
-                          "Fix: re-train (the adapter itself was checked finite when saved, so the base is suspect).")
+    # Every tensor, frozen ones included: after merging the base weights are not trainable, and a check of
+    # trainable weights only let a model with 210 of 272 tensors NaN be written.
+    check_finite(merged, "the merged model", "nothing was written; the run's adapter and base were finite when "
+                 "loaded, so report it.")
     merged = merged.to("cpu", torch_dtype(dtype))
+    check_finite(merged, f"the merged model cast to {dtype}", f"nothing was written; weights beyond {dtype}'s range "
+                 "overflowed in the cast: export with --dtype bf16 or fp32.")
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, max_shard_size="2GB")  # safetensors; a generation_config.json with it
     tokenizer.save_pretrained(out)

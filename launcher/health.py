@@ -235,3 +235,26 @@ def non_finite_weights(named_parameters) -> list[str]:
         if data.numel() and not bool(torch.isfinite(data).all()):
             bad.append(name)
     return bad
+
+
+class BrokenModelError(SftlaunchError):
+    """A model about to be used or written holds NaN or inf: nothing it would produce can be trusted (exit 3)."""
+
+    exit_code = 3
+
+
+def non_finite_tensors(model) -> tuple[list[str], int]:
+    """Names of the model's floating tensors (every parameter, trainable or frozen, and buffer) holding NaN or
+    inf, and how many floating tensors there are."""
+    import torch
+
+    named = [*model.named_parameters(), *model.named_buffers()]
+    floating = [(name, t) for name, t in named if t.is_floating_point() and t.numel()]
+    return [name for name, t in floating if not bool(torch.isfinite(t.detach()).all())], len(floating)
+
+
+def check_finite(model, what: str, fix: str) -> None:
+    """Raise BrokenModelError naming the count and the first tensors when any floating tensor of model is not finite."""
+    bad, total = non_finite_tensors(model)
+    if bad:
+        raise BrokenModelError(f"{what} has {len(bad)} non-finite tensors of {total} (first: {', '.join(bad[:3])}). Fix: {fix}")

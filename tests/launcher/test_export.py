@@ -59,3 +59,26 @@ def test_export_never_overwrites_and_copies_the_adapter_without_merge(trained_ru
     assert adapter.returncode == 0, adapter.stderr
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert json.loads((tmp_path / "adapter" / "export.json").read_text())["kind"] == "adapter"
+
+
+def test_a_broken_adapter_is_never_exported_or_scored_as_fine(trained_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    weights = trained_run / "adapter" / "adapter_model.safetensors"
+    original = load_file(weights)
+
+    # Weights far beyond fp16's range: finite in fp32, inf once cast to fp16.
+    save_file({k: (torch.full_like(v, 1e6) if "lora_B" in k else v) for k, v in original.items()}, weights)
+    huge = run_cli("export", str(trained_run), str(tmp_path / "fp16"), "--merge", "--dtype", "fp16", "--check", "1")
+    assert huge.returncode == 3 and "the merged model cast to fp16 has" in huge.stderr and "--dtype bf16 or fp32" in huge.stderr
+    assert not (tmp_path / "fp16").exists()
+
+    # NaN adapter weights: export wrote a model with NaN tensors and eval scored 0.000, both with exit 0.
+    save_file({k: (torch.full_like(v, float("nan")) if "lora_B" in k else v) for k, v in original.items()}, weights)
+    export = run_cli("export", str(trained_run), str(tmp_path / "merged"), "--merge", "--check", "1")
+    assert export.returncode == 3 and "non-finite tensors of" in export.stderr and "Traceback" not in export.stderr
+    assert not (tmp_path / "merged").exists()
+    before = sorted(p.name for p in trained_run.iterdir())
+    scored = run_cli("eval", str(trained_run), "--limit", "2")
+    assert scored.returncode == 3 and "non-finite tensors of" in scored.stderr
+    assert sorted(p.name for p in trained_run.iterdir()) == before

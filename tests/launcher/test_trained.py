@@ -64,3 +64,49 @@ def test_a_full_run_loads_its_saved_model_and_takes_no_base(tiny_model, tmp_path
 
 def test_the_word_for_what_a_run_leaves():
     assert (output_word("lora"), output_word("full")) == ("adapter", "model")
+
+
+def _edited_copy(run_dir: RunDir, tmp_path, edit) -> RunDir:
+    """A copy of the run's adapter whose safetensors tensors went through edit(dict) -> dict."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = RunDir(tmp_path / "edited")
+    shutil.copytree(run_dir.adapter, copy.adapter)
+    path = copy.adapter / "adapter_model.safetensors"
+    save_file(edit(load_file(path)), path)
+    return copy
+
+
+def test_a_non_finite_adapter_is_refused_where_it_is_loaded(lora_run, tiny_model, tmp_path):
+    from launcher.health import BrokenModelError
+
+    def poison(tensors):
+        name = next(k for k in tensors if "lora_B" in k)
+        tensors[name][0, 0] = float("nan")
+        return tensors
+
+    broken = _edited_copy(lora_run, tmp_path, poison)
+    with pytest.raises(BrokenModelError) as err:
+        load_trained(broken, "lora", str(tiny_model), device="cpu", dtype="fp32")
+    assert err.value.exit_code == 3 and "non-finite tensors of" in str(err.value) and "lora_B" in str(err.value)
+
+
+def test_an_adapter_that_does_not_fit_the_base_is_refused(lora_run, tiny_model, tmp_path):
+    from launcher.errors import PlanError
+
+    def wrong_rank(tensors):
+        name = next(k for k in tensors if "lora_A" in k)
+        tensors[name] = torch.zeros(8, tensors[name].shape[1])
+        return tensors
+
+    with pytest.raises(PlanError, match="does not fit .*size mismatch|does not fit .*copying a param"):
+        load_trained(_edited_copy(lora_run, tmp_path / "a", wrong_rank), "lora", str(tiny_model), device="cpu", dtype="fp32")
+
+    def stray(tensors):
+        tensors["base_model.model.model.layers.99.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 64)
+        return tensors
+
+    with pytest.raises(PlanError, match="1 tensors for modules .* does not have .*layers.99"):
+        load_trained(_edited_copy(lora_run, tmp_path / "b", stray), "lora", str(tiny_model), device="cpu", dtype="fp32")
