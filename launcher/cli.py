@@ -296,13 +296,14 @@ def plan(recipe, overrides, profile, backend, as_json):
               help="Also evaluate a base model on the same items: the run's own base model, or the model given.")
 @click.option("--generations", type=click.Path(dir_okay=False, exists=True), help='Score generations made elsewhere: JSONL of {"generated": TEXT} per item, in order.')
 @click.option("--predictions", type=click.Path(dir_okay=False), help="Write one JSON line per item here.")
+@click.option("--force", is_flag=True, help="Let --predictions replace an existing file (never a run directory's own).")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of the metrics.")
-def eval_cmd(target, overrides, data_file, limit, all_items, compare, generations, predictions, as_json):
+def eval_cmd(target, overrides, data_file, limit, all_items, compare, generations, predictions, force, as_json):
     """Evaluate a run directory's trained model (its adapter or full model), or a recipe's base model."""
     try:
         from launcher.eval_target import EvalRequest, run_eval
 
-        out = run_eval(EvalRequest(target, tuple(overrides), data_file, limit, all_items, compare, generations, predictions))
+        out = run_eval(EvalRequest(target, tuple(overrides), data_file, limit, all_items, compare, generations, predictions, force))
     except SftlaunchError as exc:
         _fail(exc)
     from launcher.evaluate import format_comparison, format_metrics
@@ -310,6 +311,8 @@ def eval_cmd(target, overrides, data_file, limit, all_items, compare, generation
     metrics = out["result"]
     if "comparison" in out:
         click.echo(format_comparison(out["comparison"]))
+        if "comparison_file" in out:
+            click.echo(f"comparison written to {out['comparison_file']}")
     else:
         click.echo(format_metrics("result", metrics))
     if as_json:

@@ -28,6 +28,7 @@ class EvalRequest:
     compare: str | None = None  # "base": the target's base model; else another model reference
     generations: str | None = None
     predictions: str | None = None
+    force: bool = False  # --predictions may replace an existing file (never one of a run directory's own)
 
 
 def _target_recipe(target: str, overrides) -> tuple[Recipe, RunDir | None]:
@@ -70,7 +71,16 @@ def _check_request(req: EvalRequest, run_dir) -> None:
     """Mistakes in the request, found before any model loads or generates (minutes on a real evaluation)."""
     problems = []
     if req.predictions:
-        folder = Path(req.predictions).expanduser().resolve().parent
+        from launcher.rundir import RunDir
+
+        target = Path(req.predictions).expanduser()
+        folder = target.resolve().parent
+        if RunDir(folder).has_plan() and RunDir(folder).own_file(target):
+            problems.append(Problem("--predictions", f"names {target.name}, a file of the run directory {folder}; sftlaunch "
+                                    "never writes over a run's own results", "write it elsewhere", got=req.predictions))
+        elif target.exists() and not req.force:
+            problems.append(Problem("--predictions", "the file exists", "choose a new file, or add --force to replace it",
+                                    got=req.predictions))
         if not folder.is_dir():
             problems.append(Problem("--predictions", f"its folder {folder} does not exist", "create it first, or choose another path",
                                     got=req.predictions))
@@ -139,5 +149,5 @@ def run_eval(req: EvalRequest) -> dict:
         comparison["base_model"] = recipe.model.name if req.compare == "base" else req.compare
         out["comparison"] = comparison
         if run_dir is not None:
-            run_dir.write_comparison(comparison)
+            out["comparison_file"] = str(run_dir.write_eval_comparison(comparison))
     return out

@@ -40,6 +40,7 @@ class RunDir:
     ADAPTER, CHECKPOINTS, OOM_BACKOFF = "adapter", "checkpoints", "oom_backoff.jsonl"
     MODEL = "model"  # model.method=full: the complete trained model (instead of adapter/)
     RANKS = "ranks"  # distributed runs: ranks/rank-N.json, how each worker process ended
+    EVALUATIONS = "evaluations"  # `sftlaunch eval RUN --compare`: comparison-STAMP.json, one per evaluation
     PLOTS, TRAINING_PLOT, COMPARISON_PLOT = "plots", "training.png", "comparison.png"  # drawn by launcher.plots
     # Where the trackers (train.report_to) write, pointed there by launcher.trackers; W&B names its wandb/ itself.
     TENSORBOARD, WANDB, MLRUNS = "tensorboard", "wandb", "mlruns"
@@ -307,6 +308,29 @@ class RunDir:
 
     def write_comparison(self, comparison: dict) -> None:
         self.file(self.COMPARISON).write_text(json.dumps(comparison, indent=2))
+
+    def write_eval_comparison(self, comparison: dict) -> Path:
+        """`sftlaunch eval RUN --compare`: a new file under evaluations/ each time, never the run's own comparison."""
+        folder = self.file(self.EVALUATIONS)
+        folder.mkdir(exist_ok=True)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        for n in range(1000):
+            path = folder / f"comparison-{stamp}{f'-{n}' if n else ''}.json"
+            try:
+                with open(path, "x", encoding="utf-8") as f:  # claimed exclusively: two evaluations never share one
+                    f.write(json.dumps(comparison, indent=2))
+                return path
+            except FileExistsError:
+                continue
+        raise StorageError(f"cannot name a new comparison file in {folder}. Fix: clear out old ones.")
+
+    def own_file(self, path: str | Path) -> bool:
+        """Whether path is one of the files (or folders) this run directory's layout names."""
+        path = Path(path).expanduser().resolve()
+        if path.parent != self.path.resolve():
+            return False
+        names = {v for k, v in vars(RunDir).items() if k.isupper() and isinstance(v, str)}
+        return path.name in names
 
     def read_comparison(self) -> dict | None:
         path = self.file(self.COMPARISON)

@@ -137,12 +137,25 @@ def test_comparison_counts_are_consistent(tiny_recipe, tmp_path):
     trained = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert c["only_base_correct"] == sum(b["correct"] and not t["correct"] for b, t in zip(base, trained))
     assert c["both_correct"] + c["only_trained_correct"] == round(c["trained"]["accuracy"] * c["n"])
-    (run_dir / "comparison.json").unlink()
-    # `eval --compare` on the run directory recomputes it on the same items.
+    own = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    # `eval --compare` on the run directory recomputes it on the same items, into a new file: it replaced the run's
+    # own comparison.json (150 items) with one of --limit items.
     result = run_cli("eval", str(run_dir), "--compare", "--limit", "4")
     assert result.returncode == 0, result.stderr[-3000:]
-    again = json.loads((run_dir / "comparison.json").read_text())
+    (written,) = (run_dir / "evaluations").iterdir()
+    assert f"comparison written to {written}" in result.stdout
+    again = json.loads(written.read_text())
     assert again["n"] == 4 and again["base_model"] == c["base_model"]
+    # --predictions never writes over a run's own files, and replaces another file only with --force.
+    refused = run_cli("eval", str(run_dir), "--limit", "1", "--predictions", str(run_dir / "predictions.jsonl"), "--force")
+    assert refused.returncode == 2 and "never writes over a run's own results" in refused.stderr
+    taken = tmp_path / "mine.jsonl"
+    taken.write_text("keep\n")
+    refused = run_cli("eval", str(run_dir), "--limit", "1", "--predictions", str(taken))
+    assert refused.returncode == 2 and "--force" in refused.stderr and taken.read_text() == "keep\n"
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == own
+    forced = run_cli("eval", str(run_dir), "--limit", "1", "--predictions", str(taken), "--force")
+    assert forced.returncode == 0 and len(taken.read_text().splitlines()) == 1
 
 
 def test_scoring_gsm8k_reference_solutions_gives_accuracy_one(tmp_path):
