@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
-from launcher.errors import SftlaunchError
+from launcher.errors import PlanError, SftlaunchError
 from launcher.rundir import RunDir
 
 COLUMNS = ("name", "status", "recipe", "model", "backend", "precision", "steps", "final_loss", "accuracy", "duration")
@@ -19,7 +19,19 @@ def _seconds_between(start: str | None, end: str | None) -> float | None:
 
 
 def summary(run_dir: RunDir) -> dict:
-    """What a person asks of a past run. Fields the run never reached are None; unreadable files say so."""
+    """What a person asks of a past run. Fields the run never reached are None; unreadable files say so, and a
+    file edited into the wrong shape costs that run's row its details, never the listing."""
+    try:
+        return _summary(run_dir)
+    except (TypeError, ValueError, AttributeError, KeyError, OSError) as exc:
+        row = dict.fromkeys(COLUMNS)
+        row.update(name=run_dir.path.name, path=str(run_dir.path), phase=None, base_accuracy=None, trained_accuracy=None,
+                   started=None, seconds=None,
+                   status=f"unreadable ({type(exc).__name__}: {str(exc)[:80]}; see {RunDir.STATUS} and {RunDir.EVAL})")
+        return row
+
+
+def _summary(run_dir: RunDir) -> dict:
     row: dict = {"name": run_dir.path.name, "path": str(run_dir.path)}
     try:
         status = run_dir.status()
@@ -58,8 +70,8 @@ def _last_step(run_dir: RunDir) -> int | None:
 def list_runs(folder: str | Path) -> list[dict]:
     """Every run directory (a folder with plan.json) directly under folder, newest first."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise SftlaunchError(f"{folder} is not a folder. Fix: pass the output.dir of your runs (default: outputs).")
+    if not folder.is_dir():  # a user mistake (exit 2), not a bug
+        raise PlanError(f"{folder} is not a folder. Fix: pass the output.dir of your runs (default: outputs).")
     runs = [summary(RunDir(p)) for p in folder.iterdir() if p.is_dir() and RunDir(p).has_plan()]
     # Newest first: when the run started, else when its plan was written.
     return sorted(runs, key=lambda r: r["started"] or _mtime(Path(r["path"])), reverse=True)
@@ -76,14 +88,21 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _number(value, spec: str) -> str:
+    """A number as the table shows it; '-' for none, '?' for a value edited into something else."""
+    if value is None:
+        return "-"
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
+
+
 def _cell(row: dict, column: str) -> str:
     if column == "accuracy":
         b, t = row["base_accuracy"], row["trained_accuracy"]
         if b is None and t is None:
             return "-"
-        return f"{'-' if b is None else f'{b:.3f}'} -> {'-' if t is None else f'{t:.3f}'}"
+        return f"{_number(b, '.3f')} -> {_number(t, '.3f')}"
     if column == "final_loss":
-        return "-" if row["final_loss"] is None else f"{row['final_loss']:.4f}"
+        return _number(row["final_loss"], ".4f")
     if column == "duration":
         return _duration(row["seconds"])
     if column == "status" and row["status"] in ("interrupted", "running") and row.get("phase"):

@@ -105,7 +105,11 @@ def draw(run_dir: RunDir) -> list[Path]:
     name = run_dir.path.name
     model = (results.get("model") or "").split("/")[-1]
     written = []
-    metrics = run_dir.read_metrics()
+    metrics, unreadable = run_dir.read_metrics_counted()
+    if unreadable:
+        print(f"note: {unreadable} line(s) of {run_dir.metrics} could not be read (cut short or edited) and are not drawn",
+              flush=True)
+    metrics = [r for r in metrics if isinstance(r.get("loss", 0.0), (int, float))]
     if metrics:
         fig = training_figure(metrics, train, f"{name}  ({model})  status: {status.get('status', '?')}")
         fig.savefig(run_dir.training_plot, dpi=110)

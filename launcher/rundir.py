@@ -203,16 +203,35 @@ class RunDir:
         append_jsonl(self.metrics, record)
 
     def read_metrics(self) -> list[dict]:
-        return [json.loads(line) for line in self.metrics.read_text().splitlines()] if self.metrics.exists() else []
+        return self.read_metrics_counted()[0]
+
+    def read_metrics_counted(self) -> tuple[list[dict], int]:
+        """The logged steps, and how many lines could not be read: a kill -9 or a full disk leaves the last line
+        cut short, and a hand edit may break any; the readable steps are still the run's."""
+        if not self.metrics.exists():
+            return [], 0
+        records, bad = [], 0
+        for line in self.metrics.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("step", 0), int):
+                records.append(record)
+            else:
+                bad += 1
+        return records, bad
 
     def truncate_metrics(self, step: int) -> None:
-        """On resume, drop records logged after the checkpoint: those steps are trained again."""
+        """On resume, drop records logged after the checkpoint (those steps are trained again), and unreadable lines."""
         if self.metrics.exists():
-            keep = [line for line in self.metrics.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-            self.metrics.write_text("".join(line + "\n" for line in keep))
+            keep = [r for r in self.read_metrics() if r.get("step", 0) <= step]
+            self.metrics.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
     def last_loss(self) -> float | None:
-        losses = [r["loss"] for r in self.read_metrics() if r.get("loss") is not None and math.isfinite(r["loss"])]
+        losses = [r["loss"] for r in self.read_metrics() if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
         return losses[-1] if losses else None
 
     @property

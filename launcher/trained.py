@@ -53,9 +53,10 @@ def _attach_adapter(base, run_dir: RunDir, base_model: str):
     from safetensors import safe_open
 
     from launcher.errors import PlanError
+    from launcher.rundir import RunDir
 
-    fix = (f"an adapter only fits the base it was trained on; {run_dir} names {base_model} in its plan.json, so the "
-           "adapter files were replaced or edited since. Train again, or evaluate the adapter's own run directory.")
+    fix = (f"an adapter only fits the base it was trained on; {run_dir} names {base_model} in its {RunDir.PLAN}, so "
+           "the adapter files were replaced or edited since. Train again, or evaluate the adapter's own run directory.")
     try:
         # The adapter takes the base's dtype (PEFT would otherwise upcast it to fp32 beside a half-precision base).
         model = PeftModel.from_pretrained(base, str(run_dir.adapter), autocast_adapter_dtype=False)

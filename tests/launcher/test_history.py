@@ -52,4 +52,43 @@ def test_runs_lists_completed_failed_and_interrupted_runs_newest_first(tmp_path)
     assert as_json.returncode == 0, as_json.stderr
     assert [r["name"] for r in json.loads(as_json.stdout)] == ["stopped", "broken", "done"]
     missing = run_cli("runs", str(tmp_path / "nope"))
-    assert missing.returncode == 1 and "Fix:" in missing.stderr
+    assert missing.returncode == 2 and "Fix:" in missing.stderr  # a user mistake (exit 2), not a bug (1)
+
+
+def test_runs_lists_the_good_runs_when_one_runs_files_were_cut_short_or_edited(tmp_path):
+    from launcher.hardware import HardwareInfo
+    from launcher.plan import make_plan
+    from launcher.recipe import validate_recipe
+
+    pj = make_plan(validate_recipe({"model": {"name": "some/model"}}), HardwareInfo(cpu_cores=2, ram_gb=8, cpu_bf16=False)).model_dump_json()
+    good = "".join(json.dumps({"step": s, "loss": 2.0 / s}) + "\n" for s in (1, 2, 3))
+    _fake_run(tmp_path, "good", pj, {"status": "completed"}, "2026-01-01T10:00:00+00:00", "2026-01-01T10:05:30+00:00",
+              eval_json=json.dumps({"train": {"steps": 3, "final_loss": 0.5}, "trained": {"accuracy": 0.6}}))
+    # A field of the wrong type (TypeError lost the whole listing), and a metrics line cut short by a kill -9.
+    _fake_run(tmp_path, "edited", pj, {"status": "completed"}, "2026-01-02T10:00:00+00:00", "2026-01-02T10:00:40+00:00",
+              eval_json=json.dumps({"train": ["not", "a", "dict"], "trained": {"accuracy": "high"}}))
+    _fake_run(tmp_path, "cut", pj, {"status": "interrupted", "phase": "training"}, "2026-01-03T10:00:00+00:00",
+              "2026-01-03T10:10:00+00:00", metrics_jsonl=good + '{"step": 4, "lo')
+    result = run_cli("runs", str(tmp_path))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    assert set(lines) == {"good", "edited", "cut"}
+    assert "unreadable" in lines["edited"] and "0.5000" in lines["good"]
+    rows = {r["name"]: r for r in list_runs(tmp_path)}
+    assert rows["cut"]["steps"] == 3  # the readable steps are still the run's
+
+
+def test_plot_skips_a_metrics_line_cut_short_and_says_so(tmp_path):
+    from launcher.hardware import HardwareInfo
+    from launcher.plan import make_plan
+    from launcher.recipe import validate_recipe
+
+    pj = make_plan(validate_recipe({"model": {"name": "some/model"}}), HardwareInfo(cpu_cores=2, ram_gb=8, cpu_bf16=False)).model_dump_json()
+    metrics = "".join(json.dumps({"step": s, "loss": 2.0 / s}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo'
+    rd = _fake_run(tmp_path, "cut", pj, {"status": "interrupted"}, "2026-01-03T10:00:00+00:00", "2026-01-03T10:10:00+00:00",
+                   metrics_jsonl=metrics)
+    before = rd.metrics.read_bytes()
+    result = run_cli("plot", str(rd.path))
+    assert result.returncode == 0, result.stderr
+    assert "1 line(s) of" in result.stdout and rd.training_plot.stat().st_size > 1000
+    assert rd.metrics.read_bytes() == before
