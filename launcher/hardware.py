@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from importlib import resources
 from pathlib import Path
+from typing import Annotated
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -25,23 +26,24 @@ class _Frozen(BaseModel):
 
 class GpuInfo(_Frozen):
     name: str = Field(description="Device name as the driver reports it.")
-    memory_gb: float = Field(gt=0, description="Total device memory in GiB.")
-    compute_capability: tuple[int, int] = Field(description="CUDA compute capability (major, minor).")
+    memory_gb: float = Field(gt=0, le=4096, allow_inf_nan=False, description="Total device memory in GiB.")
+    compute_capability: tuple[Annotated[int, Field(ge=1, le=20)], Annotated[int, Field(ge=0, le=9)]] = Field(
+        description="CUDA compute capability (major, minor).")
     index: int | None = Field(None, ge=0, description="nvidia-smi's index (PCI bus order); the workers are pinned to it.")
     uuid: str | None = Field(None, description="The driver's GPU UUID (GPU-...), as CUDA_VISIBLE_DEVICES may name it.")
 
 
 class HardwareInfo(_Frozen):
     name: str = Field("detected", description="Profile name, or 'detected' for this machine.")
-    cpu_cores: int = Field(ge=1, description="CPU cores this process may use.")
-    ram_gb: float = Field(gt=0, description="Total system memory in GiB.")
+    cpu_cores: int = Field(ge=1, le=4096, description="CPU cores this process may use.")
+    ram_gb: float = Field(gt=0, le=65536, allow_inf_nan=False, description="Total system memory in GiB.")
     cpu_bf16: bool = Field(description="The CPU has native bf16 instructions (avx512_bf16 / AMX).")
-    gpus: tuple[GpuInfo, ...] = Field((), description="CUDA devices on this node.")
+    gpus: tuple[GpuInfo, ...] = Field((), max_length=64, description="CUDA devices on this node.")
     mps: bool = Field(False, description="Apple-silicon GPU available through Metal (MPS).")
     mps_working_set_gb: float | None = Field(
-        None, gt=0, description="Metal's recommendedMaxWorkingSetSize in GiB: what PyTorch's MPS watermark ratios "
+        None, gt=0, le=65536, allow_inf_nan=False, description="Metal's recommendedMaxWorkingSetSize in GiB: what PyTorch's MPS watermark ratios "
                                 "multiply (None: not reported; the planner then estimates it from RAM and says so).")
-    nodes: int = Field(1, ge=1, description="Nodes in the job (profiles of clusters).")
+    nodes: int = Field(1, ge=1, le=4096, description="Nodes in the job (profiles of clusters).")
     hub_reachable: bool | None = Field(
         None, description="The Hugging Face Hub answered a connection (None: not probed, as for a profile)."
     )
@@ -180,8 +182,11 @@ def load_profile(name_or_path: str) -> HardwareInfo:
         if not source.is_file():
             raise ConfigError([Problem("--hardware", "no such hardware profile", f"use a YAML file or one of: {', '.join(profile_names())}", got=name_or_path)])
     try:
-        text = source.read_text()
+        text = source.read_text(encoding="utf-8")
         data = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise ConfigError([Problem("--hardware", "the profile is not UTF-8 text", "pass a YAML file (see "
+                                   "launcher/profiles/cpu-2core.yaml)", got=label)]) from None
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError([Problem("--hardware", f"cannot read profile: {exc}", "check the file")]) from None
     from launcher.recipe import yaml_key_lines  # one duplicate-key rule for recipes and profiles

@@ -104,3 +104,25 @@ def test_cuda_visible_devices_naming_no_gpu_is_an_error_not_a_cpu_fallback(four_
         _nvidia_gpus()
     text = str(err.value)
     assert "CUDA_VISIBLE_DEVICES" in text and visible in text and "nvidia-smi -L" in text
+
+
+@pytest.mark.parametrize("text, key", [
+    ("cpu_cores: 100000000\nram_gb: 16\ncpu_bf16: false\n", "cpu_cores"),
+    ("cpu_cores: 4\nram_gb: .inf\ncpu_bf16: false\n", "ram_gb"),
+    ("cpu_cores: 4\nram_gb: 16\ncpu_bf16: false\ngpus: [{name: x, memory_gb: 16, compute_capability: [99, -1]}]\n",
+     "compute_capability"),
+    ("cpu_cores: 4\nram_gb: 16\ncpu_bf16: false\ngpus: [{name: x, memory_gb: .nan, compute_capability: [8, 0]}]\n",
+     "memory_gb"),
+])
+def test_hand_written_profiles_are_bounded(tmp_path, text, key):
+    path = tmp_path / "box.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=key):
+        load_profile(str(path))
+
+
+def test_a_profile_that_is_not_text_is_an_error_not_a_traceback(tmp_path):
+    path = tmp_path / "box.yaml"
+    path.write_bytes(b"\xff\xfe\x00cpu_cores")
+    result = run_cli("plan", str(ROOT / "recipes" / "unit-conversion.yaml"), "--hardware", str(path))
+    assert result.returncode == 2 and "not UTF-8 text" in result.stderr and "Traceback" not in result.stderr
