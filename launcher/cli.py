@@ -326,10 +326,13 @@ def plot(run_dir):
     from launcher.plots import draw
     from launcher.rundir import RunDir
 
+    from launcher.errors import writing
+
     path = RunDir(run_dir)
     try:
         path.read_plan()
-        written = draw(path)
+        with writing(path.plots, "plot"):
+            written = draw(path)
     except SftlaunchError as exc:
         _fail(exc)
     if not written:

@@ -79,3 +79,43 @@ class StorageError(SftlaunchError):
     """A file of the run could not be written: disk full, read-only, quota (exit code 74, EX_IOERR)."""
 
     exit_code = 74
+
+
+def check_writable(path, key: str) -> None:
+    """Before any work: path (a file or folder to create) can be written, else StorageError naming it and the fix.
+
+    The first folder that exists on the way up is what decides; a file there instead of a folder cannot hold it.
+    """
+    import os
+    from pathlib import Path
+
+    target = Path(path).expanduser().absolute()
+    probe = target if target.exists() else target.parent
+    while not probe.exists():
+        probe = probe.parent
+    if target.exists() and target.is_dir():
+        probe = target
+    elif not probe.is_dir():
+        raise StorageError(f"{key} {path}: {probe} is a file, so nothing can be created under it. Fix: choose a path "
+                           "in a folder.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise StorageError(f"{key} {path}: {probe} is not writable (permissions, or a read-only file system). Fix: "
+                           "choose a folder you can write to.")
+
+
+class writing:
+    """`with writing(path, key):` turns an OSError while writing (permission, read-only, not a directory, disk
+    full, quota) into StorageError (exit 74) naming the file and the fix, instead of a traceback."""
+
+    def __init__(self, path, key: str):
+        self.path, self.key = path, key
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+            where = exc.filename or self.path
+            raise StorageError(f"{self.key}: cannot write {where} ({exc.strerror or exc}). Fix: free space there, or "
+                               "choose a writable folder.") from None
+        return False

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from pathlib import Path
 
 from launcher import evaluate as ev
-from launcher.errors import ConfigError, Problem
+from launcher.errors import ConfigError, Problem, writing
 from launcher.jsonl import write_jsonl
 from launcher.recipe import Recipe
 from launcher.trained import load_trained, output_word
@@ -112,7 +112,8 @@ def run_eval(req: EvalRequest) -> dict:
     if req.generations:
         result, records = ev.score(task, items, ev.read_generations(req.generations))
         if req.predictions:
-            write_jsonl(req.predictions, records)
+            with writing(req.predictions, "--predictions"):
+                write_jsonl(req.predictions, records)
         return {"result": result}
 
     from launcher.models import load_model, load_tokenizer, resolve_model
@@ -135,7 +136,8 @@ def run_eval(req: EvalRequest) -> dict:
     out["result"], records = ev.evaluate(model, tokenizer, task, items, label="evaluating", **kwargs)
     out["result"]["seconds"] = round(time.time() - t0, 1)
     if req.predictions:
-        write_jsonl(req.predictions, records)
+        with writing(req.predictions, "--predictions"):
+            write_jsonl(req.predictions, records)
     if req.compare:
         if req.compare == "base" and not full:
             with model.disable_adapter():

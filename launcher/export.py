@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from launcher.errors import ConfigError, Problem, SftlaunchError
+from launcher.errors import ConfigError, Problem, SftlaunchError, check_writable, writing
 from launcher.rundir import RunDir
 from launcher.trained import load_trained, output_word
 
@@ -44,8 +44,14 @@ def export(run_dir: RunDir, out: Path, *, merge: bool, dtype: str = "fp32", chec
         raise ConfigError([Problem("--merge", "a full fine-tuning run has no adapter to copy: its output is a complete model",
                                    "add --merge (it saves that model, cast to --dtype and checked)", got=str(run_dir))])
     _check_target(out)
+    check_writable(out, "OUT")  # before a merge that may take minutes
     if dtype not in DTYPES:
         raise ConfigError([Problem("--dtype", "unknown dtype", f"use one of {', '.join(DTYPES)}", got=dtype)])
+    with writing(out, "OUT"):
+        return _export(run_dir, plan, out, merge, dtype, check_items, log)
+
+
+def _export(run_dir: RunDir, plan, out: Path, merge: bool, dtype: str, check_items: int, log) -> dict:
     if not merge:
         shutil.copytree(run_dir.adapter, out, dirs_exist_ok=True)
         info = {"kind": "adapter", "base_model": plan.recipe.model.name, "run": str(run_dir.path)}

@@ -82,3 +82,17 @@ def test_a_broken_adapter_is_never_exported_or_scored_as_fine(trained_run, tmp_p
     scored = run_cli("eval", str(trained_run), "--limit", "2")
     assert scored.returncode == 3 and "non-finite tensors of" in scored.stderr
     assert sorted(p.name for p in trained_run.iterdir()) == before
+
+
+def test_unwritable_or_impossible_outputs_exit_74_naming_the_path(trained_run, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    # Under a file: refused before the merge (minutes on a real model), not a NotADirectoryError traceback.
+    under_file = run_cli("export", str(trained_run), str(a_file / "out"), "--merge")
+    assert under_file.returncode == 74 and str(a_file) in under_file.stderr and "Fix:" in under_file.stderr
+    assert "Traceback" not in under_file.stderr
+    # A place nothing can be written (procfs refuses even root): the copy fails, with the path and the fix.
+    proc = run_cli("export", str(trained_run), "/proc/sftlaunch-export-test")
+    assert proc.returncode == 74 and "/proc/sftlaunch-export-test" in proc.stderr and "Traceback" not in proc.stderr
+    predictions = run_cli("eval", str(trained_run), "--limit", "1", "--predictions", "/proc/sftlaunch-predictions.jsonl")
+    assert predictions.returncode == 74 and "--predictions" in predictions.stderr and "Traceback" not in predictions.stderr
