@@ -40,15 +40,15 @@ def _plan(recipe_path: str, overrides, profile: str | None, backend: str | None,
     if backend:
         overrides = [*overrides, f"hardware.backend={backend}"]
     recipe = load_recipe(recipe_path, overrides)
+    hw = _hardware(profile)
     if check or profile is None:  # inputs on this machine (a plan for another machine cannot see its files)
         from launcher.data import check_paths
         from launcher.models import check_reference
         from launcher.trackers import check_installed
 
-        check_reference(recipe.model.name)
+        check_reference(recipe.model.name, hub_reachable=None if profile else hw.hub_reachable)
         check_paths(recipe)
         check_installed(recipe.train.report_to)
-    hw = _hardware(profile)
     if nnodes:
         hw = hw.model_copy(update={"nodes": nnodes})
     shape, source = find_shape(recipe.model.name)
@@ -174,6 +174,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The states a run can be resumed from (run.json's status as the worker and launcher write it).
+RESUMABLE = ("starting", "running", "interrupted", "failed", "out_of_memory", "killed")
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True,
@@ -193,6 +197,11 @@ def resume(run_dir, node_rank, master_addr, master_port):
         state = path.status().get("status")
         if state == "completed":
             raise PlanError(f"{run_dir} already completed; nothing to resume.")
+        if state not in RESUMABLE:
+            # An edited run.json: resuming it retrained 0 steps and replaced the recorded training statistics.
+            raise PlanError(f"{path.file(path.STATUS)} says status={state!r}, which sftlaunch never writes; the run's "
+                            "files cannot be trusted to resume from. Fix: start a new run from the recipe "
+                            f"({path.file(path.RECIPE)}).")
         live = path.live_process() if node_rank == 0 else None  # the pids in run.json are node 0's
         if live:
             raise PlanError(f"{run_dir} is still running ({live}, {RunDir.STATUS} says {state}); two workers must not share a run. "

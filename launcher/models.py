@@ -87,10 +87,10 @@ def _from_gguf(gguf: Path, label: str) -> Path:
     return out
 
 
-def check_reference(ref: str) -> None:
+def check_reference(ref: str, hub_reachable: bool | None = None) -> None:
     """resolve_model's checks without its work (no conversion, no download), so `sftlaunch plan` finds a bad
-    reference before a run directory exists. A Hub id is not checked here: the plan reports whether its
-    config.json was reachable."""
+    reference before a run directory exists. A Hub id is checked only where the Hub cannot be reached
+    (hub_reachable False): then it must be in the local Hugging Face cache."""
     if ref.startswith("embedded:"):
         _embedded_gguf(ref.split(":", 1)[1])
         return
@@ -103,6 +103,13 @@ def check_reference(ref: str) -> None:
             raise ModelError(f"model.name={ref}: the directory has no config.json. Fix: point at a saved Hugging Face model.")
     elif ref.startswith((".", "/", "~")):
         raise ModelError(f"model.name={ref}: no such directory. Fix: check the path.")
+    elif hub_reachable is False:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(ref, "config.json"), str):
+            raise ModelError(f"model.name={ref}: not a local path, not embedded, not in the Hugging Face cache, and the "
+                             "Hub cannot be reached from here. Fix: download it where the Hub is reachable (it lands in the "
+                             "cache), point at a local copy, or use embedded:smollm2-135m-instruct.")
 
 
 def resolve_model(ref: str) -> str:

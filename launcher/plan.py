@@ -396,6 +396,8 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
     if data_why:
         decide("data_source", "bundled" if data_path else "hub", data_why)
 
+    _check_learning_rate(recipe, decide)
+
     trust = decide("trust_remote_code", recipe.model.trust_remote_code,
                    "set in the recipe: the model repository's Python code will run" if recipe.model.trust_remote_code
                    else "off (default): no code from the model repository runs")
@@ -408,6 +410,23 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
                 memory_estimate_gib=None if fit.estimate is None else round(fit.estimate.total / GiB, 2),
                 device_memory_gib=round(mem_gib, 1), trust_remote_code=trust, data_path=data_path,
                 decisions=tuple(decisions))
+
+
+# Learning rates beyond these are far outside what works for the method: measured on the embedded SmolLM2-135M,
+# full fine-tuning at 2e-3 (the unit-conversion recipe's LoRA rate) collapsed the model in two steps
+# ("answer>answer>..."); LoRA at 1.0 diverged (loss 1.76 -> 21 in five steps). Warned, not refused: the guard stops
+# a run that diverges, and a user may know better.
+LEARNING_RATE_CEILING = {"full": 1e-4, "lora": 1e-2}
+
+
+def _check_learning_rate(recipe: Recipe, decide) -> None:
+    method, lr = recipe.model.method, recipe.train.learning_rate
+    ceiling = LEARNING_RATE_CEILING[method]
+    if lr > ceiling:
+        decide("learning_rate", lr, f"warning: train.learning_rate={lr:g} is far above what works for {method} fine-tuning "
+               f"(<= {ceiling:g}; full fine-tuning of the embedded model at 2e-3 collapsed in two steps). Fix: "
+               + ("1e-5 to 5e-5 for full fine-tuning (a LoRA rate is 10-100x higher)" if method == "full"
+                  else "1e-4 to 3e-3 for LoRA"))
 
 
 def _decide_host_memory(recipe: Recipe, shape: ModelShape | None, hw: HardwareInfo, per_node: int, world_size: int,

@@ -386,7 +386,8 @@ def create_run_dir(plan: Plan, recipe_path: str | Path, suffix: str = "", explic
             raise ConfigError([Problem("--run-dir", f"cannot create {run_dir}: {exc.strerror}", "choose a writable folder")]) from None
     else:
         # A recipe file's stem may hold anything; keep the run name to safe characters.
-        name = out.name or re.sub(r"[^A-Za-z0-9._-]+", "_", Path(recipe_path).stem).strip("._") or "run"
+        # No leading "-": a run directory named "-rf-<stamp>" reads as options to `resume` and `plot`.
+        name = out.name or re.sub(r"[^A-Za-z0-9._-]+", "_", Path(recipe_path).stem).strip("._-") or "run"
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         try:
             Path(out.dir).mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,9 @@ overrides = st.lists(st.one_of(
 COUNT = {"n": 0, "valid": 0}
 
 
-VALID_BASE = st.just(b"model: {name: some/model}\n")  # so that the overrides decide the outcome
+# A model that resolves offline (a Hub id not in the cache is refused where the Hub cannot be reached), so that the
+# overrides decide the outcome.
+VALID_BASE = st.just(b"model: {name: \"embedded:smollm2-135m-instruct\"}\n")
 SAFE_OVERRIDES = st.lists(st.builds(lambda k, v: f"{k}={v}", st.sampled_from(["train.seed", "train.epochs", "eval.limit", "model.lora.rank"]),
                                     st.sampled_from(["1", "3", "16", "0", "-2", "abc"])), max_size=2)
 
@@ -299,3 +301,51 @@ def test_docker_run_checks_the_recipe_before_contacting_an_engine(tmp_path):
     result = run_cli("docker", "run", UC, "train.epochs=true", env={"DOCKER_HOST": "tcp://127.0.0.1:9"}, timeout=60)
     assert result.returncode == 2
     assert "train.epochs" in result.stderr and "docker" not in result.stderr.lower()
+
+
+def test_plan_refuses_a_model_that_resolves_nowhere_offline(tmp_path):
+    # HF_HUB_OFFLINE=1 (tests/conftest.py): not a path, not embedded, not cached.
+    result = run_cli("plan", UC, "model=nonexistent-org/nonexistent-model")
+    assert result.returncode == 2 and "not in the Hugging Face cache" in result.stderr and "Fix:" in result.stderr
+    run = run_cli(UC, "model=nonexistent-org/nonexistent-model", f"output.dir={tmp_path}")
+    assert run.returncode == 2 and not list(tmp_path.iterdir())  # refused before a run directory exists
+
+
+def test_a_recipe_named_like_an_option_gives_a_run_directory_that_commands_can_take(tmp_path, tiny_model):
+    import shutil
+
+    from launcher.plan import make_plan
+    from launcher.hardware import load_profile
+    from launcher.recipe import load_recipe
+    from launcher.rundir import create_run_dir
+
+    recipe = tmp_path / "-rf.yaml"
+    shutil.copy(UC, recipe)
+    plan = make_plan(load_recipe(recipe, [f"output.dir={tmp_path / 'out'}"]), load_profile("cpu-2core"))
+    run_dir = create_run_dir(plan, recipe)
+    assert not run_dir.path.name.startswith("-") and run_dir.path.name.startswith("rf-")
+
+
+def test_resume_refuses_a_status_sftlaunch_never_writes_and_changes_nothing(tmp_path):
+    from launcher.plan import make_plan
+    from launcher.hardware import load_profile
+    from launcher.recipe import load_recipe
+    from launcher.rundir import RunDir, create_run_dir
+
+    plan = make_plan(load_recipe(UC, [f"output.dir={tmp_path}"]), load_profile("cpu-2core"))
+    run_dir = create_run_dir(plan, UC)
+    run_dir.write_status("weird", train={"steps": 189, "seconds": 940.0})
+    before = {p.name: p.read_bytes() for p in run_dir.path.iterdir()}
+    result = run_cli("resume", str(run_dir.path))
+    assert result.returncode == 2 and "status='weird'" in result.stderr and "Traceback" not in result.stderr
+    assert {p.name: p.read_bytes() for p in run_dir.path.iterdir()} == before
+    assert RunDir(run_dir.path).status()["train"]["seconds"] == 940.0
+
+
+def test_the_plan_warns_about_a_learning_rate_far_outside_the_methods_range():
+    full = run_cli("plan", UC, "model.method=full", "--hardware", "cpu-2core", "--json")
+    assert full.returncode == 0, full.stderr
+    (decision,) = [d for d in json.loads(full.stdout)["decisions"] if d["field"] == "learning_rate"]
+    assert decision["reason"].startswith("warning: train.learning_rate=0.002 is far above") and "1e-5 to 5e-5" in decision["reason"]
+    lora = json.loads(run_cli("plan", UC, "--hardware", "cpu-2core", "--json").stdout)
+    assert not [d for d in lora["decisions"] if d["field"] == "learning_rate"]  # the recipe's LoRA rate is fine
