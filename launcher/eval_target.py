@@ -43,8 +43,11 @@ def _target_recipe(target: str, overrides) -> tuple[Recipe, RunDir | None]:
     recipe = run_dir.read_plan().recipe
     if overrides:
         data = recipe.model_dump(mode="json")
-        merge_overrides(data, overrides)
-        recipe = validate_recipe(data, str(run_dir.file(RunDir.PLAN)))
+        try:
+            merge_overrides(data, overrides)
+            recipe = validate_recipe(data, str(run_dir.file(RunDir.PLAN)))
+        except RecursionError:
+            raise ConfigError([Problem("overrides", "nested too deeply to read", "an override sets one value, e.g. eval.limit=50")]) from None
     return recipe, run_dir
 
 

@@ -304,6 +304,9 @@ class Recipe(_Section):
 _SHORTHANDS = {"model": "model.name"}
 
 
+MAX_RECIPE_BYTES = 1_000_000
+
+
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
     """Turn `a.b=value` strings into (path, value) pairs; values are read as YAML scalars."""
     pairs, problems = [], []
@@ -442,7 +445,20 @@ def _fix_for(kind: str, ctx: dict) -> str:
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a YAML recipe, merge dotted overrides, validate. Raises ConfigError on any problem."""
+    try:
+        return _load_recipe(path, overrides)
+    except RecursionError:  # YAML, the merge and validation all recurse: a few hundred levels exhaust Python's stack
+        raise ConfigError([Problem(str(path), "nested too deeply to read (a recipe or override hundreds of levels deep)",
+                                   "a recipe nests a few levels, e.g. model.lora.rank")]) from None
+
+
+def _load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ConfigError([Problem(str(path), "not a regular file (a folder, device or pipe)", "pass a recipe YAML file")])
+    if path.is_file() and path.stat().st_size > MAX_RECIPE_BYTES:
+        raise ConfigError([Problem(str(path), f"{path.stat().st_size:,} bytes, more than a recipe ever needs "
+                                   f"({MAX_RECIPE_BYTES:,})", "pass the recipe YAML, not a data file")])
     try:
         raw = path.read_bytes()
     except OSError as exc:

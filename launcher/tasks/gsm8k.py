@@ -6,6 +6,8 @@ directory holding train.jsonl / test.jsonl, or a single JSONL file; each line {"
 
 from __future__ import annotations
 
+import math
+
 import re
 from pathlib import Path
 
@@ -76,6 +78,9 @@ def _example(row: dict, where: str) -> Example:
     reference = _first_number(answer.rsplit("####", 1)[1])
     if reference is None:
         raise DataError(f"{where}: the final answer after '####' is not a number. Fix: check the data.")
+    if not math.isfinite(reference):  # a 400-digit answer became inf, which every reply would fail to match
+        raise DataError(f"{where}: the final answer after '####' is too large to compare ({answer.rsplit('####', 1)[1].strip()[:40]}...). "
+                        "Fix: check the data.")
     return Example(question.strip(), clean_solution(answer), reference)
 
 

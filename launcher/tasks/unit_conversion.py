@@ -226,9 +226,14 @@ def load_file(path) -> list[Example]:
 
     from launcher.errors import DataError
 
+    from launcher.jsonl import check_regular_file
+
     path = Path(path)
+    check_regular_file(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise DataError(f"{path}: nested too deeply to read. Fix: a JSON array of [question, answer] pairs.") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read the data file ({exc.strerror}). Fix: check data.path / eval.path.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -349,3 +349,30 @@ def test_the_plan_warns_about_a_learning_rate_far_outside_the_methods_range():
     assert decision["reason"].startswith("warning: train.learning_rate=0.002 is far above") and "1e-5 to 5e-5" in decision["reason"]
     lora = json.loads(run_cli("plan", UC, "--hardware", "cpu-2core", "--json").stdout)
     assert not [d for d in lora["decisions"] if d["field"] == "learning_rate"]  # the recipe's LoRA rate is fine
+
+
+def test_inputs_nested_hundreds_deep_or_not_regular_files_are_refused_cleanly(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text('model: {name: "embedded:smollm2-135m-instruct"}\ntrain: ' + "[" * 600 + "]" * 600 + "\n")
+    nested_data = tmp_path / "deep.json"
+    nested_data.write_text("[" * 5000 + "]" * 5000)
+    cases = [
+        (["plan", str(deep)], 2, "nested too deeply"),
+        (["plan", UC, "train.seed=" + "[" * 600 + "]" * 600], 2, "nested too deeply"),
+        (["plan", "/dev/zero"], 2, "not a regular file"),
+        (["eval", UC, "--data", str(nested_data), "--limit", "1"], 2, "nested too deeply"),
+        (["eval", UC, "--data", "/dev/zero", "--limit", "1"], 2, "not a regular file"),  # read until memory ran out
+    ]
+    for args, code, text in cases:
+        result = run_cli(*args, timeout=120)
+        assert (result.returncode, text in result.stderr, "Traceback" in result.stderr) == (code, True, False), (args, result.stderr[-500:])
+
+
+def test_a_gsm8k_reference_too_large_to_compare_is_a_data_error(tmp_path):
+    from launcher.errors import DataError
+    from launcher.tasks.gsm8k import load_file
+
+    data = tmp_path / "g.jsonl"
+    data.write_text(json.dumps({"question": "How many?", "answer": "So many.\n#### " + "9" * 400}) + "\n")
+    with pytest.raises(DataError, match="too large to compare"):
+        load_file(data)
