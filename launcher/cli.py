@@ -344,8 +344,11 @@ def plot(run_dir):
             written = draw(path)
     except SftlaunchError as exc:
         _fail(exc)
-    if not written:
-        _fail(SftlaunchError(f"{run_dir} has no logged steps and no comparison yet: nothing to draw."))
+    if not written:  # a state of the run, not a bug: exit 2 like other refusals
+        from launcher.errors import PlanError
+
+        _fail(PlanError(f"{run_dir} has no logged steps and no comparison yet: nothing to draw. Fix: plot a run "
+                        "that has trained at least one logged step."))
     for p in written:
         click.echo(str(p))
 

@@ -319,11 +319,7 @@ class RunDir:
         self.file(self.EVAL).write_text(json.dumps(results, indent=2))
 
     def read_eval(self) -> dict | None:
-        path = self.file(self.EVAL)
-        try:
-            return json.loads(path.read_text()) if path.exists() else None
-        except (ValueError, OSError):
-            return None
+        return _read_json_object(self.file(self.EVAL))
 
     def write_comparison(self, comparison: dict) -> None:
         self.file(self.COMPARISON).write_text(json.dumps(comparison, indent=2))
@@ -352,8 +348,17 @@ class RunDir:
         return path.name in names
 
     def read_comparison(self) -> dict | None:
-        path = self.file(self.COMPARISON)
-        return json.loads(path.read_text()) if path.exists() else None
+        return _read_json_object(self.file(self.COMPARISON))
+
+
+def _read_json_object(path: Path) -> dict | None:
+    """A results file's object, or None when it is missing, cut short or edited into something else: results
+    are read to show them, and a broken file shows as none (the run's status and metrics still stand)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    except (ValueError, OSError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def complete_checkpoints(folder: str | Path) -> list[str]:

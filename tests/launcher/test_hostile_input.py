@@ -376,3 +376,70 @@ def test_a_gsm8k_reference_too_large_to_compare_is_a_data_error(tmp_path):
     data.write_text(json.dumps({"question": "How many?", "answer": "So many.\n#### " + "9" * 400}) + "\n")
     with pytest.raises(DataError, match="too large to compare"):
         load_file(data)
+
+
+@pytest.fixture(scope="module")
+def no_launch():
+    """resume's checks and writes run for real; starting the worker is replaced."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(cli, "_launch", lambda *args, **kwargs: None)
+    yield
+    mp.undo()
+    SUMMARY.append(f"fuzzed {READER_COUNT['n']} cut or edited run directories with runs, plot, resume, eval, export: "
+                   f"{READER_COUNT['refused']} refusals, no traceback, no file changed by a refusing command")
+
+
+READER_FILES = ("run.json", "plan.json", "metrics.jsonl", "eval.json")
+READER_COUNT = {"n": 0, "refused": 0}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A run directory as a finished LoRA run leaves it (plan, status, metrics, results, an adapter's files)."""
+    from launcher.hardware import load_profile
+    from launcher.plan import make_plan
+    from launcher.recipe import load_recipe
+    from launcher.rundir import create_run_dir
+
+    out = tmp_path_factory.mktemp("readers")
+    plan = make_plan(load_recipe(UC, [f"output.dir={out}"]), load_profile("cpu-2core"))
+    rd = create_run_dir(plan, UC)
+    rd.write_status("completed", exit_code=0, train={"steps": 3, "seconds": 9.5, "final_loss": 0.5})
+    rd.metrics.write_text("".join(json.dumps({"step": s, "loss": 2.0 / s, "grad_norm": 1.0}) + "\n" for s in (1, 2, 3)))
+    rd.file("eval.json").write_text(json.dumps({"train": {"steps": 3, "final_loss": 0.5}, "trained": {"accuracy": 0.5}}))
+    rd.adapter.mkdir()
+    (rd.adapter / "adapter_config.json").write_text("{}")
+    (rd.adapter / "adapter_model.safetensors").write_bytes(b"")
+    return rd.path
+
+
+def _edit(text: str, how: str, at: float, junk: str) -> str:
+    cut = int(len(text) * at)
+    return {"truncate": text[:cut], "insert": text[:cut] + junk + text[cut:], "replace": text[:cut] + junk,
+            "empty": "", "wrong type": json.dumps([junk])}[how]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(name=st.sampled_from(READER_FILES), how=st.sampled_from(["truncate", "insert", "replace", "empty", "wrong type"]),
+       at=st.floats(0, 1), junk=st.sampled_from(['"', "{", "]", "null", '"status": 7', "\x00", "9" * 400, '{"step": "x"}\n']))
+def test_run_directory_readers_survive_files_cut_short_or_edited(finished_run, no_launch, tmp_path_factory, name, how, at,
+                                                                 junk):
+    import shutil
+
+    READER_COUNT["n"] += 1
+    run = tmp_path_factory.mktemp("edited") / "run"
+    shutil.copytree(finished_run, run)
+    path = run / name
+    path.write_text(_edit(path.read_text(), how, at, junk))
+    gens = run.parent / "gens.jsonl"
+    gens.write_text("\n".join(json.dumps({"generated": "<answer>1</answer>"}) for _ in range(200)) + "\n")
+    for args in (["runs", str(run.parent)], ["plot", str(run)], ["resume", str(run)],
+                 ["eval", str(run), "--generations", str(gens), "--limit", "2"], ["export", str(run), str(run.parent / "out")]):
+        before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+        result = CliRunner().invoke(cli.main, args)
+        assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), (args, repr(result.exception))
+        assert result.exit_code in (0, 2, 3, 74) and "Traceback" not in result.output, (args, result.output[-800:])
+        if result.exit_code:
+            READER_COUNT["refused"] += 1
+            assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before, args
+        shutil.rmtree(run.parent / "out", ignore_errors=True)
