@@ -25,7 +25,8 @@ def load_trained(run_dir: RunDir, method: str, base_model: str, *, device: str, 
     method lora: the base model (`base`, already loaded by the caller, or loaded from base_model, a
     resolved model path) with the run's adapter on it, a PeftModel (`disable_adapter()` gives the base).
     method full: the saved model from model/; pass no `base` (a full run's base would only take memory).
-    Weights load in `dtype` directly: no second fp32 copy to cast from.
+    Weights load in `dtype` directly, no second fp32 copy to cast from (a `base` given keeps its own dtype).
+    Every reader of a trained model loads it here, so a check of what was loaded belongs here too.
     """
     from launcher.health import check_finite
     from launcher.models import load_model

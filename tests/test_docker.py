@@ -130,7 +130,7 @@ def test_image_is_non_root_with_sftlaunch_entrypoint(engine, image):
     info = json.loads(_sh("docker", "image", "inspect", image, env=engine).stdout)[0]["Config"]
     assert info["User"] == "1000" and info["WorkingDir"] == "/workspace" and info["Entrypoint"] == ["sftlaunch"]
     out = _sh("docker", "run", "--rm", "--network", "none", image, "--help", env=engine).stdout
-    assert "Fine-tune a model with LoRA" in out
+    assert "Fine-tune a model (LoRA, or every weight" in out
 
 
 def test_plan_inside_the_container(engine, image):
