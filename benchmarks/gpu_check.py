@@ -13,8 +13,8 @@ machine can run (README "Tested on"):
 - cuda-bf16 / cuda-fp16: the cuda backend end to end on the tiny model, bf16 where the GPU has it and fp16
   as a T4 trains (GradScaler: its overflow steps must be notes, not a stop), both finishing with finite loss;
 - pinned-gpu: with CUDA_VISIBLE_DEVICES set to the last GPU, the worker runs on that GPU;
-- oom-backoff: a real CUDA out-of-memory (a micro-batch far too large for the device) halves the
-  micro-batch, resumes and finishes;
+- oom-backoff: a real CUDA out-of-memory (another process holds all but 3 GiB of the GPU, which the plan
+  cannot know) halves the micro-batch, resumes and finishes;
 - deepspeed: ZeRO-2 and ZeRO-3 on one GPU, when DeepSpeed is installed (carried as a wheel).
 """
 
@@ -31,6 +31,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+HOG = ("import time, torch; free, total = torch.cuda.mem_get_info(); "
+       "x = torch.empty(max(0, free - 3 * 2**30), dtype=torch.uint8, device='cuda'); "
+       "print('holding', x.numel(), flush=True); time.sleep(3600)")
 
 
 def main() -> int:
@@ -166,12 +171,18 @@ output:
         if not gpus:
             return {"skipped": "a real CUDA out-of-memory needs a GPU"}
         name = "oom"
-        # 65,536 rows of up to 96 tokens in one micro-batch: the tiny model's activations and logits for that are
-        # several hundred GB, more than any single GPU has, so CUDA raises and the launcher halves until it fits.
-        rows = 65536
-        result = self.sftlaunch(str(self.recipe(name)), f"data.train_size={rows}", f"train.effective_batch_size={rows}",
-                                f"hardware.micro_batch_size={rows}", "hardware.gradient_checkpointing=false",
-                                "train.max_steps=1", "eval.compare_base=false", timeout=900)
+        # The plan sizes the batch from the GPU's total memory; another process holds all but 3 GiB of it, so a
+        # micro-batch of 4096 rows (about 2.5 GB of logits and activations for the tiny model) that the plan accepts
+        # meets a real CUDA out-of-memory, and the back-off halves it until it fits.
+        hog = subprocess.Popen([sys.executable, "-c", HOG], stdout=subprocess.PIPE, text=True, env=self.env)
+        try:
+            assert hog.stdout.readline().startswith("holding"), "the memory-holding process did not start"
+            rows = 4096
+            result = self.sftlaunch(str(self.recipe(name)), f"data.train_size={rows}", f"train.effective_batch_size={rows}",
+                                    f"hardware.micro_batch_size={rows}", "hardware.gradient_checkpointing=false",
+                                    "train.max_steps=1", "eval.compare_base=false", timeout=900)
+        finally:
+            hog.kill()
         run_dir = self.run_dir(name)
         backoff = run_dir / "oom_backoff.jsonl"
         halvings = backoff.read_text().splitlines() if backoff.exists() else []
