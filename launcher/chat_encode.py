@@ -159,7 +159,10 @@ def tokenizer_fingerprint(tokenizer) -> str | None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
-    h = hashlib.sha256(backend.to_str().encode())
+    state = json.loads(backend.to_str())
+    for transient in ("truncation", "padding"):  # set and reset by each call of the tokenizer: not its identity
+        state.pop(transient, None)
+    h = hashlib.sha256(json.dumps(state, sort_keys=True).encode())
     h.update(json.dumps([tokenizer.eos_token_id, tokenizer.all_special_tokens], default=str).encode())
     return h.hexdigest()
 
