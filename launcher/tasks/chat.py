@@ -168,6 +168,12 @@ class ChatTask:
         self.metrics = Metrics.from_recipe(recipe) if recipe.eval.metrics else None
         self.template = ""
 
+    def load_file(self, path) -> list:
+        return load_file(path)
+
+    def eval_examples(self, recipe, data_path: str | None = None) -> list:
+        return eval_examples(recipe, data_path)
+
     @property
     def generates(self) -> bool:
         return self.metrics is not None
