@@ -101,7 +101,9 @@ def encode(examples, tokenizer, train_on: str) -> list[Encoded]:
             continue
         msgs = [{"role": r, "content": c} for r, c in ex.messages]
         whole.append(msgs)
-        prefixes += [msgs[: i + 1] for i in range(len(msgs) - 1)]
+        # A turn followed by an assistant turn ends where that turn's generation prompt ends (rendered below):
+        # one render and tokenisation fewer per assistant turn, a fifth of the time.
+        prefixes += [msgs[: i + 1] for i in range(len(msgs) - 1) if msgs[i + 1]["role"] != "assistant"]
         prompts += [msgs[:i] for i, (r, _) in enumerate(ex.messages) if r == "assistant"]
     texts = _render(tokenizer, whole, False) + _render(tokenizer, prefixes, False) + _render(tokenizer, prompts, True)
     plain = [ex.text for ex in examples if ex.text is not None]
@@ -120,12 +122,14 @@ def encode(examples, tokenizer, train_on: str) -> list[Encoded]:
             continue
         full = next(it_whole)
         labels, roles = [-100] * len(full), [0] * len(full)
-        ends = [next(it_pref) for _ in range(len(ex.messages) - 1)] + [full]
         assistants = [i for i, (r, _) in enumerate(ex.messages) if r == "assistant"]
+        ends = [None if ex.messages[i + 1][0] == "assistant" else next(it_pref) for i in range(len(ex.messages) - 1)]
+        ends.append(full)
         starts = {i: next(it_prompt) for i in assistants}
         start = 0
         for i, (role, _) in enumerate(ex.messages):
-            end = _prefix_length(ends[i], full, ex, i)
+            # The generation prompt (<|im_start|>assistant\n) is counted with the turn before it: masked either way.
+            end = _prefix_length(ends[i] if ends[i] is not None else starts[i + 1], full, ex, i)
             roles[start:end] = [ROLE_NAMES.index(role)] * (end - start)
             if i in starts and (train_on == "assistant" or (train_on == "last_assistant" and i == assistants[-1])):
                 begin = _prefix_length(starts[i], full, ex, i)
