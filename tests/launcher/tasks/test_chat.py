@@ -129,3 +129,33 @@ def test_recipe_keys_of_the_chat_task_are_refused_for_other_tasks(tmp_path, tiny
     result = run_cli("plan", str(tiny_recipe), "data.train_on=all", "eval.metrics=[exact]")
     assert result.returncode == 2
     assert "data.train_on set, but only data.task=chat reads it" in result.stderr
+
+
+def _task_and_rows(tmp_path, on_truncation):
+    from launcher.chat_data import to_example
+    from launcher.recipe import validate_recipe
+    from launcher.tasks import task_for
+
+    data = tmp_path / "d.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "short"}]},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "long " * 40}]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = validate_recipe({"model": {"name": "x"}, "data": {"task": "chat", "path": str(data), "eval_fraction": 0.5,
+                                                               "on_truncation": on_truncation}})
+    return task_for(recipe), [to_example("messages", r, f"{data}:{i}") for i, r in enumerate(rows, 1)]
+
+
+def test_a_conversation_whose_reply_would_be_cut_follows_on_truncation(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    from launcher.errors import DataError
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    task, rows = _task_and_rows(tmp_path, "error")
+    with pytest.raises(DataError, match=r"1 of 2 samples would lose trained tokens at data.max_length=40 \(the first is "
+                                        r".*d.jsonl:2\). Fix: raise data.max_length to \d+, or set data.on_truncation=drop"):
+        task.encode(rows, tok, 40)
+    task, rows = _task_and_rows(tmp_path, "drop")
+    features, report = task.encode(rows, tok, 40)
+    assert len(features) == 1 and report.as_dict()["dropped_for_truncation"] == 1
+    assert report.as_dict()["tokens_by_role"]["assistant"]["trained"] == len(tok("short", add_special_tokens=False)["input_ids"]) + 1
