@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.errors import DataError
@@ -72,12 +72,6 @@ def _check_compiles(text: str, key: str) -> None:
         _compile_jinja_template(text)
     except jinja2.TemplateError as exc:
         raise DataError(f"{key}: not a Jinja template ({exc}). Fix: correct the template file.") from None
-
-
-@dataclass
-class RoleCounts:
-    trained: dict = field(default_factory=lambda: {r: 0 for r in ROLE_NAMES})
-    masked: dict = field(default_factory=lambda: {r: 0 for r in ROLE_NAMES})
 
 
 @dataclass(frozen=True)
