@@ -11,7 +11,7 @@ SHIPPED = ROOT / "recipes" / "data" / "unit-conversion-chat.jsonl"
 CONV = [{"role": "user", "content": "3 ft in m?"}, {"role": "assistant", "content": "0.9144"}]
 
 
-def recipe(tmp_path, model, data, extra: str = "") -> str:
+def recipe(tmp_path, model, data, extra: str = "") -> str:  # the path of a written recipe
     path = tmp_path / "chat.yaml"
     path.write_text(f"""\
 model:
@@ -159,3 +159,19 @@ def test_a_conversation_whose_reply_would_be_cut_follows_on_truncation(tmp_path,
     features, report = task.encode(rows, tok, 40)
     assert len(features) == 1 and report.as_dict()["dropped_for_truncation"] == 1
     assert report.as_dict()["tokens_by_role"]["assistant"]["trained"] == len(tok("short", add_special_tokens=False)["input_ids"]) + 1
+
+
+def test_plan_says_each_files_format_and_the_chat_decisions(tmp_path, tiny_model):
+    alpaca = tmp_path / "a.jsonl"
+    alpaca.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(30)))
+    text = tmp_path / "t.jsonl"
+    text.write_text(json.dumps({"text": "Domain text."}) + "\n")
+    path = recipe(tmp_path, tiny_model, f"[{alpaca}, {text}]")
+    text_of_recipe = open(path).read()
+    open(path, "w").write(text_of_recipe.replace("metrics: [numeric]", "metrics: []"))
+    result = run_cli("plan", path, "data.train_on=last_assistant")
+    assert result.returncode == 0, result.stderr
+    assert f"data: {alpaca}: 30 rows, format alpaca (detected from the keys of its first row (instruction, output" in result.stderr
+    assert f"data: {text}: 1 rows, format text" in result.stderr
+    assert "train_on" in result.stdout and "loss on the last assistant turn only (data.train_on)" in result.stdout
+    assert "eval_split" in result.stdout and "eval_metrics                = loss " in result.stdout
