@@ -47,7 +47,8 @@ def _plan(recipe_path: str, overrides, profile: str | None, backend: str | None,
         from launcher.trackers import check_installed
 
         check_reference(recipe.model.name, hub_reachable=None if profile else hw.hub_reachable)
-        check_paths(recipe)
+        for line in check_paths(recipe):  # the chat task's files: each one's format and the split
+            click.echo(line, err=True)
         check_installed(recipe.train.report_to)
     if nnodes:
         hw = hw.model_copy(update={"nodes": nnodes})
@@ -298,7 +299,8 @@ def plan(recipe, overrides, profile, backend, as_json):
 @main.command(name="eval")
 @click.argument("target", type=click.Path(exists=True))
 @click.argument("overrides", nargs=-1)
-@click.option("--data", "data_file", type=click.Path(dir_okay=False), help="Items to evaluate: a JSON array of [question, answer] (unit conversion) or a JSONL file (GSM8K).")
+@click.option("--data", "data_file", type=click.Path(dir_okay=False), help="Items to evaluate: a JSON array of [question, answer] (unit conversion), a JSONL file (GSM8K), or a chat-task file in any of its formats.")
+@click.option("--metrics", help="chat task: generation metrics, comma-separated (exact,contains,numeric,regex,judge); sets eval.metrics.")
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate only the first N items.")
 @click.option("--all", "all_items", is_flag=True, help="The whole held-out/test split (ignore eval.limit).")
 @click.option("--compare", is_flag=False, flag_value="base", default=None, metavar="[BASE]",
@@ -307,8 +309,10 @@ def plan(recipe, overrides, profile, backend, as_json):
 @click.option("--predictions", type=click.Path(dir_okay=False), help="Write one JSON line per item here.")
 @click.option("--force", is_flag=True, help="Let --predictions replace an existing file (never a run directory's own).")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of the metrics.")
-def eval_cmd(target, overrides, data_file, limit, all_items, compare, generations, predictions, force, as_json):
+def eval_cmd(target, overrides, data_file, metrics, limit, all_items, compare, generations, predictions, force, as_json):
     """Evaluate a run directory's trained model (its adapter or full model), or a recipe's base model."""
+    if metrics is not None:
+        overrides = (*overrides, f"eval.metrics=[{metrics}]")
     try:
         from launcher.eval_target import EvalRequest, run_eval
 
@@ -325,7 +329,7 @@ def eval_cmd(target, overrides, data_file, limit, all_items, compare, generation
     else:
         click.echo(format_metrics("result", metrics))
     if as_json:
-        click.echo(json.dumps({k: metrics[k] for k in ("accuracy", "answer_rate", "n")}))
+        click.echo(json.dumps({k: metrics[k] for k in ("accuracy", "answer_rate", "loss", "n") if k in metrics}))
 
 
 @main.command()

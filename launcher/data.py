@@ -25,15 +25,34 @@ def build_examples(recipe: Recipe, data_path: str | None = None) -> tuple[list[E
     return train, limit_eval(evals, recipe)
 
 
-def check_paths(recipe: Recipe) -> None:
-    """data.path / eval.path that do not exist here: found by `sftlaunch plan`, not by a started worker."""
+def check_paths(recipe: Recipe) -> list[str]:
+    """data.path / eval.path that do not exist here: found by `sftlaunch plan`, not by a started worker.
+    The chat task's files are read and every row checked here too, before a model loads; the lines returned
+    say what was found (each file's format, the split)."""
     problems = []
-    for key, value in (("data.path", recipe.data.path), ("eval.path", recipe.eval.path)):
+    paths = recipe.data.path if isinstance(recipe.data.path, list) else [recipe.data.path]
+    for key, value in [("data.path", p) for p in paths] + [("eval.path", recipe.eval.path),
+                                                           ("data.chat_template", _template_file(recipe))]:
         if value and not Path(value).expanduser().exists():
             problems.append(Problem(key, "no such file or folder", "check the path (relative paths start from the "
                                     "folder sftlaunch runs in)", got=value))
     if problems:
         raise ConfigError(problems)
+    if recipe.data.task == "chat":
+        return get_task("chat").check(recipe)
+    return []
+
+
+def _template_file(recipe: Recipe) -> str | None:
+    t = recipe.data.chat_template
+    return None if t in (None, "chatml") else t
+
+
+def encode_for_training(recipe: Recipe, task, examples, tokenizer, max_length: int):
+    """(features, pre-flight report) for the recipe's task: the chat task masks through the chat template."""
+    if hasattr(task, "encode"):
+        return task.encode(examples, tokenizer, max_length)
+    return encode_examples(examples, tokenizer, max_length, recipe.data.prompt_format, recipe.data.on_truncation)
 
 
 def limit_eval(evals: list[Example], recipe: Recipe) -> list[Example]:

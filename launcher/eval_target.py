@@ -53,9 +53,9 @@ def _target_recipe(target: str, overrides) -> tuple[Recipe, RunDir | None]:
 
 def _items(recipe: Recipe, req: EvalRequest, plan):
     from launcher.data import limit_eval
-    from launcher.tasks import get_task
+    from launcher.tasks import task_for
 
-    task = get_task(recipe.data.task)
+    task = task_for(recipe)
     if req.data_file:
         items = task.load_file(req.data_file)
     else:

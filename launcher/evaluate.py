@@ -133,6 +133,8 @@ def progress_bar(label: str, total: int):
 
 def score(task, examples: list[Example], generated: list[str]) -> tuple[dict, list[dict]]:
     """Metrics over all items and per group, and one prediction record per item."""
+    if hasattr(task, "score"):  # the chat task scores with eval.metrics (launcher.metrics)
+        return task.score(examples, generated)
     if len(generated) != len(examples):
         raise DataError(f"{len(generated)} generations for {len(examples)} items. Fix: one generation per evaluated item, in order.")
     records = []
@@ -158,16 +160,64 @@ def metrics(records: list[dict]) -> dict:
     return out
 
 
-# The keys of comparison.json that eval.json repeats (other tools read these names).
+# The keys of comparison.json that eval.json repeats (other tools read these names); a comparison without
+# generation (chat with no eval.metrics) has only the loss keys, one without loss records only the others.
 COMPARISON_SUMMARY = ("both_correct", "only_base_correct", "only_trained_correct", "mcnemar_p_value",
-                      "base_ci95", "trained_ci95", "verdict")
+                      "base_ci95", "trained_ci95", "verdict", "loss_base", "loss_trained", "loss_p_value", "loss_verdict")
+
+
+def summary_of(comparison: dict) -> dict:
+    return {k: comparison[k] for k in COMPARISON_SUMMARY if k in comparison}
 
 
 def compare(base: list[dict], trained: list[dict]) -> dict:
     """Side by side on the same items: metrics of each, how many each got right that the other missed, and
-    whether the difference is real (exact McNemar test on those discordant items, Wilson 95% intervals)."""
+    whether the difference is real (exact McNemar test on those discordant items, Wilson 95% intervals);
+    the held-out loss of each item under each model and its paired Wilcoxon test; each of eval.metrics."""
     if [r["question"] for r in base] != [r["question"] for r in trained]:
         raise DataError("base and trained predictions are not on the same items in the same order. Fix: evaluate both on one item list.")
+    out = {"n": len(base)}
+    if base and all("loss" in r for r in base + trained):
+        out.update(compare_losses([r["loss"] for r in base], [r["loss"] for r in trained]))
+    if base and base[0].get("correct") is None:  # no generation: the loss is the whole comparison
+        return out
+    out.update(_compare_correct(base, trained))
+    names = list(base[0].get("metrics", {})) if base else []
+    if names:
+        out["metrics"] = {}
+        for name in names:
+            view = lambda rows: [{**r, "correct": r["metrics"][name]} for r in rows]
+            c = _compare_correct(view(base), view(trained))
+            out["metrics"][name] = {"base_accuracy": c["base"]["accuracy"], "trained_accuracy": c["trained"]["accuracy"],
+                                    **{k: c[k] for k in COMPARISON_SUMMARY if k in c}}
+    return out
+
+
+def compare_losses(base: list[float], trained: list[float]) -> dict:
+    """Mean held-out loss and perplexity of each model with 95% intervals, and the two-sided Wilcoxon
+    signed-rank p of the per-item differences (items with no trained-on token are left out)."""
+    import math
+
+    pairs = [(b, t) for b, t in zip(base, trained) if not (math.isnan(b) or math.isnan(t))]
+    if not pairs:
+        return {}
+    b, t = [p[0] for p in pairs], [p[1] for p in pairs]
+    w_plus, p = stats.wilcoxon_signed_rank([y - x for x, y in pairs])
+    mb, mt = sum(b) / len(b), sum(t) / len(t)
+    (bl, bh), (tl, th) = stats.mean_interval(b), stats.mean_interval(t)
+    lower, higher = sum(y < x for x, y in pairs), sum(y > x for x, y in pairs)
+    if p < stats.ALPHA:
+        verdict = f"trained loss {'lower' if mt < mb else 'higher'} than base, Wilcoxon p = {stats._p(p)} (n = {len(pairs)})"
+    else:
+        verdict = f"no significant loss difference at n = {len(pairs)} (Wilcoxon p = {stats._p(p)})"
+    return {"loss_n": len(pairs), "loss_base": mb, "loss_trained": mt, "loss_base_ci95": [bl, bh],
+            "loss_trained_ci95": [tl, th], "perplexity_base": math.exp(mb), "perplexity_trained": math.exp(mt),
+            "perplexity_base_ci95": [math.exp(bl), math.exp(bh)], "perplexity_trained_ci95": [math.exp(tl), math.exp(th)],
+            "loss_lower_for_trained_items": lower, "loss_lower_for_base_items": higher, "loss_wilcoxon_w_plus": w_plus, "loss_p_value": p,
+            "loss_verdict": verdict}
+
+
+def _compare_correct(base: list[dict], trained: list[dict]) -> dict:
     pairs = list(zip(base, trained))
     n = len(pairs)
     only_base = sum(b["correct"] and not t["correct"] for b, t in pairs)
@@ -188,10 +238,23 @@ def compare(base: list[dict], trained: list[dict]) -> dict:
 
 
 def format_comparison(c: dict) -> str:
+    lines = [f"{'':<24}{'base':>16}{'trained':>16}"]
+    if "loss_base" in c:
+        (lbl, lbh), (ltl, lth) = c["loss_base_ci95"], c["loss_trained_ci95"]
+        lines += [f"{'held-out loss':<24}{c['loss_base']:>16.4f}{c['loss_trained']:>16.4f}",
+                  f"{'  95% interval':<24}{f'[{lbl:.3f}, {lbh:.3f}]':>16}{f'[{ltl:.3f}, {lth:.3f}]':>16}",
+                  f"{'perplexity':<24}{c['perplexity_base']:>16.3f}{c['perplexity_trained']:>16.3f}",
+                  f"{'loss lower on items':<24}{c['loss_lower_for_base_items']:>16}"
+                  f"{c['loss_lower_for_trained_items']:>16}   (of {c['loss_n']})",
+                  f"Wilcoxon signed-rank p = {c['loss_p_value']:.4g}: {c['loss_verdict']}"]
+    if "base" not in c:
+        return "\n".join(lines)
     b, t = c["base"], c["trained"]
     (bl, bh), (tl, th) = c["base_ci95"], c["trained_ci95"]
-    lines = [f"{'':<24}{'base':>16}{'trained':>16}",
-             f"{'accuracy':<24}{b['accuracy']:>16.3f}{t['accuracy']:>16.3f}",
+    for name, m in c.get("metrics", {}).items():
+        lines.append(f"{'accuracy ' + name:<24}{m['base_accuracy']:>16.3f}{m['trained_accuracy']:>16.3f}"
+                     f"   McNemar p = {m['mcnemar_p_value']:.4g}")
+    lines += [f"{'accuracy':<24}{b['accuracy']:>16.3f}{t['accuracy']:>16.3f}",
              f"{'  95% interval':<24}{f'[{bl:.3f}, {bh:.3f}]':>16}{f'[{tl:.3f}, {th:.3f}]':>16}",
              f"{'answer_rate':<24}{b['answer_rate']:>16.3f}{t['answer_rate']:>16.3f}"]
     for group in t.get("groups", {}):
@@ -214,11 +277,48 @@ def settings(recipe, plan) -> dict:
 def evaluate(model, tokenizer, task, examples: list[Example], *, prompt_format: str, batch_size: int,
              max_new_tokens: int, device: str, precision: str = "fp32", label: str = "evaluating",
              stop_on_repetition: bool = False) -> tuple[dict, list[dict]]:
-    prompts = [format_prompt(ex.question, tokenizer, prompt_format) for ex in examples]
+    """Generation metrics (unless the task does not generate: chat with no eval.metrics) and each item's
+    held-out loss (launcher.item_loss), the loss in every record."""
+    from launcher.item_loss import item_losses
+
+    generates = getattr(task, "generates", True)
+    features = loss_features(task, examples, tokenizer, prompt_format)
     with inference_weights(model, precision) as weights:
-        generated = generate(weights, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                             device=device, label=label, stop_on_repetition=stop_on_repetition)
-    return score(task, examples, generated)
+        losses = item_losses(weights, tokenizer, features, device=device, label=f"{label}: held-out loss")
+        if generates:
+            prompts = (task.prompts(examples, tokenizer) if hasattr(task, "prompts")
+                       else [format_prompt(ex.question, tokenizer, prompt_format) for ex in examples])
+            generated = generate(weights, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                 device=device, label=label, stop_on_repetition=stop_on_repetition)
+    if generates:
+        result, records = score(task, examples, generated)
+    else:
+        records = [{"question": ex.question, "reference": ex.reference, "generated": None, "parsed": None,
+                    "correct": None, "group": ex.group} for ex in examples]
+        result = {"n": len(records)}
+    for r, loss in zip(records, losses):
+        r["loss"] = loss
+    valid = [x for x in losses if x == x]  # NaN: an item with no trained-on token
+    if valid:
+        import math
+
+        result["loss"] = sum(valid) / len(valid)
+        result["perplexity"] = math.exp(result["loss"])
+    return result, records
+
+
+# A held-out item is scored whole for its loss: only the model's context bounds it, never data.max_length.
+LOSS_MAX_LENGTH = 1 << 30
+
+
+def loss_features(task, examples, tokenizer, prompt_format: str) -> list[dict]:
+    """Each item's ids and labels, masked as in training (built-in tasks: the answer and EOS)."""
+    if hasattr(task, "loss_features"):
+        return task.loss_features(examples, tokenizer)
+    from launcher.data import encode_examples
+
+    features, _ = encode_examples(examples, tokenizer, LOSS_MAX_LENGTH, prompt_format)
+    return features
 
 
 @contextmanager
@@ -266,7 +366,12 @@ def read_generations(path: str | Path) -> list[str]:
 
 
 def format_metrics(name: str, m: dict) -> str:
-    line = f"{name:>8}: accuracy {m['accuracy']:.3f}  answer_rate {m['answer_rate']:.3f}  (n={m['n']})"
+    loss = f"  held-out loss {m['loss']:.4f}" if "loss" in m else ""
+    if "accuracy" not in m:
+        return f"{name:>8}:{loss}  (n={m['n']})"
+    line = f"{name:>8}: accuracy {m['accuracy']:.3f}  answer_rate {m['answer_rate']:.3f}{loss}  (n={m['n']})"
+    for metric, acc in m.get("metrics", {}).items():
+        line += f"  {metric} {acc:.3f}"
     for group, g in m.get("groups", {}).items():
         line += f"\n{'':>10}{group}: accuracy {g['accuracy']:.3f}  answer_rate {g['answer_rate']:.3f}  (n={g['n']})"
     return line

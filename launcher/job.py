@@ -10,14 +10,14 @@ import time
 
 from launcher import evaluate as ev
 from launcher import trackers
-from launcher.data import build_examples, encode_examples
+from launcher.data import build_examples, encode_for_training
 from launcher.health import TrainingHealthError, collapse_diagnosis, collapse_report, non_finite_weights
 from launcher.models import check_target_modules, load_model, load_tokenizer, resolve_model, torch_dtype
 from launcher.plan import Plan
 from launcher.process import Process
 from launcher.rundir import RunDir
 from launcher.signals import BASE_EVAL, FINAL_EVAL, LOADING, SAVING, TRAINING, PhaseSignals, Stopped
-from launcher.tasks import get_task
+from launcher.tasks import task_for
 from launcher.trained import load_trained, output_word
 from launcher.trainer import StopRequest, build_trainer
 
@@ -139,11 +139,11 @@ class Run:
         set_seed(self.recipe.train.seed)
         self.model_path = resolve_model(self.recipe.model.name)
         self.tokenizer = load_tokenizer(self.model_path, self.plan.trust_remote_code)
-        self.task = get_task(self.recipe.data.task)
+        self.task = task_for(self.recipe)
         train_examples, self.eval_examples = build_examples(self.recipe, self.plan.data_path)
         self.results["eval_items"] = len(self.eval_examples)
-        self.features, report = encode_examples(train_examples, self.tokenizer, self.plan.max_length,
-                                                self.recipe.data.prompt_format, self.recipe.data.on_truncation)
+        self.features, report = encode_for_training(self.recipe, self.task, train_examples, self.tokenizer,
+                                                    self.plan.max_length)
         if self.process.main:
             print(report.render(), flush=True)
             self.run_dir.write_preflight(report.as_dict())
@@ -351,16 +351,18 @@ class Run:
         results["trained"]["seconds"] = round(time.time() - t0, 1)
         run_dir.write_predictions(records)
         print(ev.format_metrics("trained", results["trained"]), flush=True)
-        collapse = collapse_report([r["generated"] for r in records])
+        # Chat without eval.metrics generates nothing: no generation can collapse, the loss is the evidence.
+        collapse = collapse_report([r["generated"] for r in records if r["generated"] is not None])
         results["trained"]["collapse"] = collapse
         base_collapse = None
         if self.base_records is not None:
-            base_collapse = results["base"]["collapse"] = collapse_report([r["generated"] for r in self.base_records])
+            base_collapse = results["base"]["collapse"] = collapse_report(
+                [r["generated"] for r in self.base_records if r["generated"] is not None])
             comparison = ev.compare(self.base_records, records)
             comparison["base_model"] = self.recipe.model.name
             comparison["trained_collapsed"] = collapse["collapsed"]
             run_dir.write_comparison(comparison)
-            results["comparison"] = {k: comparison[k] for k in ev.COMPARISON_SUMMARY}
+            results["comparison"] = ev.summary_of(comparison)
         results["collapsed"] = collapse["collapsed"] and self.recipe.train.guard.collapse
         run_dir.write_eval(results)
         if results["collapsed"]:

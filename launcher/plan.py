@@ -175,6 +175,8 @@ def choose_data_source(recipe: Recipe, hw: HardwareInfo) -> tuple[str | None, st
     from launcher.tasks import gsm8k
 
     d = recipe.data
+    if d.task == "chat":  # reads data.path (one or several files) or its Hub dataset itself
+        return None, None
     if d.task != "gsm8k" or d.path:
         return d.path, None
     hub = f"{d.dataset}" + (f" ({d.dataset_config})" if d.dataset_config else "")
@@ -375,6 +377,12 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
         max_length = decide("max_length", length, f"default for {recipe.data.task}: {why}")
     else:
         max_length = decide("max_length", recipe.data.max_length, "requested by the recipe (data.max_length)")
+
+    if recipe.data.task == "chat":
+        from launcher.tasks.chat import plan_decisions
+
+        for field, value, reason in plan_decisions(recipe):
+            decide(field, value, reason)
 
     fit = _decide_memory_layout(recipe, hw, backend, device, precision, shape, shape_source, per_rank, max_length,
                                 world_size, decide)

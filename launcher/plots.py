@@ -116,7 +116,8 @@ def draw(run_dir: RunDir) -> list[Path]:
         plt.close(fig)
         written.append(run_dir.training_plot)
     comparison = run_dir.read_comparison()
-    if comparison and results.get("base") and results.get("trained"):
+    # A chat run without eval.metrics generates nothing: its comparison is the held-out loss, in the table.
+    if comparison and results.get("base") and "accuracy" in (results.get("trained") or {}):
         fig = comparison_figure(comparison, results["base"], results["trained"], f"{name}  ({model})")
         fig.savefig(run_dir.comparison_plot, dpi=110)
         plt.close(fig)

@@ -110,17 +110,36 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
-    task: Literal["unit_conversion", "gsm8k"] = Field(
-        "unit_conversion", description="Task: builds prompts, targets and the judge."
+    task: Literal["unit_conversion", "gsm8k", "chat"] = Field(
+        "unit_conversion", description="Task: builds prompts, targets and the judge. chat: your own data in the "
+        "standard formats (messages, prompt/completion, alpaca, sharegpt, text), see data.format."
     )
-    path: str | None = Field(
+    path: str | list[str] | None = Field(
         None,
         description="Local training data. unit_conversion: a JSON array of [question, answer] pairs "
         "(unset: generated). gsm8k: a folder with train.jsonl/test.jsonl, or one JSONL file "
-        "(unset: the Hub dataset in data.dataset).",
+        "(unset: the Hub dataset in data.dataset). chat: a JSONL, JSON-array, Parquet or CSV file, a list of "
+        "them, or a folder of them (unset: the Hub dataset in data.dataset, split data.split).",
     )
-    dataset: str = Field("openai/gsm8k", min_length=1, description="gsm8k: Hub dataset id for `datasets.load_dataset`.")
-    dataset_config: str | None = Field("main", description="gsm8k: the dataset's configuration name.")
+    dataset: str = Field("openai/gsm8k", min_length=1, description="gsm8k and chat: Hub dataset id for `datasets.load_dataset`.")
+    dataset_config: str | None = Field("main", description="gsm8k and chat: the dataset's configuration name.")
+    split: str = Field("train", min_length=1, description="chat: the Hub dataset's split to read (data.path unset).")
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text"] = Field(
+        "auto", description="chat: the rows' format; 'auto' detects it per file from the first row's keys (shown in "
+        "the pre-flight report). A file mixing formats is an error naming the first differing line."
+    )
+    chat_template: str | None = Field(
+        None, min_length=1, description="chat: a Jinja chat-template file, or 'chatml', for a model whose tokenizer "
+        "has no chat template (unset: the tokenizer's own; a model without one is refused)."
+    )
+    train_on: Literal["assistant", "last_assistant", "all"] = Field(
+        "assistant", description="chat: the tokens with a loss: every assistant turn (its text and end-of-turn "
+        "token), only the last assistant turn, or every token. Plain-text rows train on every token."
+    )
+    eval_fraction: float = Field(
+        0.05, gt=0, lt=1, description="chat without eval.path: share of rows held out for evaluation, chosen by a "
+        "hash of each row's content (stable when rows are added; at most eval.limit of them are evaluated)."
+    )
     train_size: int = Field(1000, ge=1, le=1_000_000, description="unit_conversion: generated training questions.")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many training samples (the first N).")
     target_style: Literal["reasoning", "bare"] = Field(
@@ -140,6 +159,24 @@ class DataSection(_Section):
         description="A sample that would lose answer tokens at max_length: stop with an error, "
         "or drop it and count it in the pre-flight report.",
     )
+
+    @model_validator(mode="after")
+    def _chat_keys_with_chat(self):
+        if self.task != "chat":
+            chat_only = ("split", "format", "chat_template", "train_on", "eval_fraction")
+            changed = [k for k in chat_only if getattr(self, k) != DataSection.model_fields[k].default]
+            if changed:  # settings that would be ignored silently
+                raise ValueError(f"data.{', data.'.join(changed)} set, but only data.task=chat reads "
+                                 f"{'it' if len(changed) == 1 else 'them'} | remove those keys, or use data.task=chat")
+            if isinstance(self.path, list):
+                raise ValueError(f"data.path is a list, but data.task={self.task} reads one file or folder | give one "
+                                 "path, or use data.task=chat")
+        elif self.path is None and "dataset" not in self.model_fields_set:
+            raise ValueError("data.task=chat needs your data | set data.path (a JSONL, JSON, Parquet or CSV file, a "
+                             "list of them, or a folder), or data.dataset (a Hub dataset)")
+        elif isinstance(self.path, list) and (not self.path or any(not p.strip() for p in self.path)):
+            raise ValueError("data.path lists no file | list one or more files, e.g. [a.jsonl, b.jsonl]")
+        return self
 
     @field_validator("max_length")
     @classmethod
@@ -251,6 +288,59 @@ class EvalSection(_Section):
         True, description="End a generation that loops (one unit of up to 64 tokens written 4 times in a row, "
         "32 tokens at least) where the loop is found, instead of decoding it on to max_new_tokens."
     )
+    metrics: list[Literal["exact", "contains", "numeric", "regex", "judge"]] = Field(
+        default_factory=list,
+        description="chat: generation metrics, base vs trained, each with accuracy, Wilson intervals and McNemar; "
+        "the first is the run's accuracy. exact (after whitespace normalisation), contains (the reference in the "
+        "reply), numeric (last numbers within eval.rel_tol), regex (eval.answer_regex's group), judge (eval.judge). "
+        "Empty: no generation, the held-out loss only (always measured).",
+    )
+    rel_tol: float = Field(0.0, ge=0, le=1, description="numeric metric: relative tolerance (0: equal numbers).")
+    answer_regex: str | None = Field(
+        None, min_length=1, description="regex metric: a regular expression with one group, applied to the reply "
+        "and to the reference; their groups must be equal."
+    )
+    judge: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$",
+        description="judge metric: 'package.module:function', imported (never evaluated as code) and called with "
+        "(reply, reference, row); it returns True or False.",
+    )
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _metric_list(cls, v):
+        return [v] if isinstance(v, str) else v  # metrics=exact is a list of one
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics_once(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError("names a metric twice | list each metric once")
+        return v
+
+    @field_validator("answer_regex")
+    @classmethod
+    def _one_group(cls, v):
+        import re
+
+        if v is None:
+            return v
+        try:
+            groups = re.compile(v).groups
+        except re.error as exc:
+            raise ValueError(f"is not a regular expression ({exc}) | fix the pattern, e.g. '<answer>(.*?)</answer>'") from None
+        if groups != 1:
+            raise ValueError(f"has {groups} groups, not one | put exactly one (...) group around the answer")
+        return v
+
+    @model_validator(mode="after")
+    def _metric_settings(self):
+        if "regex" in self.metrics and self.answer_regex is None:
+            raise ValueError("eval.metrics has regex but eval.answer_regex is unset | set eval.answer_regex, e.g. "
+                             "'<answer>(.*?)</answer>'")
+        if "judge" in self.metrics and self.judge is None:
+            raise ValueError("eval.metrics has judge but eval.judge is unset | set eval.judge: package.module:function")
+        return self
 
 
 class HardwareSection(_Section):
@@ -298,6 +388,13 @@ class Recipe(_Section):
         default_factory=HardwareSection, description="Hardware choices; 'auto' lets the planner decide."
     )
     output: OutputSection = Field(default_factory=OutputSection, description="Where runs go.")
+
+    @model_validator(mode="after")
+    def _metrics_with_chat(self):
+        if self.eval.metrics and self.data.task != "chat":
+            raise ValueError(f"eval.metrics set, but data.task={self.data.task} is judged by its own answer check | "
+                             "remove eval.metrics, or use data.task=chat")
+        return self
 
 
 # A bare section name as an override key means its `name` field: `model=X` is `model.name=X`.

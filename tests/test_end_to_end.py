@@ -69,7 +69,7 @@ def test_train_and_evaluate_tiny_model_end_to_end(tiny_recipe, tmp_path):
     result = run_cli("eval", str(run_dir), "--data", str(data), "--limit", "2", "--predictions", str(pred_file), "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     last = json.loads(result.stdout.strip().splitlines()[-1])
-    assert last["n"] == 2 and set(last) == {"accuracy", "answer_rate", "n"}
+    assert last["n"] == 2 and set(last) == {"accuracy", "answer_rate", "loss", "n"}  # loss: the held-out loss of the items
     assert len(pred_file.read_text().splitlines()) == 2
 
 

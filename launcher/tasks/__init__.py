@@ -25,9 +25,21 @@ def get_task(name: str):
         from launcher.tasks import unit_conversion as task
     elif name == "gsm8k":
         from launcher.tasks import gsm8k as task
+    elif name == "chat":
+        from launcher.tasks import chat as task
     else:
         raise KeyError(name)
     return task
 
 
-TASK_NAMES = ("unit_conversion", "gsm8k")
+def task_for(recipe):
+    """The task that encodes, prompts and scores: a built-in task's module, or the chat task with the recipe's
+    settings (chat template, train_on, eval.metrics)."""
+    if recipe.data.task == "chat":
+        from launcher.tasks.chat import ChatTask
+
+        return ChatTask(recipe)
+    return get_task(recipe.data.task)
+
+
+TASK_NAMES = ("unit_conversion", "gsm8k", "chat")

@@ -51,3 +51,67 @@ def test_comparison_refuses_different_items():
 
     with pytest.raises(DataError, match="not on the same items"):
         compare(_records([True, False]), _records([True]))
+
+
+def test_wilcoxon_exact_p_matches_the_published_value_for_darwins_zea_mays_data():
+    # Darwin's paired plant heights (Fisher 1935), the example of scipy.stats.wilcoxon's documentation:
+    # W- = 24 (ranks of -48 and -67: 10 + 14), two-sided exact p = 0.041259765625 (= 1352 / 2^15).
+    from launcher.stats import wilcoxon_signed_rank
+
+    d = [6, 8, 14, 16, 23, 24, 28, 29, 41, -48, 49, 56, 60, -67, 75]
+    w_plus, p = wilcoxon_signed_rank(d)
+    assert w_plus == 120 - 24
+    assert p == pytest.approx(0.041259765625, abs=1e-12)
+    assert wilcoxon_signed_rank([-x for x in d])[1] == p  # two-sided
+
+
+def test_wilcoxon_exact_small_cases_computed_by_hand():
+    from launcher.stats import wilcoxon_signed_rank
+
+    # n = 5, all positive: only 1 of 32 sign patterns is as extreme on each side: p = 2/32.
+    assert wilcoxon_signed_rank([1, 2, 3, 4, 5])[1] == pytest.approx(2 / 32)
+    # Zeros are dropped (scipy's zero_method='wilcox'): the same as n = 5.
+    assert wilcoxon_signed_rank([0, 1, 2, 0, 3, 4, 5])[1] == pytest.approx(2 / 32)
+    # n = 4, W+ = 1 + 2 = 3 (ranks of 0.1, 0.2), W- = 7: P(W+ <= 3) = #{sums <= 3} / 16 = 5/16 -> p = 10/16.
+    assert wilcoxon_signed_rank([0.1, 0.2, -0.3, -0.4])[1] == pytest.approx(10 / 16)
+    assert wilcoxon_signed_rank([0.0, 0.0]) == (0.0, 1.0)
+
+
+def test_wilcoxon_normal_approximation_with_ties_agrees_with_a_hand_computation():
+    import math
+
+    from launcher.stats import wilcoxon_signed_rank
+
+    # Ties -> the normal approximation. |d| = 1,1,2,2,2,3: ranks 1.5,1.5,4,4,4,6; positive: 1, 2, 2, 3 -> W+ =
+    # 1.5 + 4 + 4 + 6 = 15.5. Mean 10.5; var = 6*7*13/24 - ((2^3-2) + (3^3-3))/48 = 22.75 - 0.625 = 22.125;
+    # z = (5 - 0.5) / sqrt(22.125) = 0.9567; p = erfc(z / sqrt 2) = 0.3387.
+    w_plus, p = wilcoxon_signed_rank([1, -1, 2, 2, -2, 3])
+    assert w_plus == 15.5
+    assert p == pytest.approx(math.erfc((4.5 / math.sqrt(22.125)) / math.sqrt(2)), rel=1e-12)
+    assert p == pytest.approx(0.3387, abs=1e-4)
+
+
+def test_wilcoxon_normal_approximation_is_close_to_the_exact_p_at_the_switch():
+    from launcher import stats
+
+    # 25 differences, no ties: exact; the same with one tie added goes through the normal approximation.
+    d = [i + 1 for i in range(25)]
+    for i in (2, 7, 11, 19):
+        d[i] = -d[i]
+    exact = stats.wilcoxon_signed_rank(d)[1]
+    tied = stats.wilcoxon_signed_rank(d + [26, 26])[1]  # n = 27 with a tie: normal
+    n27 = stats.wilcoxon_signed_rank(d + [26, 27])[1]  # n = 27 without ties: also normal (above the exact limit)
+    assert exact == pytest.approx(0.0010, abs=3e-4)
+    assert tied == pytest.approx(n27, rel=0.05)
+
+
+def test_comparison_has_the_paired_loss_test_and_prints_it():
+    base = _records([True] * 10)
+    trained = _records([True] * 10)
+    for i, (b, t) in enumerate(zip(base, trained)):
+        b["loss"], t["loss"] = 2.0 + i / 10, 1.0 + i / 20
+    c = compare(base, trained)
+    assert c["loss_base"] == pytest.approx(2.45) and c["loss_trained"] == pytest.approx(1.225)
+    assert c["loss_p_value"] == pytest.approx(2 / 2**10)  # every item lower after training: exact, n = 10
+    assert c["loss_lower_for_trained_items"] == 10
+    assert "held-out loss" in format_comparison(c) and "Wilcoxon signed-rank p = 0.001953" in format_comparison(c)
