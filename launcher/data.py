@@ -133,7 +133,12 @@ def encode_examples(examples: list[Example], tokenizer, max_length: int, prompt_
             f"(the first is sample {first}: {examples[first].question[:60]!r}). Fix: raise data.max_length to "
             f"{need}, or set data.on_truncation=drop to drop and count them."
         )
-    report.dropped = len(too_long)
+    return close_report(report, features, len(too_long), max_length)
+
+
+def close_report(report, features: list[dict], dropped: int, max_length: int):
+    """The pre-flight's last counts (every task's encoder ends here); no sample left is an error with the fix."""
+    report.dropped = dropped
     report.samples = len(features)
     if not features:
         raise DataError(f"no training sample is left after pre-flight ({report.dropped} dropped for truncation). "

@@ -218,12 +218,9 @@ class ChatTask:
             raise DataError(f"{len(too_long)} of {len(examples)} samples would lose trained tokens at data.max_length="
                             f"{max_length} (the first is {first.where}). Fix: raise data.max_length to {need}, or set "
                             "data.on_truncation=drop to drop and count them.")
-        report.dropped = len(too_long)
-        report.samples = len(features)
-        if not features:
-            raise DataError(f"no training sample is left after pre-flight ({report.dropped} dropped for truncation). "
-                            f"Fix: raise data.max_length (now {max_length}).")
-        return features, report
+        from launcher.data import close_report
+
+        return close_report(report, features, len(too_long), max_length)
 
     def prompts(self, examples, tokenizer) -> list[str]:
         """What the model answers: every turn before the last assistant turn, and the generation prompt."""
