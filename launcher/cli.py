@@ -26,6 +26,16 @@ def _fail(exc: SftlaunchError) -> None:
     sys.exit(exc.exit_code)
 
 
+def _detected():
+    """This machine's hardware, or the user's mistake in describing it (e.g. CUDA_VISIBLE_DEVICES) as an error."""
+    from launcher.hardware import detect
+
+    try:
+        return detect()
+    except SftlaunchError as exc:
+        _fail(exc)
+
+
 def _hardware(profile: str | None):
     from launcher.hardware import detect, load_profile
 
@@ -404,9 +414,8 @@ def docker():
 def docker_build(target, tag, build_args, network, context):
     """Build the image with the project's pinned versions."""
     from launcher import docker_cmd
-    from launcher.hardware import detect
 
-    target = target or docker_cmd.default_target(bool(detect().gpus))
+    target = target or docker_cmd.default_target(bool(_detected().gpus))
     args = {}
     for item in build_args:
         key, sep, value = item.partition("=")
@@ -434,14 +443,13 @@ def docker_build(target, tag, build_args, network, context):
 def docker_run(recipe, overrides, image, outputs, hf_cache, mounts, smoke, network):
     """Run RECIPE in a container: GPUs when present, caches and outputs mounted, the container's exit code returned."""
     from launcher import docker_cmd
-    from launcher.hardware import detect
     from launcher.recipe import load_recipe
 
     try:  # the recipe and overrides first: a typo should not wait for an engine, an image or a container
         load_recipe(recipe, overrides)
     except SftlaunchError as exc:
         _fail(exc)
-    gpus = bool(detect().gpus)
+    gpus = bool(_detected().gpus)
     pairs = []
     for m in mounts:
         host, sep, inside = m.partition(":")
@@ -462,10 +470,9 @@ def docker_run(recipe, overrides, image, outputs, hf_cache, mounts, smoke, netwo
 @main.command()
 def env():
     """Show the detected hardware and library versions."""
-    from launcher.hardware import detect
     from launcher.rundir import library_versions
 
-    click.echo(json.dumps({"hardware": detect().model_dump(mode="json"), "versions": library_versions()}, indent=2))
+    click.echo(json.dumps({"hardware": _detected().model_dump(mode="json"), "versions": library_versions()}, indent=2))
 
 
 @main.command()

@@ -126,3 +126,10 @@ def test_a_profile_that_is_not_text_is_an_error_not_a_traceback(tmp_path):
     path.write_bytes(b"\xff\xfe\x00cpu_cores")
     result = run_cli("plan", str(ROOT / "recipes" / "unit-conversion.yaml"), "--hardware", str(path))
     assert result.returncode == 2 and "not UTF-8 text" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_commands_that_detect_report_a_bad_cuda_visible_devices_as_a_mistake(four_gpus):
+    four_gpus.setenv("CUDA_VISIBLE_DEVICES", "7")
+    for args in (["env"], ["plan", str(ROOT / "recipes" / "unit-conversion.yaml")]):
+        result = run_cli(*args)
+        assert result.returncode == 2 and "CUDA_VISIBLE_DEVICES" in result.stderr and "Traceback" not in result.stderr, args
