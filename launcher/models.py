@@ -106,7 +106,12 @@ def check_reference(ref: str, hub_reachable: bool | None = None) -> None:
     elif hub_reachable is False:
         from huggingface_hub import try_to_load_from_cache
 
-        if not isinstance(try_to_load_from_cache(ref, "config.json"), str):
+        try:
+            cached = try_to_load_from_cache(ref, "config.json")
+        except ValueError as exc:  # huggingface_hub's HFValidationError: not a well-formed repo id
+            raise ModelError(f"model.name={ref}: not a local path, not embedded, and not a Hugging Face repo id "
+                             f"({str(exc).splitlines()[0][:120]}). Fix: check the name.") from None
+        if not isinstance(cached, str):
             raise ModelError(f"model.name={ref}: not a local path, not embedded, not in the Hugging Face cache, and the "
                              "Hub cannot be reached from here. Fix: download it where the Hub is reachable (it lands in the "
                              "cache), point at a local copy, or use embedded:smollm2-135m-instruct.")
