@@ -217,8 +217,8 @@ def collapse_diagnosis(report: dict, *, max_learning_rate: float, precision: str
     return "\n".join(lines)
 
 
-def non_finite_weights(named_parameters) -> list[str]:
-    """Names of trainable weights holding NaN or inf (checked before an adapter is saved).
+def non_finite_names(named_tensors) -> list[str]:
+    """Names of the floating tensors holding NaN or inf.
 
     Under ZeRO-3 a parameter's own tensor is an empty placeholder and this rank's shard is `ds_tensor`
     (deepspeed/runtime/zero/partition_parameters.py): the shard is what is checked, so each rank checks its
@@ -227,14 +227,17 @@ def non_finite_weights(named_parameters) -> list[str]:
     import torch
 
     bad = []
-    for name, p in named_parameters:
-        if not p.requires_grad:
-            continue
-        data = getattr(p, "ds_tensor", None)
-        data = p.detach() if data is None else data.detach()
-        if data.numel() and not bool(torch.isfinite(data).all()):
+    for name, t in named_tensors:
+        data = getattr(t, "ds_tensor", None)
+        data = (t if data is None else data).detach()
+        if data.is_floating_point() and data.numel() and not bool(torch.isfinite(data).all()):
             bad.append(name)
     return bad
+
+
+def non_finite_weights(named_parameters) -> list[str]:
+    """Names of trainable weights holding NaN or inf (checked before an adapter is saved)."""
+    return non_finite_names((name, p) for name, p in named_parameters if p.requires_grad)
 
 
 class BrokenModelError(SftlaunchError):
@@ -246,11 +249,8 @@ class BrokenModelError(SftlaunchError):
 def non_finite_tensors(model) -> tuple[list[str], int]:
     """Names of the model's floating tensors (every parameter, trainable or frozen, and buffer) holding NaN or
     inf, and how many floating tensors there are."""
-    import torch
-
     named = [*model.named_parameters(), *model.named_buffers()]
-    floating = [(name, t) for name, t in named if t.is_floating_point() and t.numel()]
-    return [name for name, t in floating if not bool(torch.isfinite(t.detach()).all())], len(floating)
+    return non_finite_names(named), sum(t.is_floating_point() and t.numel() > 0 for _, t in named)
 
 
 def check_finite(model, what: str, fix: str) -> None:

@@ -482,9 +482,10 @@ def _decide_eval_memory(recipe: Recipe, shape: ModelShape | None, eval_precision
     how = ("the engine is freed and the model reloaded in " + eval_precision if backend == "deepspeed" else
            f"a {eval_precision} copy beside the trained fp32 weights" if eval_precision != "fp32" else
            "generation runs on the trained fp32 weights")
-    if estimate(1).total / GiB > budget:
+    one = estimate(1)
+    if one.total / GiB > budget:
         raise PlanError(f"{recipe.model.name} would train here but cannot be evaluated: even one prompt needs "
-                        f"{estimate(1).describe()} ({how}), and only {where} on the evaluating device. Fix: a GPU with "
+                        f"{one.describe()} ({how}), and only {where} on the evaluating device. Fix: a GPU with "
                         "more memory, or a smaller model.")
     if est.total / GiB > budget:
         # Prompts as long as data.max_length are the upper bound; real prompts are usually far shorter, so this
