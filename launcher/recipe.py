@@ -36,6 +36,11 @@ def parse_duration(value: str | float) -> float:
     return seconds
 
 
+def one_or_list(value):
+    """A list key given one name (report_to=tensorboard, metrics=exact) is a list of one."""
+    return [value] if isinstance(value, str) else value
+
+
 class _Section(BaseModel):
     # extra="forbid": a typo is an error, never a silently ignored key.
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -246,10 +251,7 @@ class TrainSection(_Section):
         description="The run's name in the trackers (default: the run directory's name).",
     )
 
-    @field_validator("report_to", mode="before")
-    @classmethod
-    def _tracker_list(cls, v):
-        return [v] if isinstance(v, str) else v  # report_to=tensorboard is a list of one
+    _tracker_list = field_validator("report_to", mode="before")(lambda cls, v: one_or_list(v))  # report_to=tensorboard
 
     @field_validator("report_to")
     @classmethod
@@ -306,10 +308,7 @@ class EvalSection(_Section):
         "(reply, reference, row); it returns True or False.",
     )
 
-    @field_validator("metrics", mode="before")
-    @classmethod
-    def _metric_list(cls, v):
-        return [v] if isinstance(v, str) else v  # metrics=exact is a list of one
+    _metric_list = field_validator("metrics", mode="before")(lambda cls, v: one_or_list(v))  # metrics=exact
 
     @field_validator("metrics")
     @classmethod
