@@ -207,9 +207,11 @@ class Run:
             if self.plan.gradient_checkpointing:
                 self.model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing from the frozen embeddings
         self.tokenizer.padding_side = "right"
-        self.enter(TRAINING)
+        # The StopRequest's handlers first: once run.json says "training", a SIGTERM must checkpoint, not reach
+        # the previous phase's handler (a test that signals as soon as it reads the phase met that window).
         stop = StopRequest()
         stop.install_signal_handlers()
+        self.enter(TRAINING)
         self.trainer = build_trainer(
             precision=self.plan.precision, keep_checkpoints=self.recipe.train.keep_checkpoints,
             max_bad_steps=guard.max_bad_steps, zero_loss_steps=guard.zero_loss_steps,
