@@ -339,7 +339,8 @@ def eval_cmd(target, overrides, data_file, metrics, limit, all_items, compare, g
     else:
         click.echo(format_metrics("result", metrics))
     if as_json:
-        click.echo(json.dumps({k: metrics[k] for k in ("accuracy", "answer_rate", "loss", "n") if k in metrics}))
+        click.echo(json.dumps({k: metrics[k] for k in ("accuracy", "answer_rate", "loss", "n", "decoding", "error_kinds",
+                                                          "calculator_calls", "rows_with_calculator") if k in metrics}))
 
 
 @main.command()

@@ -152,6 +152,8 @@ def run_eval(req: EvalRequest) -> dict:
             base_metrics, base_records = ev.evaluate(other, other_tokenizer, task, items, label="evaluating base", **kwargs)
         comparison = ev.compare(base_records, records)
         comparison["base_model"] = recipe.model.name if req.compare == "base" else req.compare
+        if "decoding" in out["result"]:
+            comparison["decoding"] = ev.shared_decoding(base_metrics, out["result"])
         out["comparison"] = comparison
         if run_dir is not None:
             out["comparison_file"] = str(run_dir.write_eval_comparison(comparison))

@@ -6,6 +6,7 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from launcher import stats
@@ -25,24 +26,50 @@ DROP_FINISHED_EVERY = 16
 REPEAT_UNIT_MAX_TOKENS, REPEAT_MIN_TIMES, REPEAT_MIN_TOKENS = 64, 4, 32
 
 
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    calculator_calls: int = 0  # results the calculator wrote (eval.calculator)
+    marked: str | None = None  # the text with those results between calculator.MARK_OPEN/MARK_CLOSE
+
+
 def generate(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_tokens: int, device: str,
-             label: str = "generating", stop_on_repetition: bool = False) -> list[str]:
-    """Greedy continuations of each prompt, batched with left padding and the KV cache, in the model's dtype."""
+             label: str = "generating", stop_on_repetition: bool = False, calculator: bool = False) -> list[str]:
+    """Greedy continuations of each prompt (see generations)."""
+    return [g.text for g in generations(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                        device=device, label=label, stop_on_repetition=stop_on_repetition,
+                                        calculator=calculator)]
+
+
+def generations(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_tokens: int, device: str,
+                label: str = "generating", stop_on_repetition: bool = False, calculator: bool = False) -> list[Generation]:
+    """Greedy continuations of each prompt, batched with left padding and the KV cache, in the model's dtype;
+    with `calculator`, results of `<<EXPR=` are written by launcher.calculator."""
     import torch
+
+    from launcher import calculator as calc
 
     # Left padding: every row's last prompt token sits at the same position, where generation starts.
     tokenizer.padding_side = "left"
     # Longest prompts first, so batches hold similar lengths and little padding; order restored below.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    outputs: dict[int, str] = {}
+    outputs: dict[int, Generation] = {}
     model.eval()
     try:
         with progress_bar(label, len(prompts)) as advance, torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-                for i, tokens in zip(idx, _generate_batch(model, tokenizer, batch, max_new_tokens, stop_on_repetition)):
-                    outputs[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+                processor = (calc.CalculatorProcessor(tokenizer, batch["input_ids"].shape[1], list(range(len(idx))))
+                             if calculator else None)
+                for r, (i, tokens) in enumerate(zip(idx, _generate_batch(model, tokenizer, batch, max_new_tokens,
+                                                                         stop_on_repetition, processor))):
+                    text = tokenizer.decode(tokens, skip_special_tokens=True)
+                    if processor is None:
+                        outputs[i] = Generation(text)
+                    else:
+                        forced = [k for k in processor.forced.get(r, []) if k < len(tokens)]
+                        outputs[i] = Generation(text, calc.calls(forced), calc.marked(tokenizer, tokens, forced))
                 advance(len(idx))
     finally:
         tokenizer.padding_side = "right"  # training pads on the right
@@ -61,7 +88,8 @@ def repeats_at_end(tokens: list[int]) -> bool:
     return False
 
 
-def _generate_batch(model, tokenizer, batch, max_new_tokens: int, stop_on_repetition: bool = False) -> list[list[int]]:
+def _generate_batch(model, tokenizer, batch, max_new_tokens: int, stop_on_repetition: bool = False,
+                    calculator=None) -> list[list[int]]:
     """Greedy new tokens of each row (up to, not including, EOS), dropping finished rows as it goes.
 
     Written by hand around `model.generate`: generate keeps decoding every row of a batch until the
@@ -71,19 +99,25 @@ def _generate_batch(model, tokenizer, batch, max_new_tokens: int, stop_on_repeti
     a conversation. Greedy, so the tokens are those one uninterrupted generate call would give.
     With stop_on_repetition a row that loops (repeats_at_end) is finished too, where it was found looping:
     greedy decoding does not leave a loop, and the rest would be the same unit until max_new_tokens.
+    A calculator (launcher.calculator.CalculatorProcessor) forces its results per row; it is told which of the
+    batch's rows are still there.
     """
     import torch
+    from transformers import LogitsProcessorList
 
     eos = tokenizer.eos_token_id
     input_ids, mask = batch["input_ids"], batch["attention_mask"]
     rows = list(range(input_ids.shape[0]))
     produced: list[list[int]] = [[] for _ in rows]
     cache, remaining = None, max_new_tokens
+    extra = {} if calculator is None else {"logits_processor": LogitsProcessorList([calculator])}
     while rows and remaining > 0:
         steps = min(remaining, DROP_FINISHED_EVERY)
+        if calculator is not None:
+            calculator.rows = rows
         out = model.generate(input_ids=input_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=steps,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-                             return_dict_in_generate=True)
+                             return_dict_in_generate=True, **extra)
         new = out.sequences[:, input_ids.shape[1]:]
         keep = []
         for r, tokens in enumerate(new.tolist()):
@@ -142,7 +176,10 @@ def score(task, examples: list[Example], generated: list[str]) -> tuple[dict, li
         value = task.parse_answer(text)
         records.append({"question": ex.question, "reference": ex.reference, "generated": text, "parsed": value,
                         "correct": task.is_correct(value, ex.reference), "group": ex.group})
-    return metrics(records), records
+    result = metrics(records)
+    if hasattr(task, "error_kinds"):  # unit conversion: wrong factor, wrong product, no answer
+        result["error_kinds"] = task.error_kinds(examples, records)
+    return result, records
 
 
 def metrics(records: list[dict]) -> dict:
@@ -271,12 +308,27 @@ def settings(recipe, plan) -> dict:
     """The keyword arguments of evaluate() that a recipe and its plan decide (training and `sftlaunch eval` alike)."""
     return dict(prompt_format=recipe.data.prompt_format, batch_size=recipe.eval.batch_size,
                 max_new_tokens=recipe.eval.max_new_tokens, device=plan.device, precision=plan.eval_precision,
-                stop_on_repetition=recipe.eval.stop_on_repetition)
+                stop_on_repetition=recipe.eval.stop_on_repetition, calculator=recipe.eval.calculator)
+
+
+def decoding(*, max_new_tokens: int, stop_on_repetition: bool, calculator: bool, **_) -> dict:
+    """How an evaluation generated: eval.json and comparison.json record it (base and trained must share it)."""
+    return {"method": "greedy", "max_new_tokens": max_new_tokens, "stop_on_repetition": stop_on_repetition,
+            "calculator": calculator}
+
+
+def shared_decoding(base: dict, trained: dict) -> dict:
+    """The decoding of a comparison: both sides' must be the same, or the comparison would not be fair."""
+    if base.get("decoding") != trained.get("decoding"):
+        raise DataError(f"base was evaluated with decoding {base.get('decoding')} and trained with {trained.get('decoding')}; "
+                        "a comparison needs one decoding. Fix: evaluate both with the same eval settings "
+                        "(sftlaunch eval RUN --compare base).")
+    return trained["decoding"]
 
 
 def evaluate(model, tokenizer, task, examples: list[Example], *, prompt_format: str, batch_size: int,
              max_new_tokens: int, device: str, precision: str = "fp32", label: str = "evaluating",
-             stop_on_repetition: bool = False) -> tuple[dict, list[dict]]:
+             stop_on_repetition: bool = False, calculator: bool = False) -> tuple[dict, list[dict]]:
     """Generation metrics (unless the task does not generate: chat with no eval.metrics) and each item's
     held-out loss (launcher.item_loss), the loss in every record."""
     from launcher.item_loss import item_losses
@@ -288,10 +340,17 @@ def evaluate(model, tokenizer, task, examples: list[Example], *, prompt_format: 
         if generates:
             prompts = (task.prompts(examples, tokenizer) if hasattr(task, "prompts")
                        else [format_prompt(ex.question, tokenizer, prompt_format) for ex in examples])
-            generated = generate(weights, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                 device=device, label=label, stop_on_repetition=stop_on_repetition)
+            generated = generations(weights, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                    device=device, label=label, stop_on_repetition=stop_on_repetition, calculator=calculator)
     if generates:
-        result, records = score(task, examples, generated)
+        result, records = score(task, examples, [g.text for g in generated])
+        result["decoding"] = decoding(max_new_tokens=max_new_tokens, stop_on_repetition=stop_on_repetition,
+                                      calculator=calculator)
+        if calculator:
+            for r, g in zip(records, generated):
+                r["calculator"] = {"calls": g.calculator_calls, "marked": g.marked}
+            result["calculator_calls"] = sum(g.calculator_calls for g in generated)
+            result["rows_with_calculator"] = sum(g.calculator_calls > 0 for g in generated)
     else:
         records = [{"question": ex.question, "reference": ex.reference, "generated": None, "parsed": None,
                     "correct": None, "group": ex.group} for ex in examples]
@@ -374,4 +433,9 @@ def format_metrics(name: str, m: dict) -> str:
         line += f"  {metric} {acc:.3f}"
     for group, g in m.get("groups", {}).items():
         line += f"\n{'':>10}{group}: accuracy {g['accuracy']:.3f}  answer_rate {g['answer_rate']:.3f}  (n={g['n']})"
+    wrong = {k: v for k, v in m.get("error_kinds", {}).items() if k != "correct" and v}
+    if wrong:
+        line += f"\n{'':>10}wrong answers: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in wrong.items())
+    if m.get("decoding", {}).get("calculator"):
+        line += f"\n{'':>10}calculator: {m['calculator_calls']} results written in {m['rows_with_calculator']} of {m['n']} answers"
     return line

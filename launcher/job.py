@@ -362,6 +362,8 @@ class Run:
                 [r["generated"] for r in self.base_records if r["generated"] is not None])
             comparison = ev.compare(self.base_records, records)
             comparison["base_model"] = self.recipe.model.name
+            if "decoding" in results["trained"]:
+                comparison["decoding"] = ev.shared_decoding(results["base"], results["trained"])
             comparison["trained_collapsed"] = collapse["collapsed"]
             run_dir.write_comparison(comparison)
             results["comparison"] = ev.summary_of(comparison)

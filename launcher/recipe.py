@@ -155,6 +155,11 @@ class DataSection(_Section):
     prompt_format: Literal["plain", "chat"] = Field(
         "plain", description="'plain' text prompt, or the model's chat template."
     )
+    calculator_annotations: bool = Field(
+        False, description="gsm8k and unit_conversion (reasoning targets): targets keep calculator annotations, "
+        "`48/2 = <<48/2=24>>24`, so the model learns to write `<<EXPR=` for eval.calculator to answer. Off: "
+        "GSM8K's annotations are removed, unit conversion writes the product itself."
+    )
     max_length: int | Literal["auto"] = Field(
         "auto", description="Longest training sample in tokens ('auto': the task's default, shown in the plan); "
         "the prompt is cut first, never the answer."
@@ -176,6 +181,12 @@ class DataSection(_Section):
             if isinstance(self.path, list):
                 raise ValueError(f"data.path is a list, but data.task={self.task} reads one file or folder | give one "
                                  "path, or use data.task=chat")
+            if self.calculator_annotations and self.task == "unit_conversion" and self.target_style == "bare":
+                raise ValueError("data.calculator_annotations=true, but data.target_style=bare writes no arithmetic to "
+                                 "annotate | use data.target_style=reasoning, or data.calculator_annotations=false")
+        elif self.calculator_annotations:
+            raise ValueError("data.calculator_annotations=true, but data.task=chat trains on your data as it is | "
+                             "write the <<EXPR=RESULT>> annotations into your data, and remove the key")
         elif self.path is None and "dataset" not in self.model_fields_set:
             raise ValueError("data.task=chat needs your data | set data.path (a JSONL, JSON, Parquet or CSV file, a "
                              "list of them, or a folder), or data.dataset (a Hub dataset)")
@@ -290,6 +301,12 @@ class EvalSection(_Section):
         True, description="End a generation that loops (one unit of up to 64 tokens written 4 times in a row, "
         "32 tokens at least) where the loop is found, instead of decoding it on to max_new_tokens."
     )
+    calculator: bool = Field(
+        False, description="Calculator-augmented decoding (GSM8K paper): when the model has written `<<EXPR=`, an "
+        "exact calculator writes the result and `>>`, and generation goes on. EXPR: numbers, + - * / ( ), ** up to "
+        "12; anything else is left to the model. predictions.jsonl marks what the calculator wrote. Base and "
+        "trained always use the same decoding. Train with data.calculator_annotations=true so the model writes them."
+    )
     metrics: list[Literal["exact", "contains", "numeric", "regex", "judge"]] = Field(
         default_factory=list,
         description="chat: generation metrics, base vs trained, each with accuracy, Wilson intervals and McNemar; "
@@ -390,6 +407,9 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _metrics_with_chat(self):
+        if self.eval.calculator and self.data.task == "chat" and not self.eval.metrics:
+            raise ValueError("eval.calculator=true, but chat without eval.metrics generates nothing (held-out loss only) | "
+                             "set eval.metrics, or remove eval.calculator")
         if self.eval.metrics and self.data.task != "chat":
             raise ValueError(f"eval.metrics set, but data.task={self.data.task} is judged by its own answer check | "
                              "remove eval.metrics, or use data.task=chat")

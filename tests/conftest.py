@@ -17,15 +17,16 @@ SUMMARY: list[str] = []  # lines tests want shown at the end of the run (e.g. th
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 
 
-def build_tiny_model(path: Path) -> Path:
-    """A 2-layer Llama (hidden 64) and a BPE tokenizer trained on unit-conversion text, saved to path."""
+def build_tiny_model(path: Path, calculator: bool = False) -> Path:
+    """A 2-layer Llama (hidden 64) and a BPE tokenizer trained on unit-conversion text, saved to path; with
+    `calculator`, on targets with calculator annotations (`7 * 12 = <<7*12=84>>84`), so it writes `<<EXPR=`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     import torch
 
     from launcher.tasks.unit_conversion import generate
 
-    train, evals = generate(300, 30, seed=1)
+    train, evals = generate(300, 30, seed=1, calculator=calculator)
     corpus = [f"Question: {e.question}\nAnswer: {e.target}" for e in train + evals]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -79,6 +80,11 @@ def pretrain(model, tokenizer, texts: list[str]) -> None:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_calculator_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama-calculator"), calculator=True)
 
 
 @pytest.fixture

@@ -69,7 +69,10 @@ def test_train_and_evaluate_tiny_model_end_to_end(tiny_recipe, tmp_path):
     result = run_cli("eval", str(run_dir), "--data", str(data), "--limit", "2", "--predictions", str(pred_file), "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     last = json.loads(result.stdout.strip().splitlines()[-1])
-    assert last["n"] == 2 and set(last) == {"accuracy", "answer_rate", "loss", "n"}  # loss: the held-out loss of the items
+    # loss: the held-out loss of the items; how it decoded; why answers were wrong
+    assert last["n"] == 2 and set(last) == {"accuracy", "answer_rate", "loss", "n", "decoding", "error_kinds"}
+    assert last["decoding"] == {"method": "greedy", "max_new_tokens": 16, "stop_on_repetition": True, "calculator": False}
+    assert sum(last["error_kinds"].values()) == 2
     assert len(pred_file.read_text().splitlines()) == 2
 
 
@@ -171,6 +174,26 @@ def test_scoring_gsm8k_reference_solutions_gives_accuracy_one(tmp_path):
     gens.write_text(json.dumps({"generated": "#### 1"}) + "\n")
     result = run_cli("eval", str(ROOT / "recipes" / "gsm8k.yaml"), f"data.path={gsm8k}", "--all", "--generations", str(gens))
     assert result.returncode == 2 and "1 generations for 1319 items" in result.stderr
+
+
+def test_calculator_writes_results_for_base_and_trained_alike(tiny_recipe, tiny_calculator_model, tmp_path):
+    result = run_cli(str(tiny_recipe), f"model.name={tiny_calculator_model}", "data.calculator_annotations=true",
+                     "eval.calculator=true", "eval.max_new_tokens=48", "eval.size=24", "eval.batch_size=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = _only_run_dir(tmp_path / "outputs")
+    ev = json.loads((run_dir / "eval.json").read_text())
+    comparison = json.loads((run_dir / "comparison.json").read_text())
+    assert comparison["decoding"]["calculator"] is True
+    assert ev["base"]["decoding"] == ev["trained"]["decoding"] == comparison["decoding"]
+    for name, file in (("base", "predictions-base.jsonl"), ("trained", "predictions.jsonl")):
+        preds = [json.loads(line) for line in (run_dir / file).read_text().splitlines()]
+        used = [p for p in preds if p["calculator"]["calls"]]
+        assert used, name  # the model writes `<<EXPR=` and the calculator answered some
+        assert ev[name]["calculator_calls"] == sum(p["calculator"]["calls"] for p in preds)
+        for p in used:  # the marked text is the generated text with the calculator's spans in marks
+            assert "\u27e6" in p["calculator"]["marked"]
+            assert p["calculator"]["marked"].replace("\u27e6", "").replace("\u27e7", "") == p["generated"]
+        assert sum(ev[name]["error_kinds"].values()) == 24 == sum(1 for p in preds if p["error_kind"])
 
 
 def test_gsm8k_recipe_trains_a_tiny_model_offline_on_the_bundled_copy(tiny_recipe, tmp_path):

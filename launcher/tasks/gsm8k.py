@@ -33,6 +33,22 @@ def clean_solution(answer: str) -> str:
     return _CALC.sub("", answer).strip()
 
 
+def annotated_solution(answer: str) -> str:
+    """The reference solution with its calculator annotations, each result written as launcher.calculator writes
+    it at test time (`<<8*18=144.00>>` -> `<<8*18=144>>`), so training shows what decoding will see. An annotation
+    the calculator declines or computes differently stays as written (none in the bundled training split)."""
+    from launcher.calculator import EQUALS, calculate
+
+    def normalise(match: re.Match) -> str:
+        expression, sep, written = match.group(0)[2:-2].rpartition(EQUALS)
+        result = calculate(expression).result if sep else None
+        if result is None or _to_float(written) is None or not is_correct(float(result), _to_float(written)):
+            return match.group(0)
+        return f"<<{expression}={result}>>"
+
+    return _CALC.sub(normalise, answer).strip()
+
+
 def _to_float(token: str) -> float | None:
     text = token.replace(",", "").replace("$", "").rstrip(".")
     try:
@@ -69,7 +85,7 @@ def is_correct(predicted: float | None, reference: float) -> bool:
     return predicted is not None and abs(predicted - reference) < 1e-6 * max(1.0, abs(reference))
 
 
-def _example(row: dict, where: str) -> Example:
+def _example(row: dict, where: str, annotations: bool = False) -> Example:
     question, answer = row.get("question"), row.get("answer")
     if not isinstance(question, str) or not question.strip():
         raise DataError(f"{where}: missing or empty 'question'. Fix: each line needs {{\"question\": ..., \"answer\": ...}}.")
@@ -81,30 +97,31 @@ def _example(row: dict, where: str) -> Example:
     if not math.isfinite(reference):  # a 400-digit answer became inf, which every reply would fail to match
         raise DataError(f"{where}: the final answer after '####' is too large to compare ({answer.rsplit('####', 1)[1].strip()[:40]}...). "
                         "Fix: check the data.")
-    return Example(question.strip(), clean_solution(answer), reference)
+    return Example(question.strip(), annotated_solution(answer) if annotations else clean_solution(answer), reference)
 
 
-def load_file(path: str | Path) -> list[Example]:
-    """A JSONL file of {"question", "answer"}; errors name the file and line."""
+def load_file(path: str | Path, annotations: bool = False) -> list[Example]:
+    """A JSONL file of {"question", "answer"}; errors name the file and line. `annotations`: targets keep the
+    calculator annotations (data.calculator_annotations)."""
     out = []
     for n, row in read_jsonl(path):
         if not isinstance(row, dict):
             raise DataError(f"{path}:{n}: expected a JSON object with 'question' and 'answer'.")
-        out.append(_example(row, f"{path}:{n}"))
+        out.append(_example(row, f"{path}:{n}", annotations))
     if not out:
         raise DataError(f"{path}: no examples in the file.")
     return out
 
 
-def _load_split(path: str | None, split: str, dataset: str, config: str | None) -> list[Example]:
+def _load_split(path: str | None, split: str, dataset: str, config: str | None, annotations: bool = False) -> list[Example]:
     if path:
         p = Path(path)
         if p.is_dir():
             p = p / f"{split}.jsonl"
         if p.resolve().parent == BUNDLED:
             verify_bundled(p)
-        return load_file(p)
-    return load_hub(dataset, config, split)
+        return load_file(p, annotations)
+    return load_hub(dataset, config, split, annotations)
 
 
 def verify_bundled(path: Path) -> None:
@@ -118,7 +135,7 @@ def verify_bundled(path: Path) -> None:
                         "Fix: reinstall sftlaunch, or set data.path to your own copy.")
 
 
-def load_hub(dataset: str, config: str | None, split: str) -> list[Example]:
+def load_hub(dataset: str, config: str | None, split: str, annotations: bool = False) -> list[Example]:
     """A split through `datasets.load_dataset` (the Hub, or a local dataset repository)."""
     import datasets
 
@@ -128,14 +145,14 @@ def load_hub(dataset: str, config: str | None, split: str) -> list[Example]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"data.dataset={dataset}: cannot load split '{split}' ({first}). Fix: check the network, "
                         "or point data.path at a local copy (a folder with train.jsonl and test.jsonl).") from None
-    return [_example(row, f"{dataset}[{split}][{i}]") for i, row in enumerate(ds)]
+    return [_example(row, f"{dataset}[{split}][{i}]", annotations) for i, row in enumerate(ds)]
 
 
 def examples(recipe, data_path: str | None = None) -> tuple[list[Example], list[Example]]:
     """Train and test examples from data_path (the plan's data source: data.path or the bundled copy), else the Hub."""
     d = recipe.data
     evals = eval_examples(recipe, data_path)
-    return _load_split(data_path or d.path, "train", d.dataset, d.dataset_config), evals
+    return _load_split(data_path or d.path, "train", d.dataset, d.dataset_config, d.calculator_annotations), evals
 
 
 def eval_examples(recipe, data_path: str | None = None) -> list[Example]:
@@ -143,8 +160,8 @@ def eval_examples(recipe, data_path: str | None = None) -> list[Example]:
     d, e = recipe.data, recipe.eval
     path = data_path or d.path
     if e.path:
-        return _load_split(e.path, "test", d.dataset, d.dataset_config)
+        return _load_split(e.path, "test", d.dataset, d.dataset_config, d.calculator_annotations)
     if path and Path(path).is_file():
         raise DataError(f"data.path={path} is one file, used for training; say which data to evaluate on. "
                         "Fix: set eval.path (a JSONL file or a folder with test.jsonl).")
-    return _load_split(path, "test", d.dataset, d.dataset_config)
+    return _load_split(path, "test", d.dataset, d.dataset_config, d.calculator_annotations)

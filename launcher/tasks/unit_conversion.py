@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from decimal import Decimal
+import re
 
 from launcher.tasks import Example
 
@@ -105,19 +105,45 @@ def fmt(x: float, sig: int = 6) -> str:
 
 
 # Targets write factors with 4 significant digits: within 0.05% of exact, far inside the judge's 5%
-# tolerance, and short enough for a small model to multiply. The product is exact for that factor.
+# tolerance, and short enough for a small model to recall. The result is the calculator's for that factor.
 FACTOR_DIGITS = 4
 
 
+def factor_statement(a: str, b: str, factor: float) -> tuple[str, str, str]:
+    """The one fact a conversion between units a and b needs, always from the larger unit: `1 ft = 12 in`, never
+    `1 in = 0.08333 ft`. Both directions of a pair recall the same statement (a model trained on both forms
+    recalled inverse factors, `1 tbsp = 0.0676 mL`), and its number is >= 1, mostly short (12, 3, 1000, 14.79).
+    Returns (statement, the factor's text, the operator that applies it to the quantity: * or /)."""
+    if factor >= 1:
+        text = fmt(factor, FACTOR_DIGITS)
+        return f"1 {a} = {text} {b}", text, "*"
+    text = fmt(1 / factor, FACTOR_DIGITS)
+    return f"1 {b} = {text} {a}", text, "/"
+
+
 def target_text(reference: float, style: str, *, factor: float | None = None, q: int | None = None,
-                a: str = "", b: str = "") -> str:
+                a: str = "", b: str = "", calculator: bool = False) -> str:
+    """`7 in in ft: 1 ft = 12 in, so 7 / 12 = 0.583333 <answer>0.583333</answer>`; with `calculator` the
+    arithmetic is annotated for launcher.calculator: `7 / 12 = <<7/12=0.583333>>0.583333`."""
+    from launcher.calculator import annotate, calculate
+
     if style == "bare" or factor is None:
         return f"<answer>{fmt(reference, FACTOR_DIGITS)}</answer>"
-    factor_text = fmt(factor, FACTOR_DIGITS)
-    product = format((Decimal(factor_text) * q).normalize(), "f")
-    product = product.rstrip("0").rstrip(".") if "." in product else product
+    statement, factor_text, op = factor_statement(a, b, factor)
+    expression = f"{q}{op}{factor_text}"
+    result = calculate(expression).result
+    work = f"{q} {op} {factor_text} = {annotate(expression) if calculator else result}"
     # Restating quantity and both units first puts them right before the factor the model must recall.
-    return f"{q} {a} in {b}: 1 {a} = {factor_text} {b}, so {q} * {factor_text} = {product} <answer>{product}</answer>"
+    return f"{q} {a} in {b}: {statement}, so {work} <answer>{result}</answer>"
+
+
+# Training items that state one pair's factor on its own (every FACT_EVERY-th training item): recall practised
+# apart from the arithmetic, both unit orders in the question, the larger unit first in the answer.
+FACT_EVERY = 8
+FACT_PHRASINGS = (
+    "What is the conversion factor between {a} and {b}?",
+    "How do {a} and {b} relate?",
+)
 
 
 def _combos() -> list[tuple[str, int, int, int]]:
@@ -130,12 +156,20 @@ def _combos() -> list[tuple[str, int, int, int]]:
     return out
 
 
-def _example(dim: str, i: int, j: int, q: int, phrasing: str, style: str, group: str) -> Example:
+def _example(dim: str, i: int, j: int, q: int, phrasing: str, style: str, group: str, calculator: bool = False) -> Example:
     src, dst = UNITS[dim][i], UNITS[dim][j]
     factor = src[3] / dst[3]
     reference = q * factor
     question = phrasing.format(q=q, a=src[1] if q == 1 else src[2], A=src[0], b=dst[2], B=dst[0])
-    return Example(question, target_text(reference, style, factor=factor, q=q, a=src[0], b=dst[0]), reference, group)
+    return Example(question, target_text(reference, style, factor=factor, q=q, a=src[0], b=dst[0], calculator=calculator),
+                   reference, group)
+
+
+def _fact(dim: str, i: int, j: int, phrasing: str) -> Example:
+    src, dst = UNITS[dim][i], UNITS[dim][j]
+    statement, factor_text, _ = factor_statement(src[0], dst[0], src[3] / dst[3])
+    return Example(phrasing.format(a=src[2], b=dst[2]), f"{statement} <answer>{factor_text}</answer>",
+                   float(factor_text), "fact")
 
 
 def _round_robin(combos: list) -> list:
@@ -150,11 +184,13 @@ def _round_robin(combos: list) -> list:
     return out
 
 
-def generate(train_size: int, eval_size: int, seed: int, style: str = "reasoning") -> tuple[list[Example], list[Example]]:
+def generate(train_size: int, eval_size: int, seed: int, style: str = "reasoning",
+             calculator: bool = False) -> tuple[list[Example], list[Example]]:
     """Seeded train and held-out sets. They never share a (quantity, from-unit, to-unit) question.
 
     Held-out items use every phrasing; those with a phrasing never seen in training are marked
-    group="unseen_phrasing".
+    group="unseen_phrasing". With reasoning targets every FACT_EVERY-th training item states one unit pair's
+    factor on its own (pairs taken in turn). `calculator`: targets carry calculator annotations.
     """
     combos = _combos()
     rng = random.Random(seed)
@@ -169,9 +205,22 @@ def generate(train_size: int, eval_size: int, seed: int, style: str = "reasoning
             phrasing, group = rng.choice(HELDOUT_PHRASINGS), "unseen_phrasing"
         else:
             phrasing, group = rng.choice(TRAIN_PHRASINGS), "seen_phrasing"
-        evals.append(_example(*combo, phrasing, style, group))
-    # More training questions than distinct combos: repeat combos with other phrasings.
-    train = [_example(*rest[n % len(rest)], rng.choice(TRAIN_PHRASINGS), style, "train") for n in range(train_size)]
+        evals.append(_example(*combo, phrasing, style, group, calculator))
+    # Every FACT_EVERY-th item a factor on its own (reasoning targets), the rest conversions; more conversions
+    # than distinct combos: repeat combos with other phrasings.
+    facts = train_size // FACT_EVERY if style == "reasoning" else 0
+    conversions = [_example(*rest[n % len(rest)], rng.choice(TRAIN_PHRASINGS), style, "train", calculator)
+                   for n in range(train_size - facts)]
+    pairs = sorted({(dim, min(i, j), max(i, j)) for dim, i, j, _ in combos})
+    rng.shuffle(pairs)
+    train = []
+    for k in range(facts):
+        dim, i, j = pairs[k % len(pairs)]
+        if k % 2:  # both orders of naming the pair
+            i, j = j, i
+        train += conversions[k * (FACT_EVERY - 1):(k + 1) * (FACT_EVERY - 1)]
+        train.append(_fact(dim, i, j, FACT_PHRASINGS[(k // 2) % len(FACT_PHRASINGS)]))
+    train += conversions[facts * (FACT_EVERY - 1):]
     return train, evals
 
 
@@ -198,6 +247,51 @@ def is_correct(predicted: float | None, reference: float) -> bool:
     if r == 0:  # 5% of 0 is nothing: an answer that also rounds to 0 at 3 decimals is right
         return p == 0
     return abs(p - r) < 0.05 * abs(r)
+
+
+_ABBREVIATIONS = {u[0]: (dim, u[3]) for dim, units in UNITS.items() for u in units}
+_UNIT = "|".join(re.escape(a) for a in sorted(_ABBREVIATIONS, key=len, reverse=True))
+_PAIR = re.compile(rf"^\d+ ({_UNIT}) in ({_UNIT}):")
+_STATEMENT = re.compile(rf"1 ({_UNIT}) = ([0-9][0-9,]*(?:\.[0-9]+)?) ({_UNIT})(?![A-Za-z/])")
+# A stated factor within this of the true one is the right fact (targets round to 4 significant digits: 0.05%).
+FACTOR_TOLERANCE = 0.005
+ERROR_KINDS = ("correct", "no_answer", "wrong_factor", "wrong_product", "wrong")
+
+
+def error_kind(example: Example, generated: str, correct: bool, parsed: float | None) -> str:
+    """Why an answer is wrong. wrong_factor: the first `1 U = N V` in the reply is missing, names other units, or
+    states a factor more than FACTOR_TOLERANCE off; wrong_product: the factor is right and the answer is not;
+    wrong: a wrong answer to a question whose units are unknown (a data file's bare targets)."""
+    if correct:
+        return "correct"
+    if parsed is None:
+        return "no_answer"
+    pair = _PAIR.match(example.target)
+    if pair is None:
+        return "wrong"
+    a, b = pair.groups()
+    true = _ABBREVIATIONS[a][1] / _ABBREVIATIONS[b][1]
+    stated = _STATEMENT.search(generated)
+    if stated is None:
+        return "wrong_factor"
+    u, number, v = stated.groups()
+    try:
+        n = float(number.replace(",", ""))
+    except ValueError:
+        return "wrong_factor"
+    implied = n if (u, v) == (a, b) else 1 / n if (u, v) == (b, a) and n else None
+    if implied is None or abs(implied - true) > FACTOR_TOLERANCE * true:
+        return "wrong_factor"
+    return "wrong_product"
+
+
+def error_kinds(examples: list[Example], records: list[dict]) -> dict:
+    """Each record's `error_kind` (error_kind), and their counts for eval.json."""
+    counts = dict.fromkeys(ERROR_KINDS, 0)
+    for ex, r in zip(examples, records):
+        r["error_kind"] = error_kind(ex, r["generated"], r["correct"], r["parsed"])
+        counts[r["error_kind"]] += 1
+    return counts
 
 
 def reference_from_answer(answer: object) -> float:
@@ -258,7 +352,7 @@ def load_file(path) -> list[Example]:
 def examples(recipe, data_path: str | None = None) -> tuple[list[Example], list[Example]]:
     """Generated questions, or the recipe's data files where given."""
     d, e = recipe.data, recipe.eval
-    train, evals = generate(d.train_size, e.size, recipe.train.seed, d.target_style)
+    train, evals = generate(d.train_size, e.size, recipe.train.seed, d.target_style, d.calculator_annotations)
     if data_path or d.path:
         train = load_file(data_path or d.path)
     if e.path:
@@ -269,4 +363,5 @@ def examples(recipe, data_path: str | None = None) -> tuple[list[Example], list[
 def eval_examples(recipe, data_path: str | None = None) -> list[Example]:
     """The held-out items alone (generated with the training set, which costs nothing; or eval.path)."""
     d, e = recipe.data, recipe.eval
-    return load_file(e.path) if e.path else generate(d.train_size, e.size, recipe.train.seed, d.target_style)[1]
+    return load_file(e.path) if e.path else generate(d.train_size, e.size, recipe.train.seed, d.target_style,
+                                                     d.calculator_annotations)[1]

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from launcher.errors import ConfigError
@@ -82,3 +84,19 @@ def test_cli_reports_config_errors_with_exit_2_and_no_traceback():
     assert result.returncode == 2
     assert "2 problems" in result.stderr and "train.lr" in result.stderr and "hardware.precision" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.calculator_annotations=true", "data.target_style=bare"], "data.target_style=bare writes no arithmetic"),
+    (["data.task=chat", "data.path=x.jsonl", "data.calculator_annotations=true"], "write the <<EXPR=RESULT>> annotations"),
+    (["data.task=chat", "data.path=x.jsonl", "eval.calculator=true"], "chat without eval.metrics generates nothing"),
+])
+def test_calculator_settings_that_would_do_nothing_are_refused_with_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_recipe(RECIPE, overrides)
+
+
+def test_calculator_settings_are_read():
+    r = load_recipe(RECIPE, ["data.calculator_annotations=true", "eval.calculator=true"])
+    assert r.data.calculator_annotations and r.eval.calculator
+    assert not load_recipe(RECIPE, ["eval.calculator=false"]).eval.calculator

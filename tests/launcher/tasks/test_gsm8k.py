@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,16 @@ def test_evaluation_items_load_without_the_training_split(tmp_path, monkeypatch)
     monkeypatch.setattr(gsm8k, "_load_split", lambda path, split, *a: loaded.append(split) or real(path, split, *a))
     assert gsm8k.eval_examples(recipe) == expected  # what sftlaunch eval and export read
     assert loaded == ["test"]
+
+
+def test_calculator_annotations_stay_in_targets_as_the_calculator_writes_them():
+    recipe = load_recipe(ROOT / "recipes" / "gsm8k.yaml", [f"data.path={gsm8k.BUNDLED}", "data.calculator_annotations=true"])
+    train, test = gsm8k.examples(recipe, str(gsm8k.BUNDLED))
+    plain, _ = gsm8k.examples(load_recipe(ROOT / "recipes" / "gsm8k.yaml", [f"data.path={gsm8k.BUNDLED}"]), str(gsm8k.BUNDLED))
+    assert sum("<<" in ex.target for ex in train) == 7378 and not any("<<" in ex.target for ex in plain)
+    assert [ex.reference for ex in train] == [ex.reference for ex in plain]
+    # Without the annotations the targets are today's; results are normalised: `<<8*18=144.00>>` -> `<<8*18=144>>`.
+    assert [gsm8k.clean_solution(ex.target) for ex in train] == [ex.target for ex in plain]
+    assert not any(re.search(r"<<[^>]*=[^>]*\.\d*0>>|<<[^>]*=\.", ex.target) for ex in train)
+    assert "<<48/2=24>>24" in train[0].target
+    assert sum("<<" in ex.target for ex in test) == 1304 and gsm8k.parse_answer(test[0].target) == test[0].reference
