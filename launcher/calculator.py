@@ -221,9 +221,9 @@ class CalculatorProcessor:
     forced: dict[int, list[int]] = field(default_factory=dict)
 
     def __post_init__(self):
-        vocab = self.tokenizer.get_vocab()
-        # Token ids whose text holds '<': a row without one since its last `>>` has no open annotation to finish.
-        self._lt = {i for i in vocab.values() if "<" in self.tokenizer.decode([i])}
+        # Token ids whose text holds '<': a row without one has no open annotation to finish. Read from the
+        # vocabulary's token strings ('<' is itself in byte-level BPE and SentencePiece vocabularies alike).
+        self._lt = {i for token, i in self.tokenizer.get_vocab().items() if "<" in token}
         self._eos = self.tokenizer.eos_token_id
         self._first_token = lru_cache(maxsize=4096)(
             lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"][0])

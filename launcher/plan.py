@@ -373,7 +373,9 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
     per_rank = effective // world_size
 
     if recipe.data.max_length == "auto":
-        length, why = get_task(recipe.data.task).DEFAULT_MAX_LENGTH
+        task = get_task(recipe.data.task)
+        length, why = (getattr(task, "ANNOTATED_MAX_LENGTH", task.DEFAULT_MAX_LENGTH) if recipe.data.calculator_annotations
+                       else task.DEFAULT_MAX_LENGTH)
         max_length = decide("max_length", length, f"default for {recipe.data.task}: {why}")
     else:
         max_length = decide("max_length", recipe.data.max_length, "requested by the recipe (data.max_length)")

@@ -3,7 +3,7 @@
 A task is a module with `examples(recipe, data_path) -> (train, evals)`, `eval_examples(recipe, data_path)`
 (the evaluation items alone), `parse_answer(text) -> float | None`,
 `is_correct(predicted, reference) -> bool`, `load_file(path) -> list[Example]` (for `eval --data`),
-and `DEFAULT_MAX_LENGTH` with its reason.
+and `DEFAULT_MAX_LENGTH` with its reason (`ANNOTATED_MAX_LENGTH` where calculator annotations make targets longer).
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ HUB_DATASET = ("openai/gsm8k", "main")  # the Hub dataset the bundled copy is a 
 # The longest of the 7,473 training samples (prompt + solution + EOS) is 466 tokens with the SmolLM2
 # tokenizer (median 146); 512 keeps every answer whole.
 DEFAULT_MAX_LENGTH = (512, "the longest GSM8K training sample is 466 tokens with the SmolLM2 tokenizer (median 146)")
+# With data.calculator_annotations the solutions keep `<<48/2=24>>`: 543 tokens at most (median 178).
+ANNOTATED_MAX_LENGTH = (576, "the longest GSM8K training sample with calculator annotations is 543 tokens with the "
+                             "SmolLM2 tokenizer (median 178)")
 
 _CALC = re.compile(r"<<[^>]*>>")
 # A number: optional minus (not after a digit, so "10-4" is 10 and 4), optional $, thousands groups.

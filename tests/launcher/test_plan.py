@@ -278,3 +278,15 @@ def test_eight_gpu_processes_loading_fp32_weights_must_fit_host_ram():
     plan = plan_for(box, "model.name=Qwen/Qwen2.5-7B-Instruct", "train.effective_batch_size=64", "hardware.zero_stage=3",
                     shape=shape)
     assert plan.decision("host_memory_gib").value == pytest.approx(28.37, abs=0.01)
+
+
+def test_calculator_annotations_lengthen_the_default_max_length_so_no_gsm8k_solution_is_cut():
+    from launcher import tasks  # noqa: F401
+
+    plain = make_plan(load_recipe(GSM8K_RECIPE, ["data.calculator_annotations=false"]), CPU_OLD, SMOL)
+    annotated = make_plan(load_recipe(GSM8K_RECIPE, ["data.calculator_annotations=true"]), CPU_OLD, SMOL)
+    assert plain.max_length == 512 and annotated.max_length == 576
+    assert "543 tokens" in annotated.decision("max_length").reason
+    # A length the recipe sets is kept.
+    assert make_plan(load_recipe(GSM8K_RECIPE, ["data.calculator_annotations=true", "data.max_length=600"]),
+                     CPU_OLD, SMOL).max_length == 600
