@@ -143,3 +143,19 @@ def test_calculator_annotations_stay_in_targets_as_the_calculator_writes_them():
     assert not any(re.search(r"<<[^>]*=[^>]*\.\d*0>>|<<[^>]*=\.", ex.target) for ex in train)
     assert "<<48/2=24>>24" in train[0].target
     assert sum("<<" in ex.target for ex in test) == 1301 and gsm8k.parse_answer(test[0].target) == test[0].reference
+
+
+def test_error_kinds_tell_wrong_arithmetic_from_wrong_expressions():
+    cases = {"48/2 = <<48/2=24>>24 clips, 24+10 = <<24+10=34>>34 #### 34": "correct",
+             "48/2 = <<48/2=25>>25 clips #### 25": "wrong_arithmetic",  # the model's own result
+             "48/2 = <<48/2=24>>24 clips #### 24": "wrong_expressions",  # right arithmetic, wrong question answered
+             "<<2*x=6>>6 #### 6": "wrong_expressions",  # nothing to compute: not an arithmetic error
+             "48/2 = 25 #### 25": "wrong_unannotated", "I do not know": "no_answer"}
+    records = [{"generated": t, "parsed": gsm8k.parse_answer(t), "correct": gsm8k.is_correct(gsm8k.parse_answer(t), 34)}
+               for t in cases]
+    counts = gsm8k.error_kinds([], records)
+    assert [r["error_kind"] for r in records] == list(cases.values())
+    assert counts == {"correct": 1, "no_answer": 1, "wrong_arithmetic": 1, "wrong_expressions": 2, "wrong_unannotated": 1}
+    # The reference solutions' 23,716 annotations hold no arithmetic error.
+    rows = [json.loads(line) for line in (gsm8k.BUNDLED / "train.jsonl").read_text().splitlines()]
+    assert {gsm8k.error_kind(r["answer"], False, 1.0) for r in rows} == {"wrong_expressions", "wrong_unannotated"}
