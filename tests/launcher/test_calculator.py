@@ -101,7 +101,7 @@ def test_forcing_in_a_batch_gives_each_row_the_tokens_it_gets_alone(tiny_calcula
 
     model, tok = _calculator_model(tiny_calculator_model)
     prompts = [f"Question: {e.question}\nAnswer:" for e in questions(40, 48, seed=5)[1]]
-    kw = dict(max_new_tokens=48, device="cpu", calculator=True)
+    kw = dict(max_new_tokens=48, device="cpu", calculator=True, stop_on_repetition=True)
     monkeypatch.setattr(ev, "DROP_FINISHED_EVERY", 4)  # rows leave batches while others are mid-annotation
     batched = ev.generations(model, tok, prompts, batch_size=8, **kw)
     used = [g for g in batched if g.calculator_calls]
