@@ -25,9 +25,11 @@ MAX_MAGNITUDE = 10 ** 15     # any intermediate or final value beyond this: decl
 MAX_DENOMINATOR = 10 ** 18   # exact fractions with longer denominators: declined
 MAX_EXPONENT = 12            # `a ** b` with an integer 0 <= b <= 12 only
 MAX_NESTING = 16             # parentheses and unary signs in a row
-# Results are exact up to this many decimals, then rounded half-even; trailing zeros are dropped, an integer has
-# no decimal point (GSM8K writes `<<48/2=24>>`, never 24.0).
+# A result that ends within RESULT_DECIMALS decimals is written exactly; any other (10/3) is rounded half-even to
+# RESULT_DIGITS significant digits. Trailing zeros are dropped, an integer has no decimal point (GSM8K writes
+# `<<48/2=24>>`, never 24.0).
 RESULT_DECIMALS = 6
+RESULT_DIGITS = 6
 # Marks around the text the calculator wrote, in predictions.jsonl's `calculator.marked` (never in `generated`).
 MARK_OPEN, MARK_CLOSE = "\u27e6", "\u27e7"
 
@@ -164,15 +166,20 @@ def _evaluate(expression: str) -> Fraction:
 
 
 def format_result(value: Fraction) -> str:
-    """As GSM8K's annotations write results: `24`, `0.5`, `-7`, `2.1336`; repeating decimals rounded."""
+    """As GSM8K's annotations write results: `24`, `0.5`, `-7`, `2.1336`; repeating decimals rounded (`3.33333`)."""
     if value.denominator == 1:
         return str(value.numerator)
     with localcontext() as ctx:
         ctx.prec = 60
         exact = Decimal(value.numerator) / Decimal(value.denominator)
-        rounded = exact.quantize(Decimal(1).scaleb(-RESULT_DECIMALS), rounding=ROUND_HALF_EVEN)
-    if rounded == 0:
-        raise Declined(f"rounds to 0 at {RESULT_DECIMALS} decimals")
+        if Fraction(exact.quantize(Decimal(1).scaleb(-RESULT_DECIMALS))) == value:
+            rounded = exact.quantize(Decimal(1).scaleb(-RESULT_DECIMALS))
+        else:
+            places = RESULT_DIGITS - 1 - exact.copy_abs().adjusted()
+            if places > 2 * RESULT_DECIMALS:
+                raise Declined(f"a value too close to 0 ({RESULT_DIGITS} significant digits need more than "
+                               f"{2 * RESULT_DECIMALS} decimals)")
+            rounded = exact.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_EVEN)
     text = format(rounded, "f")
     return text.rstrip("0").rstrip(".") if "." in text else text
 

@@ -104,40 +104,62 @@ def fmt(x: float, sig: int = 6) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
-# Targets write factors with 4 significant digits: within 0.05% of exact, far inside the judge's 5%
-# tolerance, and short enough for a small model to recall. The result is the calculator's for that factor.
+# Targets write factors with 4 significant digits: within 0.05% of exact (0.1% for two), far inside the judge's
+# 5% tolerance, and short enough for a small model to recall. The result is the calculator's for those factors.
 FACTOR_DIGITS = 4
+# Every unit is known by one fact, its size against its dimension's reference unit (`1 qt = 946.4 mL`); a
+# conversion recalls at most two such facts (`1 qt = 946.4 mL and 1 tsp = 4.929 mL`). A model trained on one
+# factor per unit pair (113 pairs) recalled a wrong one in 34 of 150 held-out questions, often a pair's
+# neighbour (`1 gal = 8 pt` for gallons to teaspoons); 34 unit facts are each seen several times as often.
+REFERENCE = {"time": "h", "length": "m", "mass": "g", "volume": "mL", "speed": "km/h", "data": "MB"}
+SIZES = {u[0]: (dim, u[3]) for dim, units in UNITS.items() for u in units}
 
 
-def factor_statement(a: str, b: str, factor: float) -> tuple[str, str, str]:
-    """The one fact a conversion between units a and b needs, always from the larger unit: `1 ft = 12 in`, never
-    `1 in = 0.08333 ft`. Both directions of a pair recall the same statement (a model trained on both forms
-    recalled inverse factors, `1 tbsp = 0.0676 mL`), and its number is >= 1, mostly short (12, 3, 1000, 14.79).
-    Returns (statement, the factor's text, the operator that applies it to the quantity: * or /)."""
-    if factor >= 1:
-        text = fmt(factor, FACTOR_DIGITS)
-        return f"1 {a} = {text} {b}", text, "*"
-    text = fmt(1 / factor, FACTOR_DIGITS)
-    return f"1 {b} = {text} {a}", text, "/"
+def unit_fact(unit: str) -> tuple[str, str, bool]:
+    """The fact about a unit, stated from the larger of it and its reference unit so its number is >= 1:
+    `1 qt = 946.4 mL`, `1 m = 39.37 in`. Returns (statement, the number's text, whether the unit is the larger)."""
+    dim, size = SIZES[unit]
+    ref = REFERENCE[dim]
+    ratio = size / SIZES[ref][1]
+    if ratio >= 1:
+        return f"1 {unit} = {fmt(ratio, FACTOR_DIGITS)} {ref}", fmt(ratio, FACTOR_DIGITS), True
+    return f"1 {ref} = {fmt(1 / ratio, FACTOR_DIGITS)} {unit}", fmt(1 / ratio, FACTOR_DIGITS), False
 
 
-def target_text(reference: float, style: str, *, factor: float | None = None, q: int | None = None,
-                a: str = "", b: str = "", calculator: bool = False) -> str:
-    """`7 in in ft: 1 ft = 12 in, so 7 / 12 = 0.583333 <answer>0.583333</answer>`; with `calculator` the
-    arithmetic is annotated for launcher.calculator: `7 / 12 = <<7/12=0.583333>>0.583333`."""
+def conversion_steps(a: str, b: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """The facts a conversion from a to b recalls, and the (operator, number) steps that apply them to the
+    quantity: to the reference unit, then from it (one step when a or b is the reference)."""
+    ref = REFERENCE[SIZES[a][0]]
+    statements, steps = [], []
+    if a != ref:
+        statement, number, larger = unit_fact(a)
+        statements.append(statement)
+        steps.append(("*" if larger else "/", number))
+    if b != ref:
+        statement, number, larger = unit_fact(b)
+        statements.append(statement)
+        steps.append(("/" if larger else "*", number))
+    return statements, steps
+
+
+def target_text(reference: float, style: str, *, q: int | None = None, a: str = "", b: str = "",
+                calculator: bool = False) -> str:
+    """`7 qt in tsp: 1 qt = 946.4 mL and 1 tsp = 4.929 mL, so 7 * 946.4 / 4.929 = 1344.05 <answer>1344.05</answer>`;
+    with `calculator` the arithmetic is annotated for launcher.calculator: `= <<7*946.4/4.929=1344.05>>1344.05`."""
     from launcher.calculator import annotate, calculate
 
-    if style == "bare" or factor is None:
+    if style == "bare" or not a:
         return f"<answer>{fmt(reference, FACTOR_DIGITS)}</answer>"
-    statement, factor_text, op = factor_statement(a, b, factor)
-    expression = f"{q}{op}{factor_text}"
+    statements, steps = conversion_steps(a, b)
+    expression = f"{q}" + "".join(op + number for op, number in steps)
     result = calculate(expression).result
-    work = f"{q} {op} {factor_text} = {annotate(expression) if calculator else result}"
-    # Restating quantity and both units first puts them right before the factor the model must recall.
-    return f"{q} {a} in {b}: {statement}, so {work} <answer>{result}</answer>"
+    shown = f"{q} " + " ".join(f"{op} {number}" for op, number in steps)
+    work = f"{shown} = {annotate(expression) if calculator else result}"
+    # Restating quantity and both units first puts them right before the facts the model must recall.
+    return f"{q} {a} in {b}: {' and '.join(statements)}, so {work} <answer>{result}</answer>"
 
 
-# Training items that state one pair's factor on its own (every FACT_EVERY-th training item): recall practised
+# Training items that state one unit's fact on its own (every FACT_EVERY-th training item): recall practised
 # apart from the arithmetic, both unit orders in the question, the larger unit first in the answer.
 FACT_EVERY = 8
 FACT_PHRASINGS = (
@@ -161,15 +183,14 @@ def _example(dim: str, i: int, j: int, q: int, phrasing: str, style: str, group:
     factor = src[3] / dst[3]
     reference = q * factor
     question = phrasing.format(q=q, a=src[1] if q == 1 else src[2], A=src[0], b=dst[2], B=dst[0])
-    return Example(question, target_text(reference, style, factor=factor, q=q, a=src[0], b=dst[0], calculator=calculator),
+    return Example(question, target_text(reference, style, q=q, a=src[0], b=dst[0], calculator=calculator),
                    reference, group)
 
 
-def _fact(dim: str, i: int, j: int, phrasing: str) -> Example:
-    src, dst = UNITS[dim][i], UNITS[dim][j]
-    statement, factor_text, _ = factor_statement(src[0], dst[0], src[3] / dst[3])
-    return Example(phrasing.format(a=src[2], b=dst[2]), f"{statement} <answer>{factor_text}</answer>",
-                   float(factor_text), "fact")
+def _fact(unit: tuple[str, str, str, float], ref: tuple[str, str, str, float], swap: bool, phrasing: str) -> Example:
+    statement, number, _ = unit_fact(unit[0])
+    a, b = (ref, unit) if swap else (unit, ref)
+    return Example(phrasing.format(a=a[2], b=b[2]), f"{statement} <answer>{number}</answer>", float(number), "fact")
 
 
 def _round_robin(combos: list) -> list:
@@ -189,8 +210,8 @@ def generate(train_size: int, eval_size: int, seed: int, style: str = "reasoning
     """Seeded train and held-out sets. They never share a (quantity, from-unit, to-unit) question.
 
     Held-out items use every phrasing; those with a phrasing never seen in training are marked
-    group="unseen_phrasing". With reasoning targets every FACT_EVERY-th training item states one unit pair's
-    factor on its own (pairs taken in turn). `calculator`: targets carry calculator annotations.
+    group="unseen_phrasing". With reasoning targets every FACT_EVERY-th training item states one unit's fact
+    on its own (units taken in turn). `calculator`: targets carry calculator annotations.
     """
     combos = _combos()
     rng = random.Random(seed)
@@ -206,20 +227,20 @@ def generate(train_size: int, eval_size: int, seed: int, style: str = "reasoning
         else:
             phrasing, group = rng.choice(TRAIN_PHRASINGS), "seen_phrasing"
         evals.append(_example(*combo, phrasing, style, group, calculator))
-    # Every FACT_EVERY-th item a factor on its own (reasoning targets), the rest conversions; more conversions
+    # Every FACT_EVERY-th item a unit's fact on its own (reasoning targets), the rest conversions; more conversions
     # than distinct combos: repeat combos with other phrasings.
     facts = train_size // FACT_EVERY if style == "reasoning" else 0
     conversions = [_example(*rest[n % len(rest)], rng.choice(TRAIN_PHRASINGS), style, "train", calculator)
                    for n in range(train_size - facts)]
-    pairs = sorted({(dim, min(i, j), max(i, j)) for dim, i, j, _ in combos})
-    rng.shuffle(pairs)
+    units = [(u, next(r for r in UNITS[dim] if r[0] == REFERENCE[dim])) for dim in UNITS for u in UNITS[dim]
+             if u[0] != REFERENCE[dim]]
+    rng.shuffle(units)
     train = []
     for k in range(facts):
-        dim, i, j = pairs[k % len(pairs)]
-        if k % 2:  # both orders of naming the pair
-            i, j = j, i
+        unit, ref = units[k % len(units)]
         train += conversions[k * (FACT_EVERY - 1):(k + 1) * (FACT_EVERY - 1)]
-        train.append(_fact(dim, i, j, FACT_PHRASINGS[(k // 2) % len(FACT_PHRASINGS)]))
+        # Both orders of naming the pair, taking turns as the list comes round again.
+        train.append(_fact(unit, ref, (k // len(units)) % 2 == 1, FACT_PHRASINGS[k % len(FACT_PHRASINGS)]))
     train += conversions[facts * (FACT_EVERY - 1):]
     return train, evals
 
@@ -249,18 +270,18 @@ def is_correct(predicted: float | None, reference: float) -> bool:
     return abs(p - r) < 0.05 * abs(r)
 
 
-_ABBREVIATIONS = {u[0]: (dim, u[3]) for dim, units in UNITS.items() for u in units}
-_UNIT = "|".join(re.escape(a) for a in sorted(_ABBREVIATIONS, key=len, reverse=True))
+_UNIT = "|".join(re.escape(a) for a in sorted(SIZES, key=len, reverse=True))
 _PAIR = re.compile(rf"^\d+ ({_UNIT}) in ({_UNIT}):")
 _STATEMENT = re.compile(rf"1 ({_UNIT}) = ([0-9][0-9,]*(?:\.[0-9]+)?) ({_UNIT})(?![A-Za-z/])")
-# A stated factor within this of the true one is the right fact (targets round to 4 significant digits: 0.05%).
+# A stated factor within this of the true one is a right fact (targets round to 4 significant digits: 0.05%).
 FACTOR_TOLERANCE = 0.005
 ERROR_KINDS = ("correct", "no_answer", "wrong_factor", "wrong_product", "wrong")
 
 
 def error_kind(example: Example, generated: str, correct: bool, parsed: float | None) -> str:
-    """Why an answer is wrong. wrong_factor: the first `1 U = N V` in the reply is missing, names other units, or
-    states a factor more than FACTOR_TOLERANCE off; wrong_product: the factor is right and the answer is not;
+    """Why an answer is wrong. wrong_factor: a `1 U = N V` stated before the arithmetic is false (more than
+    FACTOR_TOLERANCE off, or units of two dimensions), none is stated, or the statements leave out the question's
+    from-unit or to-unit (a neighbour's fact); wrong_product: the facts are right and the answer is not;
     wrong: a wrong answer to a question whose units are unknown (a data file's bare targets)."""
     if correct:
         return "correct"
@@ -270,17 +291,21 @@ def error_kind(example: Example, generated: str, correct: bool, parsed: float | 
     if pair is None:
         return "wrong"
     a, b = pair.groups()
-    true = _ABBREVIATIONS[a][1] / _ABBREVIATIONS[b][1]
-    stated = _STATEMENT.search(generated)
-    if stated is None:
+    facts = _STATEMENT.findall(generated.split(", so ", 1)[0])
+    if not facts:
         return "wrong_factor"
-    u, number, v = stated.groups()
-    try:
-        n = float(number.replace(",", ""))
-    except ValueError:
-        return "wrong_factor"
-    implied = n if (u, v) == (a, b) else 1 / n if (u, v) == (b, a) and n else None
-    if implied is None or abs(implied - true) > FACTOR_TOLERANCE * true:
+    for u, number, v in facts:
+        if SIZES[u][0] != SIZES[v][0]:
+            return "wrong_factor"
+        try:
+            n = float(number.replace(",", ""))
+        except ValueError:
+            return "wrong_factor"
+        true = SIZES[u][1] / SIZES[v][1]
+        if abs(n - true) > FACTOR_TOLERANCE * true:
+            return "wrong_factor"
+    named = {u for u, _, v in facts} | {v for u, _, v in facts}
+    if a not in named or b not in named:
         return "wrong_factor"
     return "wrong_product"
 
@@ -310,7 +335,7 @@ def reference_from_answer(answer: object) -> float:
     return value
 
 
-DEFAULT_MAX_LENGTH = (128, "generated questions and reasoning targets stay under 100 tokens (95 with calculator annotations)")
+DEFAULT_MAX_LENGTH = (128, "a generated question with its reasoning target and calculator annotations is at most 119 tokens")
 
 
 def load_file(path) -> list[Example]:

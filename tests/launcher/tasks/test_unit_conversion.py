@@ -39,42 +39,48 @@ def test_every_unit_pair_is_trained_about_equally_often():
     conversions = [e for e in train if e.group == "train"]
     per_pair = Counter(" ".join(e.target.split(":")[0].split()[1:]) for e in conversions)  # "ft in m"
     assert len(conversions) == 875 and max(per_pair.values()) - min(per_pair.values()) <= 1
-    # Every eighth item states one pair's factor on its own; the 125 of them cover all 113 pairs.
-    facts = Counter(e.target.split(" <answer>")[0] for e in train if e.group == "fact")  # "1 ft = 12 in"
-    assert sum(facts.values()) == 125 and len(facts) == 113 and set(facts.values()) == {1, 2}
+    # Every eighth item states one unit's fact on its own; the 125 of them cover all 34 units (not references).
+    facts = Counter(e.target.split(" <answer>")[0] for e in train if e.group == "fact")  # "1 qt = 946.4 mL"
+    assert sum(facts.values()) == 125 and len(facts) == 34 and set(facts.values()) == {3, 4}
     assert [e.group for e in train[:16]] == ["train"] * 7 + ["fact"] + ["train"] * 7 + ["fact"]
 
 
-def test_factors_are_stated_from_the_larger_unit_so_both_directions_recall_one_fact():
+def test_each_unit_is_recalled_by_one_fact_against_its_dimension_reference():
     train, evals = uc.generate(1000, 150, seed=0)
-    inch_to_ft = uc._example("length", 4, 5, 7, "Convert {q} {a} to {b}.", "reasoning", "x")
-    ft_to_inch = uc._example("length", 5, 4, 7, "Convert {q} {a} to {b}.", "reasoning", "x")
-    assert inch_to_ft.target == "7 in in ft: 1 ft = 12 in, so 7 / 12 = 0.583333 <answer>0.583333</answer>"
-    assert ft_to_inch.target == "7 ft in in: 1 ft = 12 in, so 7 * 12 = 84 <answer>84</answer>"
-    annotated = uc._example("length", 4, 5, 7, "Convert {q} {a} to {b}.", "reasoning", "x", calculator=True)
-    assert annotated.target == "7 in in ft: 1 ft = 12 in, so 7 / 12 = <<7/12=0.583333>>0.583333 <answer>0.583333</answer>"
+    qt_to_tsp = uc._example("volume", 7, 2, 7, "Convert {q} {a} to {b}.", "reasoning", "x")
+    assert qt_to_tsp.target == ("7 qt in tsp: 1 qt = 946.4 mL and 1 tsp = 4.929 mL, so 7 * 946.4 / 4.929 = 1344.05 "
+                                "<answer>1344.05</answer>")
+    in_to_ft = uc._example("length", 4, 5, 7, "Convert {q} {a} to {b}.", "reasoning", "x")
+    assert in_to_ft.target == "7 in in ft: 1 m = 39.37 in and 1 m = 3.281 ft, so 7 / 39.37 * 3.281 = 0.583363 <answer>0.583363</answer>"
+    to_reference = uc._example("volume", 7, 0, 7, "Convert {q} {a} to {b}.", "reasoning", "x", calculator=True)
+    assert to_reference.target == "7 qt in mL: 1 qt = 946.4 mL, so 7 * 946.4 = <<7*946.4=6624.8>>6624.8 <answer>6624.8</answer>"
+    facts = set()
     for ex in train + evals:
         if ex.group != "fact":
-            stated = float(ex.target.split(" = ")[1].split()[0])
-            assert stated >= 1 and uc.is_correct(uc.parse_answer(ex.target), ex.reference), ex.target
+            assert uc.is_correct(uc.parse_answer(ex.target), ex.reference), ex.target
+            statements = ex.target.split(": ", 1)[1].split(", so ")[0].split(" and ")
+            assert 1 <= len(statements) <= 2 and all(float(x.split(" = ")[1].split()[0]) >= 1 for x in statements)
+            facts.update(statements)
+    assert len(facts) == 34  # one per unit, whichever the direction of the question
 
 
 def test_error_kinds_tell_a_wrong_factor_from_a_wrong_product():
     ex = uc._example("volume", 2, 3, 7, "Convert {q} {a} to {b}.", "reasoning", "x")  # 7 tsp in tbsp
-    assert ex.target.startswith("7 tsp in tbsp: 1 tbsp = 3 tsp, so 7 / 3 = 2.333333")
-    kinds = {"7 tsp in tbsp: 1 tbsp = 3 tsp, so 7 / 3 = 2.333333 <answer>2.333333</answer>": "correct",
-             "7 tsp in tbsp: 1 tbsp = 3 tsp, so 7 / 3 = 2.1 <answer>2.1</answer>": "wrong_product",
-             "7 tsp in tbsp: 1 tsp = 0.3333 tbsp, so 7 * 0.3333 = 3.1 <answer>3.1</answer>": "wrong_product",
-             "7 tsp in tbsp: 1 tbsp = 4 tsp, so 7 / 4 = 1.75 <answer>1.75</answer>": "wrong_factor",
+    assert ex.target.startswith("7 tsp in tbsp: 1 tsp = 4.929 mL and 1 tbsp = 14.79 mL, so 7 * 4.929 / 14.79 = 2.33286")
+    kinds = {"7 tsp in tbsp: 1 tsp = 4.929 mL and 1 tbsp = 14.79 mL, so 7 * 4.929 / 14.79 = 2.33286 <answer>2.33286</answer>": "correct",
+             "7 tsp in tbsp: 1 tsp = 4.929 mL and 1 tbsp = 14.79 mL, so 7 * 4.929 / 14.79 = 2.1 <answer>2.1</answer>": "wrong_product",
+             "7 tsp in tbsp: 1 tbsp = 3 tsp, so 7 * 3 = 3.1 <answer>3.1</answer>": "wrong_product",  # a true fact, badly used
+             "7 tsp in tbsp: 1 tsp = 4.929 mL and 1 tbsp = 17.79 mL, so 7 * 4.929 / 17.79 = 1.94 <answer>1.94</answer>": "wrong_factor",
              "7 tsp in tbsp: 1 tsp = 3 tbsp, so 7 * 3 = 21 <answer>21</answer>": "wrong_factor",  # the inverse
-             "7 tsp in tbsp: 1 qt = 4 cup, so <answer>28</answer>": "wrong_factor",  # a neighbour's
-             "so <answer>28</answer>": "wrong_factor",  # no factor stated
+             "7 tsp in tbsp: 1 qt = 946.4 mL, so <answer>28</answer>": "wrong_factor",  # a true fact of other units
+             "7 tsp in tbsp: 1 tsp = 4.929 m, so <answer>28</answer>": "wrong_factor",  # units of two dimensions
+             "so <answer>28</answer>": "wrong_factor",  # no fact stated
              "7 tsp in tbsp: 1 tbsp = 3 tsp, so 7 / 3 = ": "no_answer"}
     records = [{"generated": g, "parsed": uc.parse_answer(g), "correct": uc.is_correct(uc.parse_answer(g), ex.reference)}
                for g in kinds]
     counts = uc.error_kinds([ex] * len(records), records)
     assert [r["error_kind"] for r in records] == list(kinds.values())
-    assert counts == {"correct": 1, "no_answer": 1, "wrong_factor": 4, "wrong_product": 2, "wrong": 0}
+    assert counts == {"correct": 1, "no_answer": 1, "wrong_factor": 5, "wrong_product": 2, "wrong": 0}
 
 
 def test_all_dimensions_are_covered():
@@ -98,14 +104,14 @@ def test_conversion_factors(question_units, factor):
 
 
 def test_reasoning_target_states_factor_product_and_tag():
-    text = uc.target_text(2.1336, "reasoning", factor=0.3048, q=7, a="ft", b="m")
-    # The factor from the larger unit (1 m = 3.281 ft), the quotient by the calculator's rules, then the tag.
-    assert text == "7 ft in m: 1 m = 3.281 ft, so 7 / 3.281 = 2.133496 <answer>2.133496</answer>"
+    text = uc.target_text(2.1336, "reasoning", q=7, a="ft", b="m")
+    # The foot's fact against the metre (stated from the larger unit), the quotient by the calculator's rules, the tag.
+    assert text == "7 ft in m: 1 m = 3.281 ft, so 7 / 3.281 = 2.1335 <answer>2.1335</answer>"
     assert uc.target_text(2.1336, "bare") == "<answer>2.134</answer>"
-    # 4 significant digits for the factor; the product is exact for the written factor.
-    assert uc.target_text(7 * 1.609344, "reasoning", factor=1.609344, q=7, a="mi", b="km") == \
-        "7 mi in km: 1 mi = 1.609 km, so 7 * 1.609 = 11.263 <answer>11.263</answer>"
-    assert uc.target_text(10 * 1000.0, "reasoning", factor=1000.0, q=10, a="KB", b="B").endswith("= 10000 <answer>10000</answer>")
+    # 4 significant digits for each fact; the product is exact for the written facts.
+    assert uc.target_text(7 * 1.609344, "reasoning", q=7, a="mi", b="km") == \
+        "7 mi in km: 1 mi = 1609 m and 1 km = 1000 m, so 7 * 1609 / 1000 = 11.263 <answer>11.263</answer>"
+    assert uc.target_text(10 * 1000.0, "reasoning", q=10, a="KB", b="B").endswith("= 10000 <answer>10000</answer>")
 
 
 @pytest.mark.parametrize("text, value", [
