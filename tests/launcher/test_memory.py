@@ -129,3 +129,18 @@ def test_full_fine_tuning_needs_sixteen_bytes_a_weight_and_zero_divides_them():
     z2 = _est(method="full", zero_stage=2, world_size=8)
     assert z2.lora_states == SMOL.params * (2 + 12) / 8
     assert _est(method="full", zero_stage=3, world_size=8, offload=True).lora_states == SMOL.params * 2 / 8
+
+
+def test_a_half_precision_base_counts_two_bytes_a_weight_and_no_autocast_copy():
+    assert _est(base_dtype="bf16").weights == SMOL.params * 2
+    assert _est(base_dtype="bf16", checkpointing=True).weights == SMOL.params * 2
+    assert _est(base_dtype="fp32").weights == SMOL.params * 6  # fp32 weights and autocast's bf16 copy
+
+
+def test_trained_positions_loss_holds_one_chunk_of_logits_whatever_the_batch():
+    from launcher.loss import chunk_positions
+
+    chunk = chunk_positions(SMOL.vocab)
+    assert _est(trained_logits=True).logits == chunk * 49152 * 12
+    assert _est(trained_logits=True, micro_batch=32).logits == _est(trained_logits=True).logits
+    assert _est(trained_logits=True, micro_batch=1, seq_len=64).logits == 64 * 49152 * 12  # fewer tokens than a chunk

@@ -82,3 +82,11 @@ def test_cli_reports_config_errors_with_exit_2_and_no_traceback():
     assert result.returncode == 2
     assert "2 problems" in result.stderr and "train.lr" in result.stderr and "hardware.precision" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_half_precision_base_with_full_fine_tuning_is_refused_naming_key_value_and_fix():
+    with pytest.raises(ConfigError) as exc:
+        load_recipe(RECIPE, ["model.method=full", "model.base_dtype=bf16"])
+    text = str(exc.value)
+    assert "model.base_dtype=bf16" in text and "model.method=full" in text and "model.base_dtype=auto" in text
+    assert load_recipe(RECIPE, ["model.method=full", "model.base_dtype=fp32"]).model.base_dtype == "fp32"
