@@ -133,7 +133,7 @@ def choose_precision(requested: str, backend: str, hw: HardwareInfo) -> tuple[st
             if has_bf16:
                 return "bf16", f"compute capability {cc[0]}.{cc[1]} >= 8.0 has native bf16: bf16 autocast, fp32 master weights"
             return "fp16", (f"compute capability {cc[0]}.{cc[1]} < 8.0 has no bf16: fp16 autocast with a loss scaler; "
-                            "weights stay fp32 under the optimizer (fp16 weights under Adam give grad_norm: nan)")
+                            "trained weights stay fp32 under the optimizer (fp16 weights under Adam give grad_norm: nan)")
         if requested == "bf16" and not has_bf16:
             raise PlanError(f"hardware.precision=bf16, but {hw.gpus[0].name} (compute capability {cc[0]}.{cc[1]}) has no bf16. "
                             "Fix: hardware.precision=fp16 (or auto).")
@@ -149,7 +149,7 @@ def choose_precision(requested: str, backend: str, hw: HardwareInfo) -> tuple[st
     if requested == "auto":
         if hw.cpu_bf16:
             return "bf16", ("CPU has native bf16 (avx512_bf16/AMX): bf16 autocast, measured 1.2x-2.4x faster than fp32 "
-                            "here with similar loss; weights stay fp32 under the optimizer")
+                            "here with similar loss; trained weights stay fp32 under the optimizer")
         return "fp32", "CPU has no native bf16 instructions: emulated bf16 would be slower than fp32"
     if requested == "bf16" and not hw.cpu_bf16:
         return "bf16", "requested by the recipe; this CPU has no native bf16, so it is emulated and may be slower than fp32"

@@ -314,6 +314,10 @@ def test_a_bf16_base_halves_the_weights_in_the_memory_estimate():
     assert "weights 0.25 " in bf16.decision("memory_estimate_gib").reason  # 134.5M x 2 bytes, no autocast copy
     assert "weights 0.75 " in fp32.decision("memory_estimate_gib").reason  # fp32 weights + autocast's bf16 copy
     assert bf16.memory_estimate_gib < fp32.memory_estimate_gib
+    # Evaluation: generation shares the bf16 base (only the LoRA weights are cast), instead of a copy beside fp32.
+    shared, copied = bf16.decision("eval_memory_gib"), fp32.decision("eval_memory_gib")
+    assert "shares the bf16 base" in shared.reason and "training weights 0.25 " in shared.reason
+    assert "evaluation weights 0.25" in copied.reason and shared.value < copied.value
 
 
 def test_loss_logits_at_trained_positions_where_the_model_and_backend_allow_it():
