@@ -117,7 +117,7 @@ def run_config(config: str, args, path: str, tokenizer, features, hardware) -> d
         "model": {"name": MODEL, "base_dtype": base_dtype, "lora": {"rank": 16, "alpha": 32}},
         "data": {"task": "gsm8k", "max_length": 512},
         "train": {"max_steps": warm + timed + profiled, "effective_batch_size": args.micro, "learning_rate": 1e-4,
-                  "warmup": 0, "logging_steps": 1000, "save_steps": 10_000, "seed": 0},
+                  "warmup": 0, "logging_steps": 1, "save_steps": 10_000, "seed": 0},
         "hardware": {"micro_batch_size": args.micro, "precision": args.precision}})
     plan = make_plan(recipe, hardware, *find_shape(MODEL))
     # The logits path is the planner's to choose; the benchmark sets it to compare both on one model.
@@ -136,6 +136,7 @@ def run_config(config: str, args, path: str, tokenizer, features, hardware) -> d
         return batch
 
     marks: dict[str, float] = {}
+    losses: list[float] = []
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
 
     class Clock(TrainerCallback):
@@ -146,6 +147,10 @@ def run_config(config: str, args, path: str, tokenizer, features, hardware) -> d
                 marks["timed_end"] = time.perf_counter()
                 prof.start()
                 marks["profiled"] = time.perf_counter()
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
 
         def on_step_end(self, a, state, control, **kw):
             if state.global_step == warm + timed + profiled:
@@ -164,7 +169,7 @@ def run_config(config: str, args, path: str, tokenizer, features, hardware) -> d
     return {"config": config, "base_dtype": plan.base_dtype, "precision": plan.precision,
             "tokens_per_s": timed_tokens / wall, "step_s": wall / timed, "tokens": timed_tokens,
             "breakdown": breakdown(prof, marks["profiled_end"] - marks["profiled"]),
-            "params": sum(p.numel() for p in model.parameters() if not p.requires_grad)}
+            "params": sum(p.numel() for p in model.parameters() if not p.requires_grad), "losses": losses}
 
 
 def main() -> int:
@@ -220,6 +225,9 @@ def main() -> int:
         total = sum(r["breakdown"].values())
         cells = "".join(f"{100 * s / total:>9.0f}% ({s / 2:4.2f})" for s in r["breakdown"].values())
         print(f"{r['config']:<14}{cells}")
+    print("\nloss per step (same samples, same seed):")
+    for r in results:
+        print(f"{r['config']:<14}" + " ".join(f"{x:.4f}" for x in r["losses"]))
     print("\nloss: the cross-entropy's own work (its lm_head products count as matmuls); outside ops: Python, data, Trainer")
     return 0
 

@@ -144,3 +144,16 @@ def test_trained_positions_loss_holds_one_chunk_of_logits_whatever_the_batch():
     assert _est(trained_logits=True).logits == chunk * 49152 * 12
     assert _est(trained_logits=True, micro_batch=32).logits == _est(trained_logits=True).logits
     assert _est(trained_logits=True, micro_batch=1, seq_len=64).logits == 64 * 49152 * 12  # fewer tokens than a chunk
+
+
+def test_tensor_estimate_holds_for_a_bf16_base_with_the_trained_positions_loss():
+    # What the planner chooses on a bf16 machine: the base loaded in bf16, logits only at trained positions.
+    from benchmarks.memory_estimate import measure
+    from tests.launcher.test_job import TINY as tiny_model
+
+    shape, _ = find_shape(str(tiny_model))
+    for ckpt in (False, True):
+        est = estimate_memory(shape, micro_batch=8, seq_len=128, precision="bf16", checkpointing=ckpt, lora_rank=8,
+                              lora_targets="all-linear", device="cpu", base_dtype="bf16", trained_logits=True)
+        got = measure(str(tiny_model), 8, 128, "bf16", ckpt, "tensors", "lora", "bf16", "trained")
+        assert 0.75 <= est.tensors / got <= 1.25, (ckpt, est.tensors, got)
