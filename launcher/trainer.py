@@ -166,7 +166,8 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
     class SftTrainer(Trainer):
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if loss_logits != "trained" or return_outputs or "labels" not in inputs:
+            if (loss_logits != "trained" or return_outputs or "labels" not in inputs or self.label_smoother is not None
+                    or self.compute_loss_func is not None):  # the launcher sets neither; they need the logits
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             import torch
 
