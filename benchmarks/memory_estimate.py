@@ -11,7 +11,8 @@ shape and batch:
   the estimate's CPU total (tensors + allocator) models.
 Prints one line per case with both ratios estimate/measured; the target is within 25% (0.75-1.25).
 
-    .venv/bin/python benchmarks/memory_estimate.py [--quick] [--method lora|full] [--save measured.json]
+    .venv/bin/python benchmarks/memory_estimate.py [--quick] [--method lora|full] [--base bf16] [--logits trained]
+                                                   [--save measured.json]
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ torch.set_num_threads(2)
 path, micro, seq, precision, ckpt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"
 mode = sys.argv[6]
 method = sys.argv[7] if len(sys.argv) > 7 else "lora"  # full: every weight trains, no adapter
+base_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[8] if len(sys.argv) > 8 else "fp32"]
+trained_logits = len(sys.argv) > 9 and sys.argv[9] == "trained"  # the loss from logits at trained positions (launcher/loss.py)
 
 
 def status(key):
@@ -59,7 +62,12 @@ def train(model, steps, micro, seq, profile_last=False):
     def step():
         ids = torch.randint(0, vocab, (micro, seq), generator=g)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model(input_ids=ids, labels=ids).loss
+            if trained_logits:
+                from launcher.loss import trained_positions_loss
+
+                loss = trained_positions_loss(model, model.get_output_embeddings(), {"input_ids": ids, "labels": ids})
+            else:
+                loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step(); opt.zero_grad()
 
@@ -81,7 +89,7 @@ def train(model, steps, micro, seq, profile_last=False):
 
 
 if mode == "tensors":
-    print(json.dumps({"measured": train(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), 2, micro, seq,
+    print(json.dumps({"measured": train(AutoModelForCausalLM.from_pretrained(path, dtype=base_dtype), 2, micro, seq,
                                         profile_last=True)}))
     sys.exit()
 
@@ -100,22 +108,25 @@ gc.collect()
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 base = status("VmRSS")
-train(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), 3, micro, seq)
+train(AutoModelForCausalLM.from_pretrained(path, dtype=base_dtype), 3, micro, seq)
 print(json.dumps({"measured": status("VmHWM") - base, "runtime": base - before_warmup}))
 '''
 
 
 def run_case(path: str, micro: int, seq: int, precision: str, ckpt: bool, mode: str = "resident",
-             method: str = "lora") -> dict:
+             method: str = "lora", base_dtype: str = "fp32", logits: str = "all") -> dict:
     """mode "resident": {"measured": peak resident bytes above the baseline, "runtime": bytes of the library
-    warm-up before it}; mode "tensors": {"measured": peak bytes of live tensors}. method: lora or full."""
+    warm-up before it}; mode "tensors": {"measured": peak bytes of live tensors}. method: lora or full.
+    base_dtype: the dtype the base loads in; logits: all (the model's own loss) or trained (launcher/loss.py)."""
     out = subprocess.run([sys.executable, "-c", CHILD, path, str(micro), str(seq), precision, "1" if ckpt else "0", mode,
-                          method], capture_output=True, text=True, check=True)
+                          method, base_dtype, logits], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(path: str, micro: int, seq: int, precision: str, ckpt: bool, mode: str = "resident", method: str = "lora") -> int:
-    return run_case(path, micro, seq, precision, ckpt, mode, method)["measured"]
+def measure(path: str, micro: int, seq: int, precision: str, ckpt: bool, mode: str = "resident", method: str = "lora",
+            base_dtype: str = "fp32", logits: str = "all") -> int:
+    return run_case(path, micro, seq, precision, ckpt, mode, method, base_dtype, logits)["measured"]
 
 
 def build_heldout_model(path: Path) -> Path:
@@ -137,7 +148,11 @@ def main() -> None:
 
     quick = "--quick" in sys.argv
     method = sys.argv[sys.argv.index("--method") + 1] if "--method" in sys.argv else "lora"
-    print(f"method: {method}")
+    # --base bf16: the bf16 cases load the frozen base in bf16 (fp32 training keeps an fp32 base);
+    # --logits trained: the loss from logits at trained positions (launcher/loss.py). Both as the planner chooses.
+    half_base = sys.argv[sys.argv.index("--base") + 1] if "--base" in sys.argv else "fp32"
+    logits = sys.argv[sys.argv.index("--logits") + 1] if "--logits" in sys.argv else "all"
+    print(f"method: {method}; base in bf16 cases: {half_base}; logits: {logits}")
     tmp = Path(tempfile.mkdtemp())
     tiny = ("tiny (hidden 64, 2 layers)", str(build_tiny_model(tmp / "tiny")))
     heldout = ("held out (hidden 128, 3 layers)", str(build_heldout_model(tmp / "heldout")))
@@ -152,15 +167,17 @@ def main() -> None:
     for (name, path), micro, seq in cases:
         shape, _ = find_shape(path if name.startswith(("tiny", "held")) else "embedded:smollm2-135m-instruct")
         for precision, ckpt in (("bf16", False), ("fp32", False), ("bf16", True)):
+            base = half_base if precision == "bf16" else "fp32"
             est = estimate_memory(shape, micro_batch=micro, seq_len=seq, precision=precision, checkpointing=ckpt,
-                                  lora_rank=8, lora_targets="all-linear", device="cpu", method=method)
+                                  lora_rank=8, lora_targets="all-linear", device="cpu", method=method, base_dtype=base,
+                                  trained_logits=logits == "trained")
             row = f"{name:<32}{micro:>6}{seq:>5}{precision:>5}{str(ckpt):>6} | {est.tensors / 2**20:>12.1f}"
             if est.total > 0.7 * ram:  # would push this machine into swap or the OOM killer: say so, do not run it
                 print(f"{row}   skipped: resident estimate {est.total / 2**30:.1f} GiB is above 70% of this machine's "
                       f"{ram / 2**30:.0f} GiB", flush=True)
                 continue
-            tensors = measure(path, micro, seq, precision, ckpt, "tensors", method)
-            resident = run_case(path, micro, seq, precision, ckpt, method=method)
+            tensors = measure(path, micro, seq, precision, ckpt, "tensors", method, base, logits)
+            resident = run_case(path, micro, seq, precision, ckpt, method=method, base_dtype=base, logits=logits)
             rows.append({"model": name, "micro": micro, "seq": seq, "precision": precision, "checkpointing": ckpt,
                          "estimate_tensors": est.tensors, "estimate_resident": est.total, "tensors": tensors,
                          "resident": resident["measured"], "runtime": resident["runtime"]})

@@ -387,7 +387,10 @@ def inference_weights(model, precision: str):
     Training keeps fp32 weights for the optimizer, and autocast casts each of them again at every decoding
     step; a half-precision copy skips that (1.5x faster here). It is a copy, so the fp32 weights that
     training goes on with are untouched; it costs half the fp32 weights' memory while it exists. A model
-    loaded in that precision already (evaluation after a reload) is used as it is.
+    loaded in that precision already (evaluation after a reload, or the base before LoRA with a half-precision
+    base_dtype) is used as it is. Beside a base trained in that dtype only the fp32 LoRA weights are cast: the
+    copy shares the frozen base's tensors (`.to` of a tensor already in the dtype returns it), so it costs
+    nothing there and nothing trains them.
     """
     import copy
 

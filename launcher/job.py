@@ -67,6 +67,17 @@ def training_arguments(plan: Plan, run_dir: RunDir):
     )
 
 
+def keep_trainable_fp32(model) -> None:
+    """Trainable weights in fp32 beside a half-precision base: Adam's state takes their dtype, and bf16/fp16
+    weights under Adam lose small updates to rounding. PEFT's get_peft_model upcasts a half adapter already
+    (autocast_adapter_dtype=True); this makes the guarantee not depend on that default."""
+    import torch
+
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
 def _metrics_callback(run_dir: RunDir):
     from transformers import TrainerCallback
 
@@ -160,8 +171,9 @@ class Run:
             # start the process group (accelerate, through args.device) and hand it to deepspeed.comm first.
             self.args.device
             deepspeed.init_distributed()
-        # Under DeepSpeed the engine places the model; one process places it itself.
-        self.model = load_model(self.model_path, self.plan.trust_remote_code)
+        # Under DeepSpeed the engine places the model; one process places it itself. The frozen base loads in
+        # the plan's base_dtype (a resumed run reads the same plan.json, so it loads what it trained on).
+        self.model = load_model(self.model_path, self.plan.trust_remote_code, dtype=self.plan.base_dtype)
         if self.plan.backend == "deepspeed" and self.plan.zero_stage == 3 and self.process.main:
             held = sum(p.numel() for p in self.model.parameters())
             whole = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
@@ -201,9 +213,11 @@ class Run:
         else:
             self.model = get_peft_model(self.model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                                target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+            keep_trainable_fp32(self.model)
             trainable, total = self.model.get_nb_trainable_parameters()
             if self.process.main:
-                print(f"LoRA r={lora.rank}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)", flush=True)
+                print(f"LoRA r={lora.rank}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
+                      f"frozen base in {self.plan.base_dtype}, LoRA weights in fp32", flush=True)
             if self.plan.gradient_checkpointing:
                 self.model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing from the frozen embeddings
         self.tokenizer.padding_side = "right"
@@ -216,7 +230,7 @@ class Run:
             precision=self.plan.precision, keep_checkpoints=self.recipe.train.keep_checkpoints,
             max_bad_steps=guard.max_bad_steps, zero_loss_steps=guard.zero_loss_steps,
             max_time=self.recipe.train.max_time_seconds, stop=stop,
-            vocab_size=self.model.config.vocab_size if guard.divergence else None,
+            vocab_size=self.model.config.vocab_size if guard.divergence else None, loss_logits=self.plan.loss_logits,
             model=self.model, args=self.args, train_dataset=self.features,
             # Pads labels with -100 (never with the pad id, which is EOS here) and input ids with the pad id.
             data_collator=DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100),

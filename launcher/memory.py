@@ -41,6 +41,10 @@ ACT_BYTES = {"half": (35.6, 4.25), "fp32": (46.1, 8.9)}
 # log-softmax output (4 bytes) is kept, and backward holds the incoming gradient (4) and the one it
 # produces (4) at once; the model-dtype logits themselves are freed by then.
 LOGITS_BYTES_PER_ELEMENT = 12
+# The trained-positions loss (launcher/loss.py) holds one chunk of positions' logits at a time: the chunk's
+# fp32 logits (4 bytes), turned in place into the gradient of the loss with respect to them, their copy in the
+# compute dtype for the products with lm_head (2 or 4) and the compute dtype's product output before its upcast
+# (2 or 4): 12 is the fp32 bound.
 ADAM_BYTES_PER_PARAM = 16  # fp32 LoRA weight, fp32 gradient, two fp32 Adam moments
 # On CPU the process's resident set exceeds its live tensors: glibc keeps freed blocks in its heaps (every
 # tensor below its 32 MiB mmap ceiling comes from there) and reuses them only for requests that fit.
@@ -139,14 +143,23 @@ class MemoryEstimate:
 
 def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, precision: str, checkpointing: bool,
                     lora_rank: int, lora_targets, zero_stage: int = 0, world_size: int = 1,
-                    offload: bool = False, device: str = "cuda", method: str = "lora") -> MemoryEstimate:
-    """Peak bytes on one device for one micro-batch step of LoRA or full training (on CPU: of the resident set)."""
+                    offload: bool = False, device: str = "cuda", method: str = "lora", base_dtype: str = "fp32",
+                    trained_logits: bool = False) -> MemoryEstimate:
+    """Peak bytes on one device for one micro-batch step of LoRA or full training (on CPU: of the resident set).
+
+    base_dtype: the dtype the (frozen, LoRA) base is loaded in. trained_logits: the loss computes logits at
+    trained positions only, a chunk of positions at a time (launcher/loss.py), instead of the whole block.
+    """
     half = precision in ("bf16", "fp16")
     kind = "half" if half else "fp32"
     # Weights stay fp32 (never half precision under the optimizer). Autocast casts each weight to half
     # precision and the matmul keeps that copy for its backward; with checkpointing only the output
     # projection's copy (vocab x hidden) outlives the forward pass.
-    if zero_stage and half:
+    if base_dtype in ("bf16", "fp16") and not zero_stage:
+        # A half-precision frozen base: 2 bytes per weight, and autocast finds nothing to cast (the LoRA
+        # weights' casts are counted nowhere: they are r/hidden of the layers' size).
+        weights = shape.params * 2.0
+    elif zero_stage and half:
         # DeepSpeed casts the module to half precision itself; trainable weights keep fp32 masters in
         # its optimizer (counted with the LoRA states below).
         weights = shape.params * 2.0
@@ -172,7 +185,12 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, precis
     tokens = micro_batch * seq_len
     per_hidden, per_intermediate = ACT_BYTES[kind]
     per_layer = tokens * (per_hidden * shape.hidden + per_intermediate * shape.intermediate)
-    logits = tokens * shape.vocab * LOGITS_BYTES_PER_ELEMENT
+    if trained_logits:
+        from launcher.loss import chunk_positions
+
+        logits = min(tokens, chunk_positions(shape.vocab)) * shape.vocab * LOGITS_BYTES_PER_ELEMENT
+    else:
+        logits = tokens * shape.vocab * LOGITS_BYTES_PER_ELEMENT
     if checkpointing:
         # Only each layer's input is kept: the residual stream, fp32 even under autocast (fp32 embeddings plus
         # half-precision sublayer outputs promote to fp32). The peak is at the loss's backward, or, for a
@@ -227,20 +245,21 @@ class EvalMemoryEstimate:
 
 
 def estimate_eval_memory(shape: ModelShape, *, eval_precision: str, training_precision: str, batch: int, prompt_len: int,
-                         new_tokens: int, reloaded: bool, device: str) -> EvalMemoryEstimate:
+                         new_tokens: int, reloaded: bool, device: str, base_dtype: str = "fp32") -> EvalMemoryEstimate:
     """The evaluation's peak: generation on `batch` prompts of up to `prompt_len` tokens plus `new_tokens`.
 
     One process evaluates the model it trained: its fp32 weights stay, and under mixed precision generation
     runs on a half-precision copy beside them (launcher.evaluate.inference_weights, cast weight by weight).
     Under DeepSpeed (`reloaded`) the engine is freed and the model is loaded again in the evaluation's
-    precision alone.
+    precision alone. A base trained in the evaluation's precision (base_dtype) is shared by the copy: only
+    the LoRA weights are cast, which is counted nowhere.
     """
     eval_bytes = 2.0 if eval_precision in ("bf16", "fp16") else 4.0
     if reloaded:
         training, weights = 0.0, shape.params * eval_bytes
     else:
-        training = shape.params * 4.0
-        weights = 0.0 if eval_bytes == 4.0 else shape.params * eval_bytes
+        training = shape.params * (4.0 if base_dtype == "fp32" else 2.0)
+        weights = 0.0 if eval_bytes == 4.0 or base_dtype == eval_precision else shape.params * eval_bytes
     head_dim = shape.hidden // shape.heads
     positions = prompt_len + new_tokens
     kv_cache = 2 * shape.layers * batch * positions * shape.kv_heads * head_dim * eval_bytes

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict
 from launcher import trackers
 from launcher.errors import PlanError
 from launcher.hardware import HardwareInfo
-from launcher.memory import ADAM_BYTES_PER_PARAM, GiB, MemoryEstimate, ModelShape, estimate_eval_memory, estimate_memory
+from launcher.memory import (ADAM_BYTES_PER_PARAM, LOGITS_BYTES_PER_ELEMENT, GiB, MemoryEstimate, ModelShape, estimate_eval_memory,
+                             estimate_memory)
 from launcher.recipe import Recipe
 from launcher.tasks import get_task
 
@@ -63,6 +64,9 @@ class Plan(BaseModel):
     memory_estimate_gib: float | None
     device_memory_gib: float
     trust_remote_code: bool
+    # Defaults are what plans written before these fields existed did, so their runs resume unchanged.
+    base_dtype: str = "fp32"  # the dtype the frozen base weights are loaded in (fp32 under the optimizer for full)
+    loss_logits: str = "all"  # "trained": logits only at trained positions, chunked (launcher/loss.py)
     data_path: str | None = None  # the training/evaluation data the worker reads (None: generated, or the Hub)
     decisions: tuple[Decision, ...]
 
@@ -71,7 +75,7 @@ class Plan(BaseModel):
 
     def summary(self) -> dict:
         """The JSON view `sftlaunch plan --json` prints."""
-        keys = ("backend", "device", "precision", "eval_precision", "world_size", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "threads", "max_length", "nodes", "processes_per_node", "zero_stage", "offload",
+        keys = ("backend", "device", "precision", "base_dtype", "loss_logits", "eval_precision", "world_size", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "threads", "max_length", "nodes", "processes_per_node", "zero_stage", "offload",
                 "memory_estimate_gib", "device_memory_gib", "trust_remote_code")
         out = {k: getattr(self, k) for k in keys}
         out["effective_batch_size"] = self.recipe.train.effective_batch_size
@@ -129,7 +133,7 @@ def choose_precision(requested: str, backend: str, hw: HardwareInfo) -> tuple[st
             if has_bf16:
                 return "bf16", f"compute capability {cc[0]}.{cc[1]} >= 8.0 has native bf16: bf16 autocast, fp32 master weights"
             return "fp16", (f"compute capability {cc[0]}.{cc[1]} < 8.0 has no bf16: fp16 autocast with a loss scaler; "
-                            "weights stay fp32 under the optimizer (fp16 weights under Adam give grad_norm: nan)")
+                            "trained weights stay fp32 under the optimizer (fp16 weights under Adam give grad_norm: nan)")
         if requested == "bf16" and not has_bf16:
             raise PlanError(f"hardware.precision=bf16, but {hw.gpus[0].name} (compute capability {cc[0]}.{cc[1]}) has no bf16. "
                             "Fix: hardware.precision=fp16 (or auto).")
@@ -145,11 +149,70 @@ def choose_precision(requested: str, backend: str, hw: HardwareInfo) -> tuple[st
     if requested == "auto":
         if hw.cpu_bf16:
             return "bf16", ("CPU has native bf16 (avx512_bf16/AMX): bf16 autocast, measured 1.2x-2.4x faster than fp32 "
-                            "here with similar loss; weights stay fp32 under the optimizer")
+                            "here with similar loss; trained weights stay fp32 under the optimizer")
         return "fp32", "CPU has no native bf16 instructions: emulated bf16 would be slower than fp32"
     if requested == "bf16" and not hw.cpu_bf16:
         return "bf16", "requested by the recipe; this CPU has no native bf16, so it is emulated and may be slower than fp32"
     return requested, "requested by the recipe (hardware.precision)"
+
+
+def choose_base_dtype(requested: str, method: str, backend: str, precision: str, model_type: str = "") -> tuple[str, str]:
+    """The dtype the frozen base weights load in, and why; PlanError for a request that cannot be honoured."""
+    key = f"model.base_dtype={requested}"
+    if method == "full":  # the recipe refuses a half-precision request with method full
+        return "fp32", "full fine-tuning trains every weight: fp32 master weights under Adam (half-precision weights lose small updates to rounding)"
+    if backend == "deepspeed":
+        if requested in ("bf16", "fp16"):
+            raise PlanError(f"{key}: DeepSpeed casts the module to the plan's precision itself and keeps fp32 masters "
+                            "of the trainable weights in its optimizer, so the base is loaded fp32. Fix: model.base_dtype=auto.")
+        return "fp32", (f"DeepSpeed holds the module in {precision} itself" if precision != "fp32" else "DeepSpeed in fp32") + \
+            ": loaded fp32 and handed to the engine"
+    if requested == "fp16":
+        if precision != "fp16":
+            raise PlanError(f"{key} needs fp16 mixed precision (its loss scaler), and the plan trains in {precision}. "
+                            "Fix: hardware.precision=fp16 on a CUDA GPU, or model.base_dtype=auto.")
+        if model_type in FP16_OVERFLOW_MODEL_TYPES:
+            raise PlanError(f"{key}: {model_type} models overflow fp16 (NaN or '!!!!' output, transformers#33294). "
+                            "Fix: model.base_dtype=auto (fp32), or a GPU with bf16.")
+        return "fp16", ("requested by the recipe (model.base_dtype): 2 bytes per frozen weight, no autocast copy; the "
+                        "LoRA weights, their gradients and Adam state stay fp32, under fp16 autocast with a loss scaler")
+    if requested == "bf16":
+        if precision != "bf16":
+            raise PlanError(f"{key} needs bf16 mixed precision, and the plan trains in {precision}. Fix: "
+                            "hardware.precision=bf16 where the hardware has it, or model.base_dtype=auto.")
+        return "bf16", ("requested by the recipe (model.base_dtype): 2 bytes per frozen weight, no autocast copy; the "
+                        "LoRA weights, their gradients and Adam state stay fp32")
+    if requested == "fp32":
+        return "fp32", "requested by the recipe (model.base_dtype)"
+    if precision == "bf16":
+        return "bf16", ("the plan trains in bf16 and LoRA never updates the base: loaded in bf16, 2 bytes per frozen weight "
+                        "and no autocast re-cast of every weight at every forward; the LoRA weights, their gradients and "
+                        "Adam state stay fp32")
+    if precision == "fp16":
+        return "fp32", ("fp16 autocast: the base stays fp32 (an fp16 base only on request, model.base_dtype=fp16: fp16's "
+                        "narrow range makes it a risk to opt into)")
+    return "fp32", "the plan trains in fp32"
+
+
+# Model families whose causal-LM forward ends in lm_head(final hidden states), nothing after it (no logit
+# soft-capping or scaling), so the loss can take the head's input at trained positions (launcher/loss.py).
+TRAINED_LOGITS_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def trained_logits_blocker(recipe: Recipe, backend: str, zero_stage: int, shape: ModelShape | None) -> str | None:
+    """Why the loss must compute logits at every position (the model's own loss), or None when it need not."""
+    targets = recipe.model.lora.target_modules
+    if shape is None or shape.model_type not in TRAINED_LOGITS_MODEL_TYPES:
+        kind = shape.model_type if shape is not None and shape.model_type else "unknown"
+        return (f"model type {kind} is not one whose logits are only lm_head(hidden states) "
+                f"({', '.join(TRAINED_LOGITS_MODEL_TYPES)}): the model's own loss at every position")
+    if backend == "deepspeed" and zero_stage == 3:
+        return "ZeRO-3 partitions lm_head's weight outside the model's forward: the model's own loss at every position"
+    if recipe.model.method == "lora" and not isinstance(targets, str) and "lm_head" in targets:
+        return "LoRA on lm_head: the model's own loss at every position"
+    if recipe.model.method == "lora" and isinstance(targets, str) and targets != "all-linear":
+        return "model.lora.target_modules is a regular expression that may match lm_head: the model's own loss at every position"
+    return None
 
 
 # Model families whose activations overflow fp16 in inference: Qwen2/Qwen2.5 (1.5B, 7B) generate "!!!!" or NaN
@@ -294,7 +357,7 @@ def _processes(hwr, backend: str, hw: HardwareInfo, decide) -> tuple[int, int]:
     return nodes, per_node
 
 
-def _decide_memory_layout(recipe: Recipe, hw: HardwareInfo, backend: str, device: str, precision: str,
+def _decide_memory_layout(recipe: Recipe, hw: HardwareInfo, backend: str, device: str, precision: str, base_dtype: str,
                           shape: ModelShape | None, shape_source: str, per_rank: int, max_length: int,
                           world_size: int, decide) -> MemoryFit:
     """Micro-batch, accumulation, checkpointing, ZeRO stage and offload from the memory estimate, each decided
@@ -302,7 +365,7 @@ def _decide_memory_layout(recipe: Recipe, hw: HardwareInfo, backend: str, device
     hwr, effective = recipe.hardware, recipe.train.effective_batch_size
     mem_gib, mem_why = _device_memory_gib(backend, hw)
     budget = mem_gib * hwr.memory_fraction
-    fit = _fit_memory(recipe, backend, device, precision, shape, per_rank, max_length, world_size, budget)
+    fit = _fit_memory(recipe, backend, device, precision, base_dtype, shape, per_rank, max_length, world_size, budget)
     micro, checkpointing, stage, offload, estimate, ckpt_why = fit
     if estimate is not None and estimate.total / GiB > budget:
         asked = hwr.micro_batch_size != "auto"
@@ -362,6 +425,8 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
     device = _device(backend, hw)
     precision = decide("precision", *choose_precision(hwr.precision, backend, hw))
     eval_precision = decide("eval_precision", *choose_eval_precision(precision, shape))
+    base_dtype = decide("base_dtype", *choose_base_dtype(recipe.model.base_dtype, recipe.model.method, backend, precision,
+                                                         shape.model_type if shape is not None else ""))
 
     nodes, per_node = _processes(hwr, backend, hw, decide)
     world_size = per_node * nodes
@@ -386,9 +451,10 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
         for field, value, reason in plan_decisions(recipe):
             decide(field, value, reason)
 
-    fit = _decide_memory_layout(recipe, hw, backend, device, precision, shape, shape_source, per_rank, max_length,
-                                world_size, decide)
+    fit = _decide_memory_layout(recipe, hw, backend, device, precision, base_dtype, shape, shape_source, per_rank,
+                                max_length, world_size, decide)
     micro, checkpointing, stage, offload = fit.micro, fit.checkpointing, fit.zero_stage, fit.offload
+    loss_logits = _decide_loss_logits(recipe, backend, fit, shape, max_length, decide)
     accumulation = per_rank // micro
     mem_gib = _device_memory_gib(backend, hw)[0]
 
@@ -398,9 +464,9 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
     else:
         threads = decide("threads", hwr.threads, "requested by the recipe (hardware.threads)")
 
-    _decide_eval_memory(recipe, shape, eval_precision, precision, backend, device, max_length, mem_gib, decide)
+    _decide_eval_memory(recipe, shape, eval_precision, precision, base_dtype, backend, device, max_length, mem_gib, decide)
     if device == "cuda":
-        _decide_host_memory(recipe, shape, hw, per_node, world_size, stage, offload, decide)
+        _decide_host_memory(recipe, shape, hw, per_node, world_size, stage, offload, base_dtype, decide)
 
     data_path, data_why = choose_data_source(recipe, hw)
     if data_why:
@@ -416,7 +482,7 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
     return Plan(recipe=recipe, hardware=hw, backend=backend, device=device, precision=precision, eval_precision=eval_precision, nodes=nodes,
                 processes_per_node=per_node, world_size=world_size, micro_batch_size=micro,
                 gradient_accumulation_steps=accumulation, gradient_checkpointing=checkpointing, threads=threads,
-                max_length=max_length, zero_stage=stage, offload=offload,
+                max_length=max_length, zero_stage=stage, offload=offload, base_dtype=base_dtype, loss_logits=loss_logits,
                 memory_estimate_gib=None if fit.estimate is None else round(fit.estimate.total / GiB, 2),
                 device_memory_gib=round(mem_gib, 1), trust_remote_code=trust, data_path=data_path,
                 decisions=tuple(decisions))
@@ -440,14 +506,15 @@ def _check_learning_rate(recipe: Recipe, decide) -> None:
 
 
 def _decide_host_memory(recipe: Recipe, shape: ModelShape | None, hw: HardwareInfo, per_node: int, world_size: int,
-                        zero_stage: int, offload: bool, decide) -> None:
+                        zero_stage: int, offload: bool, base_dtype: str, decide) -> None:
     """Host RAM of one node while its GPU processes load the model: each loads the fp32 weights in its own
     memory before they move to its GPU (a half-precision checkpoint is converted, so the pages are private), so
     8 processes load 8 copies, except under ZeRO-3, where zero.Init gives each its shard; offloaded optimizer
     state lives there for the whole run."""
     if shape is None:
         return
-    per_process = shape.params * 4.0 / (world_size if zero_stage == 3 else 1)
+    weight_bytes = 4.0 if base_dtype == "fp32" else 2.0  # a half base is loaded straight in its dtype
+    per_process = shape.params * weight_bytes / (world_size if zero_stage == 3 else 1)
     states = 0.0
     if offload:
         per_weight = 12.0 if recipe.model.method == "full" else 0.0
@@ -455,7 +522,7 @@ def _decide_host_memory(recipe: Recipe, shape: ModelShape | None, hw: HardwareIn
                   * ADAM_BYTES_PER_PARAM) / world_size * per_node
     need = (per_node * per_process + states) / GiB
     budget = hw.ram_gb * recipe.hardware.memory_fraction
-    parts = f"{per_node} process(es) x {per_process / GiB:.2f} GiB of fp32 weights while loading" + (
+    parts = f"{per_node} process(es) x {per_process / GiB:.2f} GiB of {base_dtype} weights while loading" + (
         " (ZeRO-3: each its shard)" if zero_stage == 3 else "") + (f" + {states / GiB:.2f} GiB of offloaded optimizer state" if states else "")
     if need > budget:
         raise PlanError(f"loading {recipe.model.name} needs {need:.1f} GiB of host RAM on each node ({parts}), but "
@@ -465,8 +532,8 @@ def _decide_host_memory(recipe: Recipe, shape: ModelShape | None, hw: HardwareIn
     decide("host_memory_gib", round(need, 2), f"{parts}; fits {budget:.1f} GiB of host RAM")
 
 
-def _decide_eval_memory(recipe: Recipe, shape: ModelShape | None, eval_precision: str, precision: str, backend: str,
-                        device: str, max_length: int, mem_gib: float, decide) -> None:
+def _decide_eval_memory(recipe: Recipe, shape: ModelShape | None, eval_precision: str, precision: str, base_dtype: str,
+                        backend: str, device: str, max_length: int, mem_gib: float, decide) -> None:
     """The evaluation's peak on its device, decided before training: a run that trains and then cannot evaluate
     has spent its time for nothing (the out-of-memory back-off halves the training batch, which cannot help)."""
     if shape is None:
@@ -477,11 +544,12 @@ def _decide_eval_memory(recipe: Recipe, shape: ModelShape | None, eval_precision
     def estimate(batch: int):
         return estimate_eval_memory(shape, eval_precision=eval_precision, training_precision=precision, batch=batch,
                                     prompt_len=max_length, new_tokens=ev.max_new_tokens, reloaded=backend == "deepspeed",
-                                    device=device)
+                                    device=device, base_dtype=base_dtype)
 
     est = estimate(ev.batch_size)
     where = f"{budget:.1f} GiB usable"
     how = ("the engine is freed and the model reloaded in " + eval_precision if backend == "deepspeed" else
+           f"generation shares the {base_dtype} base, only the LoRA weights are cast" if base_dtype == eval_precision != "fp32" else
            f"a {eval_precision} copy beside the trained fp32 weights" if eval_precision != "fp32" else
            "generation runs on the trained fp32 weights")
     one = estimate(1)
@@ -502,6 +570,24 @@ def _decide_eval_memory(recipe: Recipe, shape: ModelShape | None, eval_precision
            f"{est.describe()} at eval.batch_size={ev.batch_size}, {max_length}+{ev.max_new_tokens} tokens ({how}); fits {where}")
 
 
+def _decide_loss_logits(recipe: Recipe, backend: str, fit: MemoryFit, shape: ModelShape | None, max_length: int,
+                        decide) -> str:
+    """Whether the loss computes logits only at trained positions, chunked (launcher/loss.py), and why."""
+    from launcher.loss import chunk_positions
+
+    blocker = trained_logits_blocker(recipe, backend, fit.zero_stage, shape)
+    if blocker:
+        return decide("loss_logits", "all", blocker)
+    saved = ""
+    if fit.estimate is not None:
+        whole = fit.micro * max_length * shape.vocab * LOGITS_BYTES_PER_ELEMENT / GiB
+        saved = f"; logits memory {fit.estimate.logits / GiB:.2f} GiB instead of {whole:.2f} GiB for every position at once"
+    return decide("loss_logits", "trained",
+                  "logits only at trained positions (labels != -100: the prompt's and the padding's are never used by "
+                  f"the loss), lm_head and cross-entropy {chunk_positions(shape.vocab)} positions at a time, so the "
+                  f"micro-batch x sequence x vocab block is never held whole{saved}")
+
+
 def _cap(backend: str) -> int:
     return CPU_MAX_MICRO_BATCH if backend == "cpu" else GPU_MAX_MICRO_BATCH
 
@@ -517,8 +603,8 @@ class MemoryFit(NamedTuple):
     why: str = ""  # why checkpointing is on, when the planner turned it on
 
 
-def _fit_memory(recipe: Recipe, backend: str, device: str, precision: str, shape: ModelShape | None, per_rank: int,
-                max_length: int, world_size: int, budget_gib: float) -> MemoryFit:
+def _fit_memory(recipe: Recipe, backend: str, device: str, precision: str, base_dtype: str, shape: ModelShape | None,
+                per_rank: int, max_length: int, world_size: int, budget_gib: float) -> MemoryFit:
     """The first layout, in order of speed, that fits.
 
     Order: ZeRO-2 before ZeRO-3 before offload; within each, the largest micro-batch without
@@ -550,7 +636,9 @@ def _fit_memory(recipe: Recipe, backend: str, device: str, precision: str, shape
         for micro in micros:
             est = estimate_memory(shape, micro_batch=micro, seq_len=max_length, precision=precision, checkpointing=ckpt,
                                   lora_rank=lora.rank, lora_targets=lora.target_modules, zero_stage=stage,
-                                  world_size=world_size, offload=offload, device=device, method=recipe.model.method)
+                                  world_size=world_size, offload=offload, device=device, method=recipe.model.method,
+                                  base_dtype=base_dtype,
+                                  trained_logits=trained_logits_blocker(recipe, backend, stage, shape) is None)
             if est.total / GiB <= budget_gib:
                 return MemoryFit(micro, ckpt, stage, offload, est), est
         return None, est

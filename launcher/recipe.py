@@ -94,6 +94,20 @@ class ModelSection(_Section):
         "lora", description="lora: train a LoRA adapter on frozen weights; full: train every weight (fp32 master "
         "weights, mixed precision where the plan chooses it) and save a complete model.")
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapter settings (method lora).")
+    base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="dtype the frozen base weights are loaded in under LoRA. auto: the plan's mixed precision "
+        "where the hardware has it (bf16 on CUDA compute capability >= 8.0 and on CPUs with avx512_bf16/AMX), else "
+        "fp32; always fp32 for method full. The LoRA weights, their gradients and Adam state stay fp32. fp16 only "
+        "with hardware.precision=fp16 (loss scaler).")
+
+    @model_validator(mode="after")
+    def _full_keeps_fp32_weights(self):
+        if self.method == "full" and self.base_dtype in ("bf16", "fp16"):
+            # Half-precision weights under Adam lose small updates to rounding, and fp16 ones overflow.
+            raise ValueError(f"model.base_dtype={self.base_dtype} with model.method=full would train half-precision "
+                             "weights under Adam | use model.base_dtype=auto (fp32 master weights; mixed precision "
+                             "comes from hardware.precision), or model.method=lora")
+        return self
 
     @model_validator(mode="after")
     def _lora_only_with_lora(self):

@@ -5,6 +5,7 @@
 - The health guard: per-micro-batch raw losses and trainable-token counts, checked before every
   optimizer step (Trainer's NaN filter would otherwise hide a NaN loss behind the running average).
 - Stop requests (SIGINT/SIGTERM, the time budget) end training at a step boundary with a checkpoint.
+- The loss from logits at trained positions only (launcher/loss.py), where the plan chose it (loss_logits).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, zero_loss_steps: int,
-                  max_time: float | None, stop: StopRequest, vocab_size: int | None = None, **trainer_kwargs):
+                  max_time: float | None, stop: StopRequest, vocab_size: int | None = None, loss_logits: str = "all",
+                  **trainer_kwargs):
     """A Trainer with the health guard (a callback) and the raw-loss recording it reads (a Trainer subclass).
 
     Longer than the other functions on purpose: the two classes are defined here because transformers is
@@ -162,6 +164,27 @@ def build_trainer(*, precision: str, keep_checkpoints: int, max_bad_steps: int, 
                 control.should_save = True
 
     class SftTrainer(Trainer):
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if (loss_logits != "trained" or return_outputs or "labels" not in inputs or self.label_smoother is not None
+                    or self.compute_loss_func is not None):  # the launcher sets neither; they need the logits
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            import torch
+
+            from launcher.loss import trained_positions_loss
+
+            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            if type(head) is not torch.nn.Linear:  # the planner rules these out: a plain lm_head is what the loss multiplies by
+                raise RuntimeError(f"plan.loss_logits=trained needs a plain torch.nn.Linear lm_head, and the model has a "
+                                   f"{type(head).__name__}: plan the run again (the planner chooses the model's own loss there)")
+            # As Trainer.compute_loss: the step's token count normalises when the model takes loss kwargs, and the
+            # loss is scaled back up by the processes whose token counts were summed into it.
+            items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            loss = trained_positions_loss(model, head, inputs, items)
+            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                loss_scale = self.accelerator.num_processes // self.get_tp_size()
+                loss = loss * (loss_scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+            return loss
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             # Targets are labels shifted by one: position 0 is never predicted.

@@ -113,3 +113,24 @@ def test_stop_on_repetition_ends_looping_rows_early_with_a_prefix_of_the_full_ge
     assert len(shorter) >= 2  # rows that loop end before the limit...
     assert all(ev.repeats_at_end(s) for s in shorter)  # ...and rows stop only where they loop
     assert all(not ev.repeats_at_end(s[:-ev.DROP_FINISHED_EVERY]) for s in shorter)  # at the first check that saw it
+
+
+def test_beside_a_bf16_base_only_the_lora_weights_are_cast_and_the_base_is_shared():
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from launcher.models import load_model
+    from tests.launcher.test_job import TINY
+
+    model = get_peft_model(load_model(str(TINY), dtype="bf16"),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    base = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    assert {p.dtype for p in lora.values()} == {torch.float32}
+    with ev.inference_weights(model, "bf16") as weights:
+        copied = dict(weights.named_parameters())
+        assert {copied[n].dtype for n in lora} == {torch.bfloat16}
+        assert all(copied[n].data_ptr() == p.data_ptr() for n, p in base.items())  # no second copy of the base
+        ids = torch.tensor([[5, 6, 7]])
+        assert weights.generate(input_ids=ids, max_new_tokens=2, do_sample=False).shape == (1, 5)
+    assert {p.dtype for p in lora.values()} == {torch.float32}  # training's LoRA weights untouched

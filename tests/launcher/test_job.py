@@ -34,6 +34,7 @@ def test_seeded_tiny_model_loss_curve_is_pinned(tmp_path):
 
     from launcher.data import encode_examples
     from launcher.hardware import HardwareInfo
+    from launcher.memory import find_shape
     from launcher.models import load_model, load_tokenizer
     from launcher.plan import make_plan
     from launcher.recipe import validate_recipe
@@ -46,7 +47,7 @@ def test_seeded_tiny_model_loss_curve_is_pinned(tmp_path):
                               "train": {"max_steps": 6, "effective_batch_size": 4, "learning_rate": 2e-2,
                                         "lr_scheduler": "constant_with_warmup", "warmup": 0, "logging_steps": 1, "seed": 0},
                               "hardware": {"micro_batch_size": 2, "precision": "fp32", "threads": 1}})
-    plan = make_plan(recipe, HardwareInfo(cpu_cores=2, ram_gb=8, cpu_bf16=False))
+    plan = make_plan(recipe, HardwareInfo(cpu_cores=2, ram_gb=8, cpu_bf16=False), *find_shape(str(tiny_model)))
     assert (plan.micro_batch_size, plan.gradient_accumulation_steps) == (2, 2)
     tok = load_tokenizer(str(tiny_model))
     features, _ = encode_examples(generate(24, 1, seed=3)[0], tok, 96, "plain")
@@ -54,8 +55,10 @@ def test_seeded_tiny_model_loss_curve_is_pinned(tmp_path):
     torch.manual_seed(0)
     model = get_peft_model(load_model(str(tiny_model)),
                            LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    # The worker's loss: logits at trained positions only (the plan's choice for a Llama), equal to the model's own.
+    assert plan.loss_logits == "trained"
     trainer = build_trainer(precision="fp32", keep_checkpoints=1, max_bad_steps=0, zero_loss_steps=3, max_time=None,
-                            stop=StopRequest(), model=model, args=training_arguments(plan, RunDir(tmp_path)),
+                            stop=StopRequest(), loss_logits=plan.loss_logits, model=model, args=training_arguments(plan, RunDir(tmp_path)),
                             train_dataset=features, data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
     trainer.train()
     losses = [round(r["loss"], 4) for r in trainer.state.log_history if "loss" in r]
@@ -86,3 +89,67 @@ def test_a_resumed_run_reads_the_base_evaluation_instead_of_repeating_it(tmp_pat
     other_rank = Run(plan, run_dir, Process(1, 2), resume=True)
     other_rank.evaluate_base(model=None)
     assert "base" not in other_rank.results  # only the main process evaluates
+
+
+def _trained_run(tmp_path, hardware, **model):
+    """A Run of the shipped tiny model planned for `hardware`, after two optimizer steps."""
+    from launcher.job import Run
+    from launcher.memory import find_shape
+    from launcher.plan import make_plan
+    from launcher.recipe import validate_recipe
+    from launcher.rundir import RunDir
+
+    recipe = validate_recipe({"model": {"name": str(TINY), **model},
+                              "data": {"train_size": 8, "max_length": 64},
+                              "train": {"max_steps": 2, "effective_batch_size": 4, "save_steps": 100, "logging_steps": 1},
+                              "eval": {"size": 2, "compare_base": False}})
+    plan = make_plan(recipe, hardware, *find_shape(str(TINY)))
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.path.mkdir(parents=True)
+    run = Run(plan, run_dir)
+    run.setup()
+    run.train()
+    return run
+
+
+def _dtypes(run):
+    import torch
+
+    trainable = {p.dtype for p in run.model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in run.model.parameters() if not p.requires_grad and p.is_floating_point()}
+    moments = {t.dtype for state in run.trainer.optimizer.state.values() for t in state.values()
+               if torch.is_tensor(t) and t.dim() > 0}
+    return trainable, frozen, moments
+
+
+def test_lora_on_a_bf16_cpu_trains_fp32_adapters_on_a_bf16_base(tmp_path):
+    import torch
+
+    from launcher.hardware import HardwareInfo
+
+    run = _trained_run(tmp_path, HardwareInfo(cpu_cores=2, ram_gb=8, cpu_bf16=True))
+    assert run.plan.precision == "bf16" and run.plan.base_dtype == "bf16"
+    trainable, frozen, moments = _dtypes(run)
+    assert frozen == {torch.bfloat16}
+    assert trainable == {torch.float32} and moments == {torch.float32}  # LoRA weights and Adam's moments
+
+
+def test_lora_on_a_cpu_without_bf16_stays_fp32_everywhere(tmp_path):
+    import torch
+
+    from launcher.hardware import HardwareInfo
+
+    run = _trained_run(tmp_path, HardwareInfo(cpu_cores=2, ram_gb=8, cpu_bf16=False))
+    assert run.plan.base_dtype == "fp32"
+    assert _dtypes(run) == ({torch.float32}, {torch.float32}, {torch.float32})
+
+
+def test_full_fine_tuning_on_a_bf16_cpu_never_holds_a_half_precision_trainable_weight(tmp_path):
+    import torch
+
+    from launcher.hardware import HardwareInfo
+
+    run = _trained_run(tmp_path, HardwareInfo(cpu_cores=2, ram_gb=8, cpu_bf16=True), method="full")
+    assert run.plan.precision == "bf16" and run.plan.base_dtype == "fp32"
+    trainable, frozen, moments = _dtypes(run)
+    assert trainable == {torch.float32} and moments == {torch.float32} and not frozen

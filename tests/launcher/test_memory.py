@@ -129,3 +129,31 @@ def test_full_fine_tuning_needs_sixteen_bytes_a_weight_and_zero_divides_them():
     z2 = _est(method="full", zero_stage=2, world_size=8)
     assert z2.lora_states == SMOL.params * (2 + 12) / 8
     assert _est(method="full", zero_stage=3, world_size=8, offload=True).lora_states == SMOL.params * 2 / 8
+
+
+def test_a_half_precision_base_counts_two_bytes_a_weight_and_no_autocast_copy():
+    assert _est(base_dtype="bf16").weights == SMOL.params * 2
+    assert _est(base_dtype="bf16", checkpointing=True).weights == SMOL.params * 2
+    assert _est(base_dtype="fp32").weights == SMOL.params * 6  # fp32 weights and autocast's bf16 copy
+
+
+def test_trained_positions_loss_holds_one_chunk_of_logits_whatever_the_batch():
+    from launcher.loss import chunk_positions
+
+    chunk = chunk_positions(SMOL.vocab)
+    assert _est(trained_logits=True).logits == chunk * 49152 * 12
+    assert _est(trained_logits=True, micro_batch=32).logits == _est(trained_logits=True).logits
+    assert _est(trained_logits=True, micro_batch=1, seq_len=64).logits == 64 * 49152 * 12  # fewer tokens than a chunk
+
+
+def test_tensor_estimate_holds_for_a_bf16_base_with_the_trained_positions_loss():
+    # What the planner chooses on a bf16 machine: the base loaded in bf16, logits only at trained positions.
+    from benchmarks.memory_estimate import measure
+    from tests.launcher.test_job import TINY as tiny_model
+
+    shape, _ = find_shape(str(tiny_model))
+    for ckpt in (False, True):
+        est = estimate_memory(shape, micro_batch=8, seq_len=128, precision="bf16", checkpointing=ckpt, lora_rank=8,
+                              lora_targets="all-linear", device="cpu", base_dtype="bf16", trained_logits=True)
+        got = measure(str(tiny_model), 8, 128, "bf16", ckpt, "tensors", "lora", "bf16", "trained")
+        assert 0.75 <= est.tensors / got <= 1.25, (ckpt, est.tensors, got)

@@ -153,7 +153,7 @@ def test_memory_planner_shrinks_the_micro_batch_for_long_samples():
 
 def test_checkpointing_turns_on_only_when_needed():
     assert plan_for(A10G, "data.max_length=256").gradient_checkpointing is False
-    plan = plan_for(A10G, "data.max_length=16384")
+    plan = plan_for(A10G, "data.max_length=24576")
     assert plan.gradient_checkpointing is True and "even micro-batch 1" in plan.decision("gradient_checkpointing").reason
 
 
@@ -166,12 +166,13 @@ def test_evaluation_precision_follows_training_precision_and_says_why():
 
 
 def test_checkpointing_chosen_for_a_usable_micro_batch_says_what_it_bought():
-    # Qwen2.5-0.5B at 768 tokens on a 16 GB Mac: micro-batch 2 fits without checkpointing, 4 only with it.
+    # Qwen2.5-0.5B at 1024 tokens on a 16 GB Mac: micro-batch 2 fits without checkpointing, 32 with it (the
+    # loss's logits are a chunk of positions at a time, so checkpointed activations are nearly all that grows).
     qwen = ModelShape(*KNOWN_SHAPES["Qwen/Qwen2.5-0.5B-Instruct"])
-    plan = plan_for(M2, "data.max_length=768", "train.effective_batch_size=32", shape=qwen)
+    plan = plan_for(M2, "data.max_length=1024", "train.effective_batch_size=32", shape=qwen)
     reason = plan.decision("gradient_checkpointing").reason
-    assert plan.gradient_checkpointing is True and plan.micro_batch_size == 4
-    assert "largest micro-batch that fits is 2" in reason and "with it 4" in reason
+    assert plan.gradient_checkpointing is True and plan.micro_batch_size == 32
+    assert "largest micro-batch that fits is 2" in reason and "with it 32" in reason
     assert "even micro-batch" not in reason
 
 
@@ -180,8 +181,8 @@ A10Gx2 = HardwareInfo(cpu_cores=16, ram_gb=128, cpu_bf16=False,
 
 
 def test_zero3_and_offload_when_the_model_does_not_fit_a_device():
-    z = plan_for(A10Gx8, "train.effective_batch_size=64", "data.max_length=4096", shape=LLAMA8B)
-    # 8B weights in bf16 (16 GB) plus the logits of a 4096-token sample exceed a 22 GB GPU at stage 2.
+    z = plan_for(A10Gx8, "train.effective_batch_size=64", "data.max_length=8192", shape=LLAMA8B)
+    # 8B weights in bf16 (16 GB) plus the activations of an 8192-token sample exceed a 22 GB GPU at stage 2.
     assert z.backend == "deepspeed" and z.zero_stage == 3
     assert "stage 2 does not fit" in z.decision("zero_stage").reason
     # On two 22 GB A10Gs even ZeRO-3 (8 GB of weights each) plus an 8192-token sample does not fit: offload. (Two
@@ -290,3 +291,53 @@ def test_calculator_annotations_lengthen_the_default_max_length_so_no_gsm8k_solu
     # A length the recipe sets is kept.
     assert make_plan(load_recipe(GSM8K_RECIPE, ["data.calculator_annotations=true", "data.max_length=600"]),
                      CPU_OLD, SMOL).max_length == 600
+
+
+def test_lora_base_dtype_follows_native_mixed_precision_and_says_why():
+    plan = plan_for(CPU_BF16)
+    assert (plan.precision, plan.base_dtype) == ("bf16", "bf16")
+    assert "2 bytes per frozen weight" in plan.decision("base_dtype").reason
+    assert plan_for(A100).base_dtype == "bf16"
+    assert plan_for(CPU_OLD).base_dtype == "fp32" and plan_for(M2).base_dtype == "fp32"
+    t4 = plan_for(T4)  # fp16 autocast: an fp16 base only on request
+    assert t4.base_dtype == "fp32" and "only on request" in t4.decision("base_dtype").reason
+    assert plan_for(T4, "model.base_dtype=fp16").base_dtype == "fp16"
+    assert plan_for(CPU_BF16, "model.base_dtype=fp32").base_dtype == "fp32"
+
+
+def test_full_fine_tuning_keeps_an_fp32_base_whatever_the_hardware():
+    for hw in (CPU_BF16, A100, T4):
+        plan = plan_for(hw, "model.method=full")
+        assert plan.base_dtype == "fp32" and "master weights" in plan.decision("base_dtype").reason
+
+
+@pytest.mark.parametrize("hw, overrides, match", [
+    (CPU_BF16, ["model.base_dtype=fp16"], r"model.base_dtype=fp16 needs fp16 mixed precision.*Fix: "),
+    (CPU_OLD, ["model.base_dtype=bf16"], r"model.base_dtype=bf16 needs bf16 mixed precision, and the plan trains in fp32.*Fix: "),
+    (A100x8, ["model.base_dtype=bf16"], r"model.base_dtype=bf16: DeepSpeed casts the module.*Fix: model.base_dtype=auto"),
+])
+def test_a_half_base_that_cannot_be_honoured_is_an_error_with_the_fix(hw, overrides, match):
+    with pytest.raises(PlanError, match=match):
+        plan_for(hw, *overrides)
+
+
+def test_a_bf16_base_halves_the_weights_in_the_memory_estimate():
+    bf16, fp32 = plan_for(CPU_BF16), plan_for(CPU_BF16, "model.base_dtype=fp32")
+    assert "weights 0.25 " in bf16.decision("memory_estimate_gib").reason  # 134.5M x 2 bytes, no autocast copy
+    assert "weights 0.75 " in fp32.decision("memory_estimate_gib").reason  # fp32 weights + autocast's bf16 copy
+    assert bf16.memory_estimate_gib < fp32.memory_estimate_gib
+    # Evaluation: generation shares the bf16 base (only the LoRA weights are cast), instead of a copy beside fp32.
+    shared, copied = bf16.decision("eval_memory_gib"), fp32.decision("eval_memory_gib")
+    assert "shares the bf16 base" in shared.reason and "training weights 0.25 " in shared.reason
+    assert "evaluation weights 0.25" in copied.reason and shared.value < copied.value
+
+
+def test_loss_logits_at_trained_positions_where_the_model_and_backend_allow_it():
+    plan = plan_for(CPU_BF16)
+    assert plan.loss_logits == "trained" and "never held whole" in plan.decision("loss_logits").reason
+    assert plan_for(CPU_BF16, "model.lora.target_modules=[q_proj, lm_head]").loss_logits == "all"
+    gemma = ModelShape(*KNOWN_SHAPES["embedded:smollm2-135m-instruct"][:7], "gemma2")  # soft-capped logits
+    assert plan_for(CPU_BF16, shape=gemma).loss_logits == "all"
+    assert plan_for(CPU_BF16, shape=None).loss_logits == "all"
+    z3 = plan_for(A10Gx8, "train.effective_batch_size=64", "data.max_length=8192", shape=LLAMA8B)
+    assert z3.zero_stage == 3 and z3.loss_logits == "all" and "ZeRO-3" in z3.decision("loss_logits").reason

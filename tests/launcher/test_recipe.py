@@ -100,3 +100,11 @@ def test_calculator_settings_are_read():
     r = load_recipe(RECIPE, ["data.calculator_annotations=true", "eval.calculator=true"])
     assert r.data.calculator_annotations and r.eval.calculator
     assert not load_recipe(RECIPE, ["eval.calculator=false"]).eval.calculator
+
+
+def test_a_half_precision_base_with_full_fine_tuning_is_refused_naming_key_value_and_fix():
+    with pytest.raises(ConfigError) as exc:
+        load_recipe(RECIPE, ["model.method=full", "model.base_dtype=bf16"])
+    text = str(exc.value)
+    assert "model.base_dtype=bf16" in text and "model.method=full" in text and "model.base_dtype=auto" in text
+    assert load_recipe(RECIPE, ["model.method=full", "model.base_dtype=fp32"]).model.base_dtype == "fp32"
