@@ -1,5 +1,7 @@
 """Scoring, comparison and the progress report of launcher/evaluate.py (no model needed)."""
 
+from pathlib import Path
+
 from launcher import evaluate as ev
 from launcher.tasks import get_task
 
@@ -94,16 +96,18 @@ def test_repeats_at_end_finds_a_unit_written_four_times_and_32_tokens_long():
     assert not ev.repeats_at_end(list(range(200)))
 
 
-def test_stop_on_repetition_ends_looping_rows_early_with_a_prefix_of_the_full_generation(tiny_model):
-    # The pre-trained tiny model falls into loops on some unit-conversion prompts (7 of these 8) once it
+def test_stop_on_repetition_ends_looping_rows_early_with_a_prefix_of_the_full_generation():
+    # The shipped pre-trained tiny model (tests/launcher/data, fixed: the conftest one changes with the task's
+    # targets) falls into loops on some unit-conversion prompts (5 of these 8) once it
     # has answered (greedy decoding past its EOS, which is disabled here). Stopping keeps exactly the tokens
     # generated up to the check that found the loop: a prefix of the tokens decoded to the limit.
     from launcher.models import load_model, load_tokenizer
 
+    tiny_model = Path(__file__).parent / "data" / "tiny-llama"
     tok, model = load_tokenizer(str(tiny_model)), load_model(str(tiny_model)).eval()
     tok.eos_token = tok.convert_ids_to_tokens(len(tok) - 1)  # never emitted: rows end only at the limit or a loop
     tok.padding_side = "left"
-    prompts = [f"Question: Convert {q} km to m.\nAnswer:" for q in range(1, 9)]
+    prompts = [f"Question: How many m is {q} ft?\nAnswer:" for q in range(1, 9)]
     batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     full = ev._generate_batch(model, tok, batch, 160)
     stopped = ev._generate_batch(model, tok, batch, 160, stop_on_repetition=True)

@@ -101,7 +101,7 @@ def _trained_run(tmp_path, hardware, **model):
     from launcher.rundir import RunDir
 
     recipe = validate_recipe({"model": {"name": str(TINY), **model},
-                              "data": {"train_size": 8, "max_length": 64},
+                              "data": {"train_size": 8, "max_length": 128},
                               "train": {"max_steps": 2, "effective_batch_size": 4, "save_steps": 100, "logging_steps": 1},
                               "eval": {"size": 2, "compare_base": False}})
     plan = make_plan(recipe, hardware, *find_shape(str(TINY)))

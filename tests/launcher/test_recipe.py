@@ -89,7 +89,8 @@ def test_cli_reports_config_errors_with_exit_2_and_no_traceback():
 @pytest.mark.parametrize("overrides, message", [
     (["data.calculator_annotations=true", "data.target_style=bare"], "data.target_style=bare writes no arithmetic"),
     (["data.task=chat", "data.path=x.jsonl", "data.calculator_annotations=true"], "write the <<EXPR=RESULT>> annotations"),
-    (["data.task=chat", "data.path=x.jsonl", "eval.calculator=true"], "chat without eval.metrics generates nothing"),
+    (["data.task=chat", "data.path=x.jsonl", "data.calculator_annotations=false", "eval.calculator=true"],
+     "chat without eval.metrics generates nothing"),
 ])
 def test_calculator_settings_that_would_do_nothing_are_refused_with_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
