@@ -318,7 +318,7 @@ class EvalSection(_Section):
     calculator: bool = Field(
         False, description="Calculator-augmented decoding (GSM8K paper): when the model has written `<<EXPR=`, an "
         "exact calculator writes the result and `>>`, and generation goes on. EXPR: numbers, + - * / ( ), ** up to "
-        "12; anything else is left to the model. predictions.jsonl marks what the calculator wrote. Base and "
+        "12; anything else is left to the model. The run's predictions mark what the calculator wrote. Base and "
         "trained always use the same decoding. Train with data.calculator_annotations=true so the model writes them."
     )
     metrics: list[Literal["exact", "contains", "numeric", "regex", "judge"]] = Field(

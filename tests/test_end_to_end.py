@@ -169,7 +169,9 @@ def test_scoring_gsm8k_reference_solutions_gives_accuracy_one(tmp_path):
     result = run_cli("eval", str(ROOT / "recipes" / "gsm8k.yaml"), f"data.path={gsm8k}", "--all",
                      "--generations", str(gens), "--predictions", str(preds), "--json")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"accuracy": 1.0, "answer_rate": 1.0, "n": 1319}
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {
+        "accuracy": 1.0, "answer_rate": 1.0, "n": 1319,
+        "error_kinds": {"correct": 1319, "no_answer": 0, "wrong_arithmetic": 0, "wrong_expressions": 0, "wrong_unannotated": 0}}
     assert len(preds.read_text().splitlines()) == 1319
     gens.write_text(json.dumps({"generated": "#### 1"}) + "\n")
     result = run_cli("eval", str(ROOT / "recipes" / "gsm8k.yaml"), f"data.path={gsm8k}", "--all", "--generations", str(gens))

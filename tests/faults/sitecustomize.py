@@ -26,10 +26,13 @@ if any(os.environ.get(name) for name in _FAULTS):
     _compute_loss = transformers.Trainer.compute_loss
     _save_checkpoint = transformers.Trainer._save_checkpoint
 
+    _step = [0]  # the optimizer step being computed, for the loss paths that do not see the Trainer
+
     def training_step(self, model, inputs, *args, **kwargs):
         rows = inputs["input_ids"].shape[0]
         if _oom is not None and rows > _oom:
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected by the test: micro-batch {rows} > {_oom})")
+        _step[0] = self.state.global_step + 1
         return _training_step(self, model, inputs, *args, **kwargs)
 
     def compute_loss(self, model, inputs, *args, **kwargs):
@@ -37,6 +40,17 @@ if any(os.environ.get(name) for name in _FAULTS):
         if _nan is not None and self.state.global_step + 1 == _nan:
             return (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
         return out
+
+    # The worker's own loss (plan.loss_logits=trained) does not go through Trainer.compute_loss.
+    import launcher.loss
+
+    _trained_positions_loss = launcher.loss.trained_positions_loss
+
+    def trained_positions_loss(*args, **kwargs):
+        out = _trained_positions_loss(*args, **kwargs)
+        return out * float("nan") if _nan is not None and _step[0] == _nan else out
+
+    launcher.loss.trained_positions_loss = trained_positions_loss
 
     def _slow_save_checkpoint(self, *args, **kwargs):
         time.sleep(_slow)
