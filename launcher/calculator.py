@@ -258,18 +258,13 @@ class CalculatorProcessor:
 
 def marked(tokenizer, ids: list[int], forced: list[int]) -> str:
     """The generated text with what the calculator wrote between MARK_OPEN and MARK_CLOSE."""
+    from itertools import groupby
+
     forced_at = set(forced)
-    out, run, run_forced = [], [], False
-    for k, token in enumerate(ids):
-        if run and (k in forced_at) != run_forced:
-            text = tokenizer.decode(run, skip_special_tokens=True)
-            out.append(f"{MARK_OPEN}{text}{MARK_CLOSE}" if run_forced else text)
-            run = []
-        run_forced = k in forced_at
-        run.append(token)
-    if run:
-        text = tokenizer.decode(run, skip_special_tokens=True)
-        out.append(f"{MARK_OPEN}{text}{MARK_CLOSE}" if run_forced else text)
+    out = []
+    for is_forced, run in groupby(range(len(ids)), key=lambda k: k in forced_at):
+        text = tokenizer.decode([ids[k] for k in run], skip_special_tokens=True)
+        out.append(f"{MARK_OPEN}{text}{MARK_CLOSE}" if is_forced else text)
     return "".join(out)
 
 
