@@ -59,6 +59,10 @@ CPU_RESIDENT_FACTOR = {"half": 1.4, "fp32": 1.75}
 # 1.10 (bf16), 1.13 (fp32), 1.17 (bf16 + checkpointing) on SmolLM2-135M at 8 x 128 tokens
 # (benchmarks/memory_estimate.py --method full).
 CPU_RESIDENT_FACTOR_FULL = 1.15
+# The libraries' own resident set before any model loads (Python, torch, transformers, peft and the launcher
+# imported: 0.39 GiB measured on Linux, torch 2.13 CPU build). Not part of the estimates above (fitted above that
+# baseline), but part of what a run's process peaks at, which launcher.phases measures.
+CPU_RUNTIME_GIB = 0.4
 
 
 @dataclass(frozen=True)
