@@ -524,21 +524,31 @@ def _decide_time(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None, dat
         decide("predicted_time", None, f"time not predicted: {data or 'the data was not measured'}")
         return None
     t, lora = recipe.train, recipe.model.lora
-    prediction = predict_time(
-        shape, data, device=device, precision=precision, eval_precision=eval_precision, tflops=hw.matmul_tflops,
-        bandwidth_gbs=hw.memory_bandwidth_gbs, method=recipe.model.method, lora_rank=lora.rank,
-        lora_targets=lora.target_modules, checkpointing=fit.checkpointing, trained_logits=loss_logits == "trained",
-        micro_batch=fit.micro, accumulation=accumulation, world_size=world_size, nodes=nodes, threads=threads,
-        cpu_cores=hw.cpu_cores, epochs=t.epochs, max_steps=t.max_steps, zero_stage=fit.zero_stage,
-        eval_batch=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
-        compare_base=recipe.eval.compare_base, base_dtype=base_dtype)
+
+    def predict(size: DataSize, epochs: float):
+        return predict_time(
+            shape, size, device=device, precision=precision, eval_precision=eval_precision, tflops=hw.matmul_tflops,
+            bandwidth_gbs=hw.memory_bandwidth_gbs, method=recipe.model.method, lora_rank=lora.rank,
+            lora_targets=lora.target_modules, checkpointing=fit.checkpointing, trained_logits=loss_logits == "trained",
+            micro_batch=fit.micro, accumulation=accumulation, world_size=world_size, nodes=nodes, threads=threads,
+            cpu_cores=hw.cpu_cores, epochs=epochs, max_steps=t.max_steps, zero_stage=fit.zero_stage,
+            eval_batch=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
+            compare_base=recipe.eval.compare_base, base_dtype=base_dtype)
+
+    def training_for(samples: int, epochs: float) -> float:
+        share = samples / data.samples
+        smaller = data.model_copy(update={"samples": samples, "tokens": round(data.tokens * share),
+                                          "trainable_tokens": round(data.trainable_tokens * share)})
+        return predict(smaller, epochs).training
+
+    prediction = predict(data, t.epochs)
     if isinstance(prediction, str):
         decide("predicted_time", None, f"time not predicted: {prediction}")
         return None
     decide("predicted_time", f"{prediction.total / 60:.1f} min", prediction.reason
            + (f"; rates: {hw.rates_source}" if hw.rates_source else ""))
     if t.max_time_seconds:
-        advice = budget_advice(prediction, data, t.max_time_seconds, t.epochs)
+        advice = budget_advice(prediction, data, t.max_time_seconds, str(t.max_time), t.epochs, training_for)
         if advice:
             decide("time_budget", advice[1], advice[0])
         else:

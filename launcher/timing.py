@@ -62,6 +62,9 @@ class TimePrediction(BaseModel):
     steps: int
     sustained_gflops: float
     reason: str
+    # The raw terms the efficiencies multiply (benchmarks/time_estimate.py fits the constants to them):
+    # matmul seconds at the full probed rate, seconds of one elementwise pass, micro-batches, decoding steps.
+    parts: dict[str, float] = {}
 
     @property
     def total(self) -> float:
@@ -147,13 +150,13 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
         comm_s = steps * per_step / link
     training = matmul_s + elementwise_s + fixed_s + comm_s
 
-    def evaluation(answer_tokens: int) -> float:
+    def evaluation(answer_tokens: int) -> tuple[float, int]:
         rate_eval = tflops.get(eval_precision, tflops[precision]) * 1e12 * (min(1.0, threads / max(1, cpu_cores)) if device == "cpu" else 1.0)
         weight_bytes = shape.params * (2 if eval_precision in ("bf16", "fp16") else 4)
         n, b = data.eval_items, max(1, eval_batch)
         batches = math.ceil(n / b) if n else 0
         steps_per_batch = min(max_new_tokens, answer_tokens)
-        seconds = 0.0
+        seconds, decode_steps = 0.0, 0
         for k in range(batches):
             rows = min(b, n - k * b)
             prefill = rows * data.eval_prompt_tokens * 2 * shape.params / (rate_eval * c["matmul_efficiency"])
@@ -161,13 +164,14 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
             active = max(1.0, rows / 2)
             step = max(weight_bytes / (bandwidth_gbs * 1e9), active * 2 * shape.params / (rate_eval * c["matmul_efficiency"]))
             seconds += prefill + steps_per_batch * (step + c["decode_step_seconds"])
+            decode_steps += steps_per_batch
         # The evaluation's loss: one forward pass over every item (prompt and reference answer).
         seconds += n * (data.eval_prompt_tokens + answer_tokens) * 2 * shape.params / (rate_eval * c["matmul_efficiency"])
-        return seconds
+        return seconds, decode_steps
 
     answer = data.answer_tokens_max
-    trained_eval = evaluation(answer)
-    base_eval = evaluation(answer) if compare_base else 0.0
+    trained_eval, decode_steps = evaluation(answer)
+    base_eval = trained_eval if compare_base else 0.0
     # Loading: reading the weights (a few seconds for small models; bandwidth-bound for large ones from a page cache).
     loading = 5.0 + shape.params * (4 if base_dtype == "fp32" else 2) / 1e9
     sustained = rate * c["matmul_efficiency"]
@@ -185,23 +189,51 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
               f"loading ~{_minutes(loading)}; efficiencies {fitted}; tokens: {data.source}")
     return TimePrediction(training=training, base_eval=base_eval, trained_eval=trained_eval, loading=loading,
                           flops_per_token=f["total"], tokens=tokens, samples_seen=samples_seen, steps=steps,
-                          sustained_gflops=sustained / 1e9, reason=reason)
+                          sustained_gflops=sustained / 1e9, reason=reason,
+                          parts={"matmul_full_rate_s": matmul_s * c["matmul_efficiency"],
+                                 "elementwise_pass_s": elementwise_s / c["elementwise_passes"],
+                                 "micro_batches": steps * accumulation, "comm_s": comm_s,
+                                 "eval_decode_steps": decode_steps,
+                                 "eval_fixed_s": decode_steps * c["decode_step_seconds"]})
 
 
-def budget_advice(prediction: TimePrediction, data: DataSize, max_time: float, epochs: float) -> tuple[str, dict] | None:
-    """When train.max_time cuts the predicted training short: what it will see and what would fit, else None."""
+def predict_for_plan(plan, shape: ModelShape) -> TimePrediction | str:
+    """predict_time with a written plan's own inputs (benchmarks re-derive the parts of a run's prediction)."""
+    r = plan.recipe
+    if plan.data_size is None:
+        return "the plan has no data size"
+    return predict_time(
+        shape, plan.data_size, device=plan.device, precision=plan.precision, eval_precision=plan.eval_precision,
+        tflops=plan.hardware.matmul_tflops, bandwidth_gbs=plan.hardware.memory_bandwidth_gbs, method=r.model.method,
+        lora_rank=r.model.lora.rank, lora_targets=r.model.lora.target_modules, checkpointing=plan.gradient_checkpointing,
+        trained_logits=plan.loss_logits == "trained", micro_batch=plan.micro_batch_size,
+        accumulation=plan.gradient_accumulation_steps, world_size=plan.world_size, nodes=plan.nodes, threads=plan.threads,
+        cpu_cores=plan.hardware.cpu_cores, epochs=r.train.epochs, max_steps=r.train.max_steps, zero_stage=plan.zero_stage,
+        eval_batch=r.eval.batch_size, max_new_tokens=r.eval.max_new_tokens, compare_base=r.eval.compare_base,
+        base_dtype=plan.base_dtype)
+
+
+def budget_advice(prediction: TimePrediction, data: DataSize, max_time: float, label: str, epochs: float,
+                  training_for) -> tuple[str, dict] | None:
+    """When train.max_time cuts the predicted training short: what it will see and what would fit, else None.
+
+    training_for(samples, epochs) -> predicted training seconds: the same prediction for less data or fewer epochs
+    (steps round up, so the share of the budget is only where the search starts)."""
     if prediction.training <= max_time:
         return None
     share = max_time / prediction.training
     seen = int(prediction.samples_seen * share)
-    fits_samples = max(1, int(data.samples * share))
-    fits_epochs = max(0.01, round(epochs * share, 2))
-    text = (f"warning: train.max_time={_minutes(max_time)} is shorter than the predicted training ({_minutes(prediction.training)}): "
+    samples = max(1, int(data.samples * share))
+    while samples > 1 and training_for(samples, epochs) > max_time:
+        samples = max(1, int(samples * 0.97))
+    fits_epochs = round(epochs * share, 2)
+    while fits_epochs > 0.01 and training_for(data.samples, fits_epochs) > max_time:
+        fits_epochs = round(fits_epochs * 0.97, 2)
+    text = (f"warning: train.max_time={label} is shorter than the predicted training ({_minutes(prediction.training)}): "
             f"it will see about {seen} of {prediction.samples_seen} samples ({share:.0%}"
-            + (f" of {epochs:g} epochs" if epochs != 1 else " of the epoch") + f"). To finish within it: data.max_samples={fits_samples}"
-            + (f" or train.epochs={fits_epochs}" if epochs > 1 or fits_epochs < 1 else "")
-            + ", or a longer train.max_time")
-    return text, {"samples_seen": seen, "of": prediction.samples_seen, "max_samples_that_fit": fits_samples,
+            + (f" of {epochs:g} epochs" if epochs != 1 else " of the epoch") + f"). To finish within it: data.max_samples={samples}"
+            + (f" or train.epochs={fits_epochs:g}" if fits_epochs > 0.01 else "") + ", or a longer train.max_time")
+    return text, {"samples_seen": seen, "of": prediction.samples_seen, "max_samples_that_fit": samples,
                   "epochs_that_fit": fits_epochs}
 
 
