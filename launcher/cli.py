@@ -83,7 +83,7 @@ def _data_size(recipe, plan):
             return f"the data ({recipe.data.dataset}) is on the Hub: its size is known once the run loads it"
         data_path = str(gsm8k.BUNDLED)  # the same dataset, shipped with sftlaunch
     try:
-        return measure_size(recipe, data_path, plan.max_length, local_files(recipe.model.name))
+        return measure_size(recipe, data_path, plan.max_length, local_files(recipe.model.name), cached=True)
     except (SftlaunchError, OSError) as exc:
         return f"the data could not be measured here ({str(exc).splitlines()[0][:200]})"
 
