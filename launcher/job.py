@@ -155,8 +155,8 @@ class Run:
         if not self.process.main:
             return None
         self.record_training(output, seconds, stop)
+        self.release_training()  # before the final evaluation's phase starts: its peak memory is its own
         self.enter(FINAL_EVAL)  # a signal that came while saving stops here, with the adapter complete
-        self.release_training()
         if self.distributed:
             self.reload_for_evaluation()
         return self.evaluate_trained()

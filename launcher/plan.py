@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from launcher import trackers
 from launcher.errors import PlanError
 from launcher.hardware import HardwareInfo
-from launcher.memory import (ADAM_BYTES_PER_PARAM, CPU_RUNTIME_GIB, LOGITS_BYTES_PER_ELEMENT, GiB, MemoryEstimate, ModelShape, estimate_eval_memory,
+from launcher.memory import (ADAM_BYTES_PER_PARAM, CPU_RETAINED_AFTER_TRAINING, CPU_RUNTIME_GIB, LOGITS_BYTES_PER_ELEMENT, GiB, MemoryEstimate, ModelShape, estimate_eval_memory,
                              estimate_memory)
 from launcher.recipe import Recipe
 from launcher.tasks import get_task
@@ -502,14 +502,16 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
 
 def _phase_memory(fit: MemoryFit, decisions: list[Decision], device: str) -> dict | None:
     """The peak memory each phase is predicted to reach on its device, as launcher.phases measures it: on CPU the
-    process's resident set, which adds the libraries' own (CPU_RUNTIME_GIB) to the estimates."""
+    process's resident set, which adds the libraries' own (CPU_RUNTIME_GIB) to the estimates, and to the final
+    evaluation what the process still holds from training (CPU_RETAINED_AFTER_TRAINING)."""
     if fit.estimate is None:
         return None
     runtime = CPU_RUNTIME_GIB if device == "cpu" else 0.0
+    retained = CPU_RETAINED_AFTER_TRAINING * fit.estimate.total / GiB if device == "cpu" else 0.0
     memory = {"training": round(fit.estimate.total / GiB + runtime, 2)}
     eval_gib = next((d.value for d in decisions if d.field == "eval_memory_gib"), None)
     if eval_gib is not None:
-        memory.update(base_eval=round(eval_gib + runtime, 2), final_eval=round(eval_gib + runtime, 2))
+        memory.update(base_eval=round(eval_gib + runtime, 2), final_eval=round(eval_gib + runtime + retained, 2))
     return memory
 
 
