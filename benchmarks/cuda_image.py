@@ -115,9 +115,12 @@ def main() -> int:
         shutil.rmtree(context, ignore_errors=True)
 
         inside = sh("docker", "run", "--rm", "--network", "none", "--entrypoint", "python", IMAGE_TAG, "-c",
-                    "import torch, bitsandbytes, deepspeed; print(torch.__version__, torch.version.cuda, "
-                    "torch.cuda.is_available(), bitsandbytes.__version__, deepspeed.__version__)", env=env).stdout.split()
-        report["steps"]["versions"] = dict(zip(("torch", "torch_cuda", "cuda_available", "bitsandbytes", "deepspeed"), inside))
+                    "import json, torch, bitsandbytes, deepspeed; print(json.dumps({'torch': torch.__version__, "
+                    "'torch_cuda': torch.version.cuda, 'cuda_available': torch.cuda.is_available(), "
+                    "'bitsandbytes': bitsandbytes.__version__, 'deepspeed': deepspeed.__version__}))", env=env).stdout
+        report["steps"]["versions"] = json.loads(inside.strip().splitlines()[-1])  # DeepSpeed logs a line before it
+        if not report["steps"]["versions"]["torch_cuda"]:
+            raise RuntimeError(f"the image's torch is not a CUDA build: {report['steps']['versions']}")
         out = sh("docker", "run", "--rm", "--network", "none", IMAGE_TAG, "env", env=env).stdout
         seen = json.loads(out)
         plan = json.loads(sh("docker", "run", "--rm", "--network", "none", IMAGE_TAG, "plan", "recipes/unit-conversion.yaml",
