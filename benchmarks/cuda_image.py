@@ -10,8 +10,9 @@ A manual check (several minutes, several GB), not part of `make test`. As root i
    `pip download` into a folder served on 127.0.0.1 only for the build (PIP_FIND_LINKS build argument):
    they never become an image layer, and the image is the size a build from the index gives;
 4. builds `--target cuda` through `sftlaunch docker build` and records the time and the image size;
-5. runs `sftlaunch env` in the image (no GPU here: it must say so and fall back to the CPU) and a
-   `--smoke` training of the tiny test model (tests/conftest.py) through `sftlaunch docker run`.
+5. runs `sftlaunch env` and `sftlaunch plan` in the image (no GPU here: none found, the CPU backend chosen)
+   and a `--smoke` training of the tiny test model (tests/conftest.py) through `sftlaunch docker run`, then
+   the same with model.quantize=4bit (the image's bitsandbytes, on its CPU backend).
 
 It writes STATE/report.json and STATE/cuda_image.log and exits 1 if a step failed. The host's CA bundle
 reaches pip inside the build only through the test base image (like tests/test_docker.py), never the
@@ -148,7 +149,18 @@ def main() -> int:
         report["steps"]["smoke"] = {"seconds": round(time.time() - t0), "status": status,
                                     "adapter_saved": (run_dir / "adapter" / "adapter_config.json").is_file(),
                                     "output_tail": r.stdout[-1500:]}
-        report["ok"] = status == "completed" and report["steps"]["smoke"]["adapter_saved"]
+        # The image's bitsandbytes on its CPU backend: the 4-bit path runs in the image too.
+        t0 = time.time()
+        sh(sys.executable, "-m", "launcher.cli", "docker", "run", recipe, "eval.limit=2", "model.quantize=4bit", "--smoke",
+           "--image", IMAGE_TAG, "--outputs", work / "outputs-qlora", "--hf-cache", work / "hf", "--mount",
+           f"{tiny}:/models/tiny", "--network", "none", env=env, cwd=ROOT, timeout=1800)
+        (qlora_dir,) = list((work / "outputs-qlora").iterdir())
+        qlora_plan = json.loads((qlora_dir / "plan.json").read_text())
+        report["steps"]["smoke_qlora"] = {"seconds": round(time.time() - t0), "quantize": qlora_plan["quantize"],
+                                          "status": json.loads((qlora_dir / "run.json").read_text())["status"],
+                                          "adapter_saved": (qlora_dir / "adapter" / "adapter_config.json").is_file()}
+        report["ok"] = (status == "completed" and report["steps"]["smoke"]["adapter_saved"]
+                        and report["steps"]["smoke_qlora"]["status"] == "completed" and qlora_plan["quantize"] == "4bit")
     except Exception as exc:  # the report says which step failed and why; the log has every command's output
         report["ok"] = False
         report["error"] = str(exc)
