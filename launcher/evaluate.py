@@ -406,8 +406,12 @@ def inference_weights(model, precision: str):
     # straight into the copy (torch.nn.Parameter.__deepcopy__ returns memo[id(self)] when present).
     memo = {}
     for p in model.parameters():
-        memo[id(p)] = torch.nn.Parameter(p.detach().to(dtype) if p.is_floating_point() else p.detach().clone(),
-                                         requires_grad=False)
+        if not p.is_floating_point():
+            # Shared, not copied: a 4-bit weight (bitsandbytes' Params4bit, uint8) carries its quantization state
+            # on the parameter object itself, which a plain Parameter copy would lose; nothing trains it here.
+            memo[id(p)] = p
+            continue
+        memo[id(p)] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
     for b in model.buffers():
         memo[id(b)] = b.detach().to(dtype) if b.is_floating_point() else b.detach().clone()
     copied = copy.deepcopy(model, memo)

@@ -83,9 +83,17 @@ def _merge(run_dir: RunDir, plan, out: Path, dtype: str, check_items: int, log) 
     base_path = resolve_model(recipe.model.name)
     tokenizer = load_tokenizer(base_path, plan.trust_remote_code)
     full = recipe.model.method == "full"
-    # A full run has nothing to merge: its complete model, in fp32, is cast and checked like a merge.
+    # A full run has nothing to merge: its complete model, in fp32, is cast and checked like a merge. A QLoRA run's
+    # adapter goes onto its NF4 base dequantized to fp32: the weights it was trained beside, not 4-bit ones.
+    quantized = plan.quantize == "4bit" and not full
+    if quantized:
+        from launcher.models import dequantized_base
+
+        log(f"QLoRA run: quantizing {recipe.model.name} to NF4 as training did, then dequantizing it to fp32 for the merge")
+    base = dequantized_base(base_path, plan.trust_remote_code, plan.base_dtype) if quantized else None
     model = load_trained(run_dir, recipe.model.method, base_path, device=device, dtype="fp32",
-                         trust_remote_code=plan.trust_remote_code)
+                         trust_remote_code=plan.trust_remote_code, base=base)
+    del base
     items = get_task(recipe.data.task).eval_examples(recipe, plan.data_path)[:check_items]  # held-out items, eval.limit aside
     prompts = [format_prompt(ex.question, tokenizer, evaluation["prompt_format"]) for ex in items]
     expected = generate(model, tokenizer, prompts, label="trained model" if full else "base + adapter", **gen)
@@ -108,7 +116,8 @@ def _merge(run_dir: RunDir, plan, out: Path, dtype: str, check_items: int, log) 
     got = generate(reloaded, tokenizer, prompts, label="exported model", **gen)
     matches = sum(a == b for a, b in zip(expected, got))
     info = {"kind": "merged", "base_model": recipe.model.name, "run": str(run_dir.path), "dtype": dtype,
-            "merged_in": "fp32", "check_items": len(prompts), "generations_equal": matches,
+            "merged_in": "fp32", "base_weights": "NF4 dequantized to fp32 (QLoRA)" if quantized else "as saved",
+            "check_items": len(prompts), "generations_equal": matches,
             "seconds": round(time.time() - t0, 1)}
     (out / "export.json").write_text(json.dumps(info, indent=2))
     log(f"merged {recipe.model.name} + adapter of {run_dir} in fp32, saved as {dtype} to {out}: "

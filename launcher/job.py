@@ -204,7 +204,8 @@ class Run:
             deepspeed.init_distributed()
         # Under DeepSpeed the engine places the model; one process places it itself. The frozen base loads in
         # the plan's base_dtype (a resumed run reads the same plan.json, so it loads what it trained on).
-        self.model = load_model(self.model_path, self.plan.trust_remote_code, dtype=self.plan.base_dtype)
+        self.model = load_model(self.model_path, self.plan.trust_remote_code, dtype=self.plan.base_dtype,
+                                quantize=self.plan.quantize)
         if self.plan.backend == "deepspeed" and self.plan.zero_stage == 3 and self.process.main:
             held = sum(p.numel() for p in self.model.parameters())
             whole = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
@@ -248,7 +249,8 @@ class Run:
             trainable, total = self.model.get_nb_trainable_parameters()
             if self.process.main:
                 print(f"LoRA r={lora.rank}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
-                      f"frozen base in {self.plan.base_dtype}, LoRA weights in fp32", flush=True)
+                      f"frozen base in {self.plan.base_dtype}" + (", its linear layers in 4-bit NF4" if self.plan.quantize == "4bit"
+                                                                  else "") + ", LoRA weights in fp32", flush=True)
             if self.plan.gradient_checkpointing:
                 self.model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing from the frozen embeddings
         self.tokenizer.padding_side = "right"
@@ -359,7 +361,10 @@ class Run:
         """The base model evaluated (unless done before), then the run's trained model loaded for the final
         evaluation: the saved adapter put on the base (method full: the saved model in its place), in the
         evaluation's precision. Nothing trains the base any more, so it is cast in place."""
-        base = base.to(self.plan.device, dtype=torch_dtype(self.plan.eval_precision))
+        if self.plan.quantize == "4bit":  # a 4-bit model cannot be cast; its eval precision is its compute dtype
+            base = base.to(self.plan.device)
+        else:
+            base = base.to(self.plan.device, dtype=torch_dtype(self.plan.eval_precision))
         self.evaluate_base(base)
         self.enter(FINAL_EVAL)
         if self.full:  # the saved model replaces the base: drop every reference to it first

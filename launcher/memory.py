@@ -23,6 +23,7 @@ KNOWN_SHAPES = {
     "Qwen/Qwen2.5-0.5B-Instruct": (896, 24, 14, 2, 4864, 151936, True, "qwen2"),
     "Qwen/Qwen2.5-1.5B-Instruct": (1536, 28, 12, 2, 8960, 151936, True, "qwen2"),
     "Qwen/Qwen2.5-7B-Instruct": (3584, 28, 28, 4, 18944, 152064, False, "qwen2"),
+    "Qwen/Qwen2.5-7B": (3584, 28, 28, 4, 18944, 152064, False, "qwen2"),  # the base model: the same config shape
     "meta-llama/Llama-3.2-1B-Instruct": (2048, 16, 32, 8, 8192, 128256, True, "llama"),
     "meta-llama/Llama-3.2-3B-Instruct": (3072, 28, 24, 8, 8192, 128256, True, "llama"),
     "meta-llama/Llama-3.1-8B-Instruct": (4096, 32, 32, 8, 14336, 128256, False, "llama"),
@@ -46,6 +47,10 @@ LOGITS_BYTES_PER_ELEMENT = 12
 # compute dtype for the products with lm_head (2 or 4) and the compute dtype's product output before its upcast
 # (2 or 4): 12 is the fp32 bound.
 ADAM_BYTES_PER_PARAM = 16  # fp32 LoRA weight, fp32 gradient, two fp32 Adam moments
+# A 4-bit NF4 weight with double quantization (model.quantize=4bit): half a byte, plus its block's absmax
+# quantized to 8 bits (one per 64 weights) and one fp32 scale per 256 of those blocks (bitsandbytes'
+# defaults, transformers BitsAndBytesConfig bnb_4bit_use_double_quant; QLoRA paper, section 3).
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 # On CPU the process's resident set exceeds its live tensors: glibc keeps freed blocks in its heaps (every
 # tensor below its 32 MiB mmap ceiling comes from there) and reuses them only for requests that fit.
 # Resident peak / live-tensor peak measured on SmolLM2-135M from 1024 to 8192 tokens per micro-batch:
@@ -87,6 +92,14 @@ class ModelShape:
         h, kv = self.hidden, self.kv_heads * (self.hidden // self.heads)
         per_layer = 2 * h * h + 2 * h * kv + 3 * h * self.intermediate + 2 * h
         return self.vocab * h * (1 if self.tied else 2) + self.layers * per_layer + h
+
+    @property
+    def linear_params(self) -> int:
+        """Weights of the decoder layers' linear projections: what 4-bit quantization stores as NF4 (embeddings,
+        norms and lm_head are left in the base dtype: transformers' get_modules_to_not_convert keeps the output
+        embeddings, and bitsandbytes replaces nn.Linear only)."""
+        h, kv = self.hidden, self.kv_heads * (self.hidden // self.heads)
+        return self.layers * (2 * h * h + 2 * h * kv + 3 * h * self.intermediate)
 
     def lora_params(self, rank: int, targets) -> int:
         h, i, kv = self.hidden, self.intermediate, self.kv_heads * (self.hidden // self.heads)
@@ -151,21 +164,35 @@ class MemoryEstimate:
         return text + (f" + CPU allocator {g['allocator']}" if self.allocator else "")
 
 
+def quantized_weight_bytes(shape: ModelShape, base_dtype: str) -> float:
+    """Bytes of a 4-bit base: NF4 linear layers, the rest (embeddings, norms, lm_head) in base_dtype."""
+    rest = 2.0 if base_dtype in ("bf16", "fp16") else 4.0
+    return shape.linear_params * NF4_BYTES_PER_PARAM + (shape.params - shape.linear_params) * rest
+
+
 def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, precision: str, checkpointing: bool,
                     lora_rank: int, lora_targets, zero_stage: int = 0, world_size: int = 1,
                     offload: bool = False, device: str = "cuda", method: str = "lora", base_dtype: str = "fp32",
-                    trained_logits: bool = False) -> MemoryEstimate:
+                    trained_logits: bool = False, quantize: str = "none") -> MemoryEstimate:
     """Peak bytes on one device for one micro-batch step of LoRA or full training (on CPU: of the resident set).
 
     base_dtype: the dtype the (frozen, LoRA) base is loaded in. trained_logits: the loss computes logits at
     trained positions only, a chunk of positions at a time (launcher/loss.py), instead of the whole block.
+    quantize "4bit": the base's linear layers are NF4 (QLoRA), computed in base_dtype.
     """
     half = precision in ("bf16", "fp16")
     kind = "half" if half else "fp32"
     # Weights stay fp32 (never half precision under the optimizer). Autocast casts each weight to half
     # precision and the matmul keeps that copy for its backward; with checkpointing only the output
     # projection's copy (vocab x hidden) outlives the forward pass.
-    if base_dtype in ("bf16", "fp16") and not zero_stage:
+    if quantize == "4bit":
+        # bitsandbytes dequantizes one layer's weight to the compute dtype for each product and keeps only the
+        # 4-bit weight for backward (bitsandbytes/autograd MatMul4Bit): one transient, the largest projection.
+        compute = 2.0 if base_dtype in ("bf16", "fp16") else 4.0
+        weights = quantized_weight_bytes(shape, base_dtype) + compute * shape.hidden * shape.intermediate
+        if half and base_dtype == "fp32":
+            weights += 2.0 * shape.vocab * shape.hidden  # autocast's half copy of the fp32 lm_head
+    elif base_dtype in ("bf16", "fp16") and not zero_stage:
         # A half-precision frozen base: 2 bytes per weight, and autocast finds nothing to cast (the LoRA
         # weights' casts are counted nowhere: they are r/hidden of the layers' size).
         weights = shape.params * 2.0
@@ -255,17 +282,21 @@ class EvalMemoryEstimate:
 
 
 def estimate_eval_memory(shape: ModelShape, *, eval_precision: str, training_precision: str, batch: int, prompt_len: int,
-                         new_tokens: int, reloaded: bool, device: str, base_dtype: str = "fp32") -> EvalMemoryEstimate:
+                         new_tokens: int, reloaded: bool, device: str, base_dtype: str = "fp32",
+                         quantize: str = "none") -> EvalMemoryEstimate:
     """The evaluation's peak: generation on `batch` prompts of up to `prompt_len` tokens plus `new_tokens`.
 
     One process evaluates the model it trained: its fp32 weights stay, and under mixed precision generation
     runs on a half-precision copy beside them (launcher.evaluate.inference_weights, cast weight by weight).
     Under DeepSpeed (`reloaded`) the engine is freed and the model is loaded again in the evaluation's
     precision alone. A base trained in the evaluation's precision (base_dtype) is shared by the copy: only
-    the LoRA weights are cast, which is counted nowhere.
+    the LoRA weights are cast, which is counted nowhere; so is a 4-bit base (quantize), whose evaluation
+    precision is its compute dtype.
     """
     eval_bytes = 2.0 if eval_precision in ("bf16", "fp16") else 4.0
-    if reloaded:
+    if quantize == "4bit":  # generation runs on the 4-bit base it trained with (its weights cannot be cast)
+        training, weights = quantized_weight_bytes(shape, base_dtype), 0.0
+    elif reloaded:
         training, weights = 0.0, shape.params * eval_bytes
     else:
         training = shape.params * (4.0 if base_dtype == "fp32" else 2.0)

@@ -171,17 +171,64 @@ def torch_dtype(name: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def load_model(path: str, trust_remote_code: bool = False, dtype: str = "fp32"):
+def nf4_config(compute_dtype: str):
+    """transformers' BitsAndBytesConfig for QLoRA (model.quantize=4bit): NF4, double quantization, products in
+    compute_dtype (transformers/utils/quantization_config.py BitsAndBytesConfig; the QLoRA paper's recipe)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch_dtype(compute_dtype))
+
+
+def load_model(path: str, trust_remote_code: bool = False, dtype: str = "fp32", quantize: str = "none"):
     """The model at path with weights in dtype. Training loads fp32: mixed precision autocasts the compute, and
-    half-precision weights under the optimizer are the classic grad_norm: nan. Evaluation may load half."""
+    half-precision weights under the optimizer are the classic grad_norm: nan. Evaluation may load half.
+
+    quantize "4bit": the linear layers are quantized to NF4 as they load and compute in dtype; the rest stays in
+    dtype. bitsandbytes places the model itself (the current CUDA device, else the CPU: transformers'
+    Bnb4BitHfQuantizer.update_device_map). Not peft's prepare_model_for_kbit_training: it upcasts every weight
+    that is not 4-bit to fp32 (peft/utils/other.py), which for Qwen2.5-7B's untied 152k-token embeddings and head
+    doubles 2.2 GB to 4.4 GB; the frozen half-precision base already trains here without it (LoRA weights
+    fp32: job.keep_trainable_fp32; input gradients for checkpointing: job.Run.train)."""
     from transformers import AutoModelForCausalLM
 
+    extra = {"quantization_config": nf4_config(dtype)} if quantize == "4bit" else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code,
+                                                     **extra)
     except OSError as exc:
         raise _hub_error(path, exc) from None
     except ValueError as exc:
         raise _unknown_model_error(path, exc) from None
+    if quantize == "4bit":
+        keep_4bit_trainable(model)
+    return model
+
+
+def keep_4bit_trainable(model) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights. On a CPU with avx512_bf16, bitsandbytes 0.50's
+    Linear4bit.forward repacks its weight for a faster kernel at the first eval-mode forward without gradients (the
+    base evaluation), for good, and from then on multiplies through gemv_4bit, which has no autograd kernel
+    (bitsandbytes/nn/modules.py Linear4bit.forward, autograd/_functions.py matmul_4bit): training afterwards got
+    LoRA gradients wrong by 100% (torch only warns). Measured in tests/test_qlora.py against the dequantized base."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def dequantized_base(path: str, trust_remote_code: bool, compute_dtype: str):
+    """The base a QLoRA adapter was trained on, as an fp32 model with plain nn.Linear layers: quantized to NF4
+    exactly as training loaded it, then dequantized (transformers' model.dequantize(), integrations/bitsandbytes.py
+    dequantize_and_replace). A merge onto it adds the adapter to the weights it learned beside, never to 4-bit
+    weights (PEFT's 4-bit merge re-quantizes the sum, peft/tuners/lora/bnb.py Linear4bit.merge, and the update is
+    mostly lost to NF4's rounding)."""
+    import torch
+
+    model = load_model(path, trust_remote_code, dtype=compute_dtype, quantize="4bit")
+    model = model.dequantize(dtype=torch.float32)
+    return model.to("cpu", torch.float32)
 
 
 def check_target_modules(model, targets: str | list[str], ref: str) -> None:

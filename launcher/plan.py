@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict
 from launcher import trackers
 from launcher.errors import PlanError
 from launcher.hardware import HardwareInfo
-from launcher.memory import (ADAM_BYTES_PER_PARAM, CPU_RETAINED_AFTER_TRAINING, CPU_RUNTIME_GIB, LOGITS_BYTES_PER_ELEMENT, GiB, MemoryEstimate, ModelShape, estimate_eval_memory,
-                             estimate_memory)
+from launcher.memory import (ADAM_BYTES_PER_PARAM, CPU_RETAINED_AFTER_TRAINING, CPU_RUNTIME_GIB, LOGITS_BYTES_PER_ELEMENT, GiB,
+                             MemoryEstimate, ModelShape, estimate_eval_memory, estimate_memory, quantized_weight_bytes)
 from launcher.recipe import Recipe
 from launcher.tasks import get_task
 from launcher.timing import DataSize, budget_advice, predict_time
@@ -67,6 +67,7 @@ class Plan(BaseModel):
     trust_remote_code: bool
     # Defaults are what plans written before these fields existed did, so their runs resume unchanged.
     base_dtype: str = "fp32"  # the dtype the frozen base weights are loaded in (fp32 under the optimizer for full)
+    quantize: str = "none"  # "4bit": the base's linear layers as NF4 (QLoRA), computed in base_dtype
     loss_logits: str = "all"  # "trained": logits only at trained positions, chunked (launcher/loss.py)
     data_path: str | None = None  # the training/evaluation data the worker reads (None: generated, or the Hub)
     # The time prediction per phase (launcher.timing) and the memory predicted per phase, in GiB; what the
@@ -81,7 +82,7 @@ class Plan(BaseModel):
 
     def summary(self) -> dict:
         """The JSON view `sftlaunch plan --json` prints."""
-        keys = ("backend", "device", "precision", "base_dtype", "loss_logits", "eval_precision", "world_size", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "threads", "max_length", "nodes", "processes_per_node", "zero_stage", "offload",
+        keys = ("backend", "device", "precision", "base_dtype", "quantize", "loss_logits", "eval_precision", "world_size", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "threads", "max_length", "nodes", "processes_per_node", "zero_stage", "offload",
                 "memory_estimate_gib", "device_memory_gib", "trust_remote_code", "predicted_seconds", "predicted_memory_gib")
         out = {k: getattr(self, k) for k in keys}
         out["effective_batch_size"] = self.recipe.train.effective_batch_size
@@ -200,6 +201,28 @@ def choose_base_dtype(requested: str, method: str, backend: str, precision: str,
     return "fp32", "the plan trains in fp32"
 
 
+def choose_quantize(requested: str, backend: str, base_dtype: str) -> tuple[str, str]:
+    """Whether the base is stored in 4 bits (QLoRA), and why; PlanError where bitsandbytes cannot run it here."""
+    key = f"model.quantize={requested}"
+    if requested == "none":
+        return "none", "requested by the recipe (model.quantize)"
+    if backend == "deepspeed":
+        # ZeRO shards and casts the module's parameters itself; bitsandbytes' 4-bit parameters are neither.
+        raise PlanError(f"{key}: 4-bit QLoRA runs in one process, not under DeepSpeed (hardware.backend=deepspeed, chosen "
+                        "for several GPUs). Fix: hardware.backend=cuda (one GPU: 4-bit is for fitting a model on one), "
+                        "or model.quantize=none (a bf16 base sharded by ZeRO).")
+    if backend == "mps":
+        # bitsandbytes 0.50 registers MPS 4-bit ops, but as pure-PyTorch fallbacks (bitsandbytes/backends/mps/ops.py)
+        # that no sftlaunch test has run; the MPS backend trains fp32 and gains nothing it can be shown to keep.
+        raise PlanError(f"{key}: 4-bit QLoRA has not been run on Apple silicon (MPS) by sftlaunch. Fix: model.quantize=none, "
+                        "or a CUDA GPU.")
+    where = ("CUDA kernels" if backend == "cuda" else
+             "its CPU backend, for memory rather than speed: each product dequantizes a weight first")
+    return "4bit", (f"requested by the recipe: QLoRA. The base's linear layers are stored as NF4 with double quantization "
+                    f"(about 0.52 bytes per weight) and computed in {base_dtype}; embeddings, norms and lm_head stay "
+                    f"{base_dtype}; the LoRA weights, their gradients and Adam state stay fp32 (bitsandbytes, {where})")
+
+
 # Model families whose causal-LM forward ends in lm_head(final hidden states), nothing after it (no logit
 # soft-capping or scaling), so the loss can take the head's input at trained positions (launcher/loss.py).
 TRAINED_LOGITS_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -301,6 +324,8 @@ def runnable_here(plan: Plan, hw: HardwareInfo) -> list[str]:
                         "(start a new run here instead of resuming: hardware.backend=auto)")
     if plan.device == "mps" and not hw.mps:
         problems.append("the plan runs on an Apple-silicon GPU (MPS), and this machine has none (start a new run here: hardware.backend=auto)")
+    if plan.quantize == "4bit" and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("model.quantize=4bit needs bitsandbytes, which is not installed here (pip install 'sftlaunch[qlora]')")
     if plan.backend == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         problems.append("DeepSpeed is not installed (pip install deepspeed; DS_BUILD_OPS=0 for a pure-Python install)")
     return problems
@@ -382,6 +407,8 @@ def _decide_memory_layout(recipe: Recipe, hw: HardwareInfo, backend: str, device
             + f", but only {budget:.1f} GiB is usable ({hwr.memory_fraction:.0%} of {mem_why}). Fix: "
             + (f"lower hardware.micro_batch_size (now {micro}) or set it to auto, " if asked else "")
             + ("use model.method=lora (full fine-tuning keeps a gradient and Adam state for every weight), " if recipe.model.method == "full" else "")
+            + ("model.quantize=4bit (QLoRA: about 0.52 bytes per base weight), " if recipe.model.method == "lora"
+               and recipe.model.quantize == "none" and backend in ("cuda", "cpu") else "")
             + f"lower data.max_length (now {max_length}), use a smaller model, or more GPUs with hardware.backend=deepspeed.")
     where = f"{budget:.1f} GiB usable ({hwr.memory_fraction:.0%} of {mem_why})"
     if estimate is None:
@@ -432,9 +459,18 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
     backend = decide("backend", *choose_backend(hwr.backend, hw))
     device = _device(backend, hw)
     precision = decide("precision", *choose_precision(hwr.precision, backend, hw))
-    eval_precision = decide("eval_precision", *choose_eval_precision(precision, shape))
-    base_dtype = decide("base_dtype", *choose_base_dtype(recipe.model.base_dtype, recipe.model.method, backend, precision,
-                                                         shape.model_type if shape is not None else ""))
+    base_dtype, base_why = choose_base_dtype(recipe.model.base_dtype, recipe.model.method, backend, precision,
+                                             shape.model_type if shape is not None else "")
+    quantize, quantize_why = choose_quantize(recipe.model.quantize, backend, base_dtype)
+    if quantize == "4bit":
+        decide("eval_precision", base_dtype, f"the 4-bit base is evaluated as it trained (NF4 weights cannot be cast): "
+               f"products in {base_dtype}, the LoRA weights cast to it")
+        eval_precision = base_dtype
+    else:
+        eval_precision = decide("eval_precision", *choose_eval_precision(precision, shape))
+    decide("base_dtype", base_dtype, base_why)
+    if quantize != "none":
+        decide("quantize", quantize, quantize_why)
 
     nodes, per_node = _processes(hwr, backend, hw, decide)
     world_size = per_node * nodes
@@ -493,7 +529,8 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
     return Plan(recipe=recipe, hardware=hw, backend=backend, device=device, precision=precision, eval_precision=eval_precision, nodes=nodes,
                 processes_per_node=per_node, world_size=world_size, micro_batch_size=micro,
                 gradient_accumulation_steps=accumulation, gradient_checkpointing=checkpointing, threads=threads,
-                max_length=max_length, zero_stage=stage, offload=offload, base_dtype=base_dtype, loss_logits=loss_logits,
+                max_length=max_length, zero_stage=stage, offload=offload, base_dtype=base_dtype, quantize=quantize,
+                loss_logits=loss_logits,
                 memory_estimate_gib=None if fit.estimate is None else round(fit.estimate.total / GiB, 2),
                 device_memory_gib=round(mem_gib, 1), trust_remote_code=trust, data_path=data_path,
                 predicted_seconds=predicted.seconds() if predicted else None, predicted_memory_gib=memory,
@@ -586,6 +623,8 @@ def _decide_host_memory(recipe: Recipe, shape: ModelShape | None, hw: HardwareIn
         return
     weight_bytes = 4.0 if base_dtype == "fp32" else 2.0  # a half base is loaded straight in its dtype
     per_process = shape.params * weight_bytes / (world_size if zero_stage == 3 else 1)
+    if recipe.model.quantize == "4bit":  # quantized tensor by tensor as it loads: the host holds the 4-bit model
+        per_process = quantized_weight_bytes(shape, base_dtype)
     states = 0.0
     if offload:
         per_weight = 12.0 if recipe.model.method == "full" else 0.0
@@ -593,7 +632,8 @@ def _decide_host_memory(recipe: Recipe, shape: ModelShape | None, hw: HardwareIn
                   * ADAM_BYTES_PER_PARAM) / world_size * per_node
     need = (per_node * per_process + states) / GiB
     budget = hw.ram_gb * recipe.hardware.memory_fraction
-    parts = f"{per_node} process(es) x {per_process / GiB:.2f} GiB of {base_dtype} weights while loading" + (
+    kind = f"4-bit (linear layers) and {base_dtype}" if recipe.model.quantize == "4bit" else base_dtype
+    parts = f"{per_node} process(es) x {per_process / GiB:.2f} GiB of {kind} weights while loading" + (
         " (ZeRO-3: each its shard)" if zero_stage == 3 else "") + (f" + {states / GiB:.2f} GiB of offloaded optimizer state" if states else "")
     if need > budget:
         raise PlanError(f"loading {recipe.model.name} needs {need:.1f} GiB of host RAM on each node ({parts}), but "
@@ -615,11 +655,12 @@ def _decide_eval_memory(recipe: Recipe, shape: ModelShape | None, eval_precision
     def estimate(batch: int):
         return estimate_eval_memory(shape, eval_precision=eval_precision, training_precision=precision, batch=batch,
                                     prompt_len=max_length, new_tokens=ev.max_new_tokens, reloaded=backend == "deepspeed",
-                                    device=device, base_dtype=base_dtype)
+                                    device=device, base_dtype=base_dtype, quantize=recipe.model.quantize)
 
     est = estimate(ev.batch_size)
     where = f"{budget:.1f} GiB usable"
-    how = ("the engine is freed and the model reloaded in " + eval_precision if backend == "deepspeed" else
+    how = ("generation runs on the 4-bit base it trained with" if recipe.model.quantize == "4bit" else
+           "the engine is freed and the model reloaded in " + eval_precision if backend == "deepspeed" else
            f"generation shares the {base_dtype} base, only the LoRA weights are cast" if base_dtype == eval_precision != "fp32" else
            f"a {eval_precision} copy beside the trained fp32 weights" if eval_precision != "fp32" else
            "generation runs on the trained fp32 weights")
@@ -708,7 +749,7 @@ def _fit_memory(recipe: Recipe, backend: str, device: str, precision: str, base_
             est = estimate_memory(shape, micro_batch=micro, seq_len=max_length, precision=precision, checkpointing=ckpt,
                                   lora_rank=lora.rank, lora_targets=lora.target_modules, zero_stage=stage,
                                   world_size=world_size, offload=offload, device=device, method=recipe.model.method,
-                                  base_dtype=base_dtype,
+                                  base_dtype=base_dtype, quantize=recipe.model.quantize,
                                   trained_logits=trained_logits_blocker(recipe, backend, stage, shape) is None)
             if est.total / GiB <= budget_gib:
                 return MemoryFit(micro, ckpt, stage, offload, est), est

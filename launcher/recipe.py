@@ -99,6 +99,19 @@ class ModelSection(_Section):
         "where the hardware has it (bf16 on CUDA compute capability >= 8.0 and on CPUs with avx512_bf16/AMX), else "
         "fp32; always fp32 for method full. The LoRA weights, their gradients and Adam state stay fp32. fp16 only "
         "with hardware.precision=fp16 (loss scaler).")
+    quantize: Literal["none", "4bit"] = Field(
+        "none", description="4bit: QLoRA. The base's linear layers are stored as 4-bit NF4 with double quantization "
+        "(bitsandbytes: pip install 'sftlaunch[qlora]') and compute in the base dtype; embeddings, norms and lm_head "
+        "stay in the base dtype. About 0.52 bytes per quantized weight instead of 2 (bf16) or 4 (fp32). LoRA only; "
+        "one process (the cpu or cuda backend).")
+
+    @model_validator(mode="after")
+    def _full_is_not_quantized(self):
+        if self.method == "full" and self.quantize != "none":
+            # 4-bit weights cannot take optimizer updates: QLoRA trains an adapter beside them.
+            raise ValueError(f"model.quantize={self.quantize} with model.method=full: 4-bit weights cannot be trained "
+                             "| use model.method=lora (QLoRA), or model.quantize=none")
+        return self
 
     @model_validator(mode="after")
     def _full_keeps_fp32_weights(self):

@@ -1,5 +1,6 @@
 """The prepared GPU check must not rot where no GPU is: its --dry-run runs the same steps on the CPU."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -13,9 +14,17 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     checks = {c["name"]: c for c in report["checks"]}
-    assert report["dry_run"] is True and list(checks) == ["env", "cuda-bf16", "cuda-fp16", "pinned-gpu", "oom-backoff", "deepspeed"]
+    assert report["dry_run"] is True and list(checks) == ["env", "cuda-bf16", "cuda-fp16", "pinned-gpu", "oom-backoff", "deepspeed",
+                                                          "qlora"]
     assert checks["env"]["ok"] and checks["env"]["gpus"] == []
     assert checks["cuda-bf16"]["ok"] and checks["cuda-bf16"]["backend"] == "cpu"  # the same steps, on the CPU
     assert checks["oom-backoff"]["ok"] is None and "needs a GPU" in checks["oom-backoff"]["skipped"]
     assert checks["deepspeed"]["ok"] is None and checks["cuda-fp16"]["ok"] is None
-    assert (tmp_path / "gpu_check.log").read_text().count("$ ") == 2  # sftlaunch env, and the one CPU training
+    qlora = importlib.util.find_spec("bitsandbytes") is not None
+    if qlora:  # bitsandbytes' CPU backend runs the 4-bit path in the dry run
+        assert checks["qlora"]["ok"] and checks["qlora"]["backend"] == "cpu"
+        assert checks["qlora"]["heldout_loss_trained"] < checks["qlora"]["heldout_loss_base"]
+    else:
+        assert checks["qlora"]["ok"] is None and "sftlaunch[qlora]" in checks["qlora"]["skipped"]
+    # sftlaunch env, the one CPU training, and the QLoRA one where bitsandbytes is installed
+    assert (tmp_path / "gpu_check.log").read_text().count("$ ") == 2 + qlora

@@ -341,3 +341,78 @@ def test_loss_logits_at_trained_positions_where_the_model_and_backend_allow_it()
     assert plan_for(CPU_BF16, shape=None).loss_logits == "all"
     z3 = plan_for(A10Gx8, "train.effective_batch_size=64", "data.max_length=8192", shape=LLAMA8B)
     assert z3.zero_stage == 3 and z3.loss_logits == "all" and "ZeRO-3" in z3.decision("loss_logits").reason
+
+
+QWEN7B = ModelShape(*KNOWN_SHAPES["Qwen/Qwen2.5-7B"])
+
+
+def gsm8k_7b(profile: str, *overrides):
+    from launcher.hardware import load_profile
+
+    recipe = load_recipe(ROOT / "recipes" / "gsm8k.yaml", ["model.name=Qwen/Qwen2.5-7B", *overrides])
+    return make_plan(recipe, load_profile(profile), QWEN7B)
+
+
+def test_7b_lora_with_a_bf16_base_fits_an_a10g_and_qlora_7b_fits_a_t4():
+    lora = gsm8k_7b("a10g-24gb")
+    assert (lora.backend, lora.base_dtype, lora.quantize) == ("cuda", "bf16", "none")
+    assert lora.memory_estimate_gib <= 22.0 * 0.85
+    t4 = gsm8k_7b("t4-16gb", "model.quantize=4bit")
+    assert (t4.backend, t4.precision, t4.quantize, t4.eval_precision) == ("cuda", "fp16", "4bit", t4.base_dtype)
+    assert t4.memory_estimate_gib <= 15.0 * 0.85
+    assert "NF4 with double quantization" in t4.decision("quantize").reason
+    # Without 4-bit the T4 cannot hold 7B (fp32 base; an fp16 base is refused for qwen2), and the refusal says so.
+    with pytest.raises(PlanError, match=r"does not fit.*Fix: model.quantize=4bit"):
+        gsm8k_7b("t4-16gb")
+
+
+def test_4bit_counts_about_half_a_byte_per_linear_weight_and_keeps_the_rest_in_the_base_dtype():
+    from launcher.memory import NF4_BYTES_PER_PARAM, GiB, estimate_memory
+
+    common = dict(micro_batch=1, seq_len=512, precision="bf16", checkpointing=True, lora_rank=8, lora_targets="all-linear",
+                  base_dtype="bf16")
+    q = estimate_memory(QWEN7B, quantize="4bit", **common)
+    bf16 = estimate_memory(QWEN7B, **common)
+    embeddings = 2 * QWEN7B.vocab * QWEN7B.hidden  # input embeddings and the untied lm_head, 2 bytes each
+    assert 0.515 < NF4_BYTES_PER_PARAM < 0.517
+    assert q.weights / GiB == pytest.approx((QWEN7B.linear_params * NF4_BYTES_PER_PARAM + embeddings * 2) / GiB, abs=0.3)
+    assert 4.5 < q.weights / GiB < 6 < 14 < bf16.weights / GiB
+    assert (q.activations, q.lora_states) == (bf16.activations, bf16.lora_states)
+
+
+@pytest.mark.parametrize("hw, overrides, match", [
+    (A100x8, [], r"model.quantize=4bit: 4-bit QLoRA runs in one process, not under DeepSpeed.*Fix: hardware.backend=cuda"),
+    (M2, [], r"model.quantize=4bit: 4-bit QLoRA has not been run on Apple silicon.*Fix: model.quantize=none"),
+])
+def test_4bit_where_it_cannot_run_is_an_error_with_the_fix(hw, overrides, match):
+    with pytest.raises(PlanError, match=match):
+        plan_for(hw, "model.quantize=4bit", *overrides)
+
+
+def test_4bit_with_full_fine_tuning_is_refused_in_the_recipe():
+    from launcher.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.quantize=4bit with model.method=full.*model.method=lora"):
+        load_recipe(RECIPE, ["model.method=full", "model.quantize=4bit"])
+
+
+def test_4bit_without_bitsandbytes_installed_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from launcher.plan import runnable_here
+
+    plan = plan_for(CPU_BF16, "model.quantize=4bit")
+    assert plan.quantize == "4bit" and plan.backend == "cpu"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    assert runnable_here(plan, CPU_BF16) == [
+        "model.quantize=4bit needs bitsandbytes, which is not installed here (pip install 'sftlaunch[qlora]')"]
+    assert runnable_here(plan_for(CPU_BF16), CPU_BF16) == []
+
+
+def test_qlora_is_evaluated_on_the_4bit_base_in_its_compute_dtype():
+    plan = plan_for(CPU_BF16, "model.quantize=4bit")
+    assert plan.eval_precision == plan.base_dtype == "bf16"
+    assert "NF4 weights cannot be cast" in plan.decision("eval_precision").reason
+    assert "generation runs on the 4-bit base" in plan.decision("eval_memory_gib").reason
+    assert [d.field for d in plan_for(CPU_BF16).decisions].count("quantize") == 0  # no 4-bit, no line about it
