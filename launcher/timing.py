@@ -114,7 +114,8 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
                  tflops: dict | None, bandwidth_gbs: float | None, method: str, lora_rank: int, lora_targets,
                  checkpointing: bool, trained_logits: bool, micro_batch: int, accumulation: int, world_size: int,
                  nodes: int, threads: int, cpu_cores: int, epochs: float, max_steps: int | None, zero_stage: int,
-                 eval_batch: int, max_new_tokens: int, compare_base: bool, base_dtype: str) -> TimePrediction | str:
+                 eval_batch: int, max_new_tokens: int, compare_base: bool, base_dtype: str,
+                 quantized: bool = False) -> TimePrediction | str:
     """The predicted seconds of each phase, or why time cannot be predicted."""
     if not tflops or precision not in tflops or not bandwidth_gbs:
         return f"no {precision} matrix rate for this hardware (a profile without matmul_tflops, or the probe did not run)"
@@ -140,6 +141,13 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
     matmul_s = per_process_tokens * f["total"] / (rate * c["matmul_efficiency"])
     elementwise_s = per_process_tokens * activation_bytes_per_token(shape, precision) * c["elementwise_passes"] / bandwidth
     fixed_s = steps * accumulation * c["micro_batch_seconds"]
+    dequantize_s = 0.0
+    if quantized:
+        # 4-bit weights are dequantized before each product (bitsandbytes): every layer weight read (0.5 byte) and
+        # written in the compute dtype (2 bytes) in the forward, the backward and checkpointing's recompute.
+        layer_weights = f["linear"] / 2
+        passes = 3 if checkpointing else 2
+        dequantize_s = steps * accumulation * passes * layer_weights * 2.5 / bandwidth
     comm_s = 0.0
     if world_size > 1:
         trainable = shape.params if method == "full" else shape.lora_params(lora_rank, lora_targets)
@@ -148,7 +156,7 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
             per_step += shape.params * 2 * 2 * accumulation  # parameters gathered for the forward and the backward
         link = COMM_GBS["cpu" if device == "cpu" else ("gpu_nodes" if nodes > 1 else "gpu_node")] * 1e9
         comm_s = steps * per_step / link
-    training = matmul_s + elementwise_s + fixed_s + comm_s
+    training = matmul_s + elementwise_s + fixed_s + comm_s + dequantize_s
 
     def evaluation(answer_tokens: int) -> tuple[float, int]:
         rate_eval = tflops.get(eval_precision, tflops[precision]) * 1e12 * (min(1.0, threads / max(1, cpu_cores)) if device == "cpu" else 1.0)
@@ -165,8 +173,9 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
             step = max(weight_bytes / (bandwidth_gbs * 1e9), active * 2 * shape.params / (rate_eval * c["matmul_efficiency"]))
             seconds += prefill + steps_per_batch * (step + c["decode_step_seconds"])
             decode_steps += steps_per_batch
-        # The evaluation's loss: one forward pass over every item (prompt and reference answer).
-        seconds += n * (data.eval_prompt_tokens + answer_tokens) * 2 * shape.params / (rate_eval * c["matmul_efficiency"])
+        # The evaluation's loss: one forward pass over every item (prompt and reference answer, of the mean length).
+        mean_answer = data.trainable_tokens / max(1, data.samples)
+        seconds += n * (data.eval_prompt_tokens + mean_answer) * 2 * shape.params / (rate_eval * c["matmul_efficiency"])
         return seconds, decode_steps
 
     answer = data.answer_tokens_max
@@ -182,6 +191,7 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
               + (f", {world_size} processes" if world_size > 1 else "") + f") = {_minutes(matmul_s)}, "
               f"+ elementwise {_minutes(elementwise_s)} + {steps * accumulation} micro-batches x "
               f"{c['micro_batch_seconds']:g} s" + (f" + gradient exchange {_minutes(comm_s)}" if comm_s else "")
+              + (f" + dequantizing the 4-bit weights {_minutes(dequantize_s)} (not measured)" if quantized else "")
               + f" ({steps} steps, {samples_seen} samples seen); "
               + (f"base evaluation ~{_minutes(base_eval)}; " if compare_base else "")
               + f"trained evaluation ~{_minutes(trained_eval)} ({data.eval_items} items, answers up to "
@@ -192,7 +202,7 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
                           sustained_gflops=sustained / 1e9, reason=reason,
                           parts={"matmul_full_rate_s": matmul_s * c["matmul_efficiency"],
                                  "elementwise_pass_s": elementwise_s / c["elementwise_passes"],
-                                 "micro_batches": steps * accumulation, "comm_s": comm_s,
+                                 "micro_batches": steps * accumulation, "comm_s": comm_s + dequantize_s,
                                  "eval_decode_steps": decode_steps,
                                  "eval_fixed_s": decode_steps * c["decode_step_seconds"]})
 
@@ -210,7 +220,7 @@ def predict_for_plan(plan, shape: ModelShape) -> TimePrediction | str:
         accumulation=plan.gradient_accumulation_steps, world_size=plan.world_size, nodes=plan.nodes, threads=plan.threads,
         cpu_cores=plan.hardware.cpu_cores, epochs=r.train.epochs, max_steps=r.train.max_steps, zero_stage=plan.zero_stage,
         eval_batch=r.eval.batch_size, max_new_tokens=r.eval.max_new_tokens, compare_base=r.eval.compare_base,
-        base_dtype=plan.base_dtype)
+        base_dtype=plan.base_dtype, quantized=plan.quantize == "4bit")
 
 
 def budget_advice(prediction: TimePrediction, data: DataSize, max_time: float, label: str, epochs: float,
