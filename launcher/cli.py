@@ -111,6 +111,7 @@ def main():
     sftlaunch plan RECIPE [--hardware NAME]   show every decision and its reason, without training
     sftlaunch runs [DIR]                      past runs, newest first
     sftlaunch slurm RECIPE --nodes N --gpus-per-node G [--submit]   a SLURM batch job that requeues itself
+    sftlaunch sky RECIPE --gpus A100:8 --outputs s3://BUCKET [--launch]   a SkyPilot task for cloud GPUs
     """
 
 
@@ -377,6 +378,61 @@ def slurm(recipe, overrides, nodes, gpus_per_node, partition, time_limit, accoun
     except SftlaunchError as exc:
         _fail(exc)
     click.echo(f"submitted batch job {job}; follow it: squeue -j {job}; tail -f {path}/slurm-{job}.out")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--gpus", required=True, help="SkyPilot accelerators per node, NAME:COUNT (e.g. A100:8, H100:8).")
+@click.option("--nodes", type=int, default=1, show_default=True, help="Nodes (several: DeepSpeed across them).")
+@click.option("--cloud", help="Cloud to use (aws, gcp, azure, ...); default: SkyPilot picks the cheapest it can reach.")
+@click.option("--image", default="sftlaunch:cuda", show_default=True,
+              help="The cuda image, in a registry the cloud can pull from (docker tag + docker push).")
+@click.option("--outputs", required=True, help="Bucket for the run directories (s3://..., gs://...), mounted at /outputs.")
+@click.option("--hardware", "profile", help="A profile describing one node (default: the shipped one for --gpus).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Where to write the task (default: RECIPE_STEM.sky.yaml).")
+@click.option("--launch", is_flag=True, help="Run `sky launch` on the task (SkyPilot installed and a cloud configured).")
+def sky(recipe, overrides, gpus, nodes, cloud, image, outputs, profile, out_file, launch):
+    """Write a SkyPilot task that runs RECIPE in the cuda image on cloud GPUs; --launch launches it."""
+    import re as _re
+    from datetime import datetime
+
+    from launcher import sky as sk
+    from launcher.errors import ClusterError, PlanError
+    from launcher.slurm import SlurmRequest, node_hardware
+
+    req = sk.SkyRequest(gpus, nodes, cloud, image, outputs)
+    try:
+        sk.check_request(req)
+        name, count = sk.parse_gpus(gpus)
+        hw = node_hardware(_hardware(sk.profile_for(gpus, profile)), SlurmRequest(nodes, count), from_profile=True)
+        plan = _plan(recipe, overrides, sk.profile_for(gpus, profile), None, hardware=hw)
+        if plan.nodes != nodes:
+            raise PlanError(f"--nodes {nodes}, but the plan runs the {plan.backend} backend, which uses one node. Fix: "
+                            "hardware.backend=deepspeed, or --nodes 1.")
+        stem = _re.sub(r"[^A-Za-z0-9._-]+", "_", Path(recipe).stem) or "run"
+        run_name = plan.recipe.output.name or f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        text = sk.task_yaml(plan, req, Path(recipe), tuple(overrides), run_name)
+        target = Path(out_file or f"{stem}.sky.yaml")
+        from launcher.errors import writing
+
+        with writing(target, "--out"):
+            target.write_text(text)
+    except SftlaunchError as exc:
+        _fail(exc)
+    click.echo(render_plan(plan))
+    click.echo(f"\n--- {target} ---\n{text}")
+    if not launch:
+        click.echo(f"not launched. Launch with: HF_TOKEN=... sky launch --env HF_TOKEN {target}   (or add --launch)")
+        return
+    import shutil
+    import subprocess
+
+    exe = shutil.which("sky")
+    if exe is None:
+        _fail(ClusterError("`sky` is not on PATH. Fix: pip install 'sftlaunch[sky]' and `sky check` a cloud, or launch "
+                           f"the written task from a machine that has SkyPilot: sky launch --env HF_TOKEN {target}"))
+    sys.exit(subprocess.call([exe, "launch", "--yes", "--env", "HF_TOKEN", str(target)]))
 
 
 @main.command(name="slurm-end", hidden=True)
