@@ -151,3 +151,13 @@ def test_warned_job_checkpoints_requeues_resumes_by_itself_with_the_same_steps_a
     print(f"stopped at step {stopped_at} of {STEPS}; largest adapter weight difference {diff:.3g}, "
           f"largest trained lora_B weight {trained:.3g}")
     assert diff < 0.1 * trained
+
+
+def test_a_partition_slurm_rejects_is_an_error_with_the_fix(cluster, tiny_recipe, tmp_path):
+    result = run_cli("slurm", str(tiny_recipe), "hardware.backend=deepspeed", "--nodes", "1", "--gpus-per-node", "0",
+                     "--partition", "nosuch", "--submit", env=cluster.env, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "sbatch refused" in result.stderr and "Invalid partition name specified" in result.stderr
+    assert "Fix: pick a partition `sinfo -s` lists, with --partition" in result.stderr
+    (run_dir,) = (tmp_path / "outputs").iterdir()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "prepared"  # kept, not queued
