@@ -16,6 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Seconds a job credential lives; SLURM also holds a requeued job this long (+1 s) before it may start again, so
+# that the old start's revoked credential has expired (slurm.conf AuthInfo cred_expire; 120 by default).
+CRED_EXPIRE = 10
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")
 SBIN = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
@@ -107,7 +110,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire={CRED_EXPIRE}
 StateSaveLocation={root / 'state'}
 SlurmdSpoolDir={root / 'spool'}
 SlurmctldPidFile={root / 'slurmctld.pid'}
