@@ -361,6 +361,10 @@ def slurm(recipe, overrides, nodes, gpus_per_node, partition, time_limit, accoun
             key = "--run-dir" if run_dir else "output.dir"
             raise PlanError(f"{key}: {problem}; the other {nodes - 1} node(s) cannot see it. Fix: {key} on storage every node "
                             "mounts (the cluster's shared home or scratch file system).")
+        existing = RunDir(run_dir).status().get("status") if run_dir else None
+        if existing:
+            raise PlanError(f"--run-dir {run_dir} already holds a run ({existing}); writing here would replace its plan. "
+                            f"Fix: submit its own script (sbatch {Path(run_dir) / RunDir.SLURM_SCRIPT}), or give --run-dir a new folder.")
         click.echo(render_plan(plan))
         path = create_run_dir(plan, recipe, explicit=str(Path(run_dir).absolute()) if run_dir else None)
         path = RunDir(path.path.absolute())

@@ -1,7 +1,8 @@
 """`sftlaunch slurm`: the plan for a cluster's nodes, and the batch script that runs it under SLURM.
 
-Pure functions build the hardware of the nodes and the script's text from the plan; only `submit` (sbatch)
-and `shared_storage_problem` (which reads the mount table it is given) look at the world.
+Pure functions build the hardware of the nodes and the script's text from the plan and judge the run directory's
+storage from the mount table they are given; `submit` (sbatch) and `job_end` (the run directory, at the end of a
+job) are the only ones that touch the world.
 
 What the script does, in order: every node runs one `sftlaunch resume RUN_DIR` (srun, one task per node),
 the rendezvous on the allocation's first node (`scontrol show hostnames`). The run directory was prepared

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests import slurm_cluster
-from tests.conftest import run_cli
+from tests.conftest import fault_env, run_cli
 
 STEPS = 24
 ARGS = ["hardware.backend=deepspeed", "hardware.zero_stage=2", "hardware.precision=fp32", "eval.compare_base=false",
@@ -148,10 +148,10 @@ def test_warned_job_checkpoints_requeues_resumes_by_itself_with_the_same_steps_a
     a, b = _adapter(run_dir), _adapter(plain_dir)
     assert a.keys() == b.keys()
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    trained = max(b[k].abs().max().item() for k in b if "lora_B" in k)  # lora_B starts at zero: what training moved
-    print(f"stopped at step {stopped_at} of {STEPS}; largest adapter weight difference {diff:.3g}, "
-          f"largest trained lora_B weight {trained:.3g}")
-    assert diff < 0.1 * trained
+    print(f"stopped at step {stopped_at} of {STEPS}; largest adapter weight difference {diff:.3g}")
+    # At most the rest of one epoch (fewer than per_epoch steps) trained on other batches, and an Adam step moves a
+    # weight by about the learning rate (1e-3): the weights differ by less than per_epoch such steps.
+    assert diff < per_epoch * 1e-3
 
 
 def test_a_partition_slurm_rejects_is_an_error_with_the_fix(cluster, tiny_recipe, tmp_path):
@@ -162,3 +162,18 @@ def test_a_partition_slurm_rejects_is_an_error_with_the_fix(cluster, tiny_recipe
     assert "Fix: pick a partition `sinfo -s` lists, with --partition" in result.stderr
     (run_dir,) = (tmp_path / "outputs").iterdir()
     assert json.loads((run_dir / "run.json").read_text())["status"] == "prepared"  # kept, not queued
+
+
+def test_a_job_that_fails_on_a_node_leaves_run_json_naming_the_node_and_why(cluster, tiny_recipe, tmp_path):
+    # Rank 1's loss becomes NaN at step 2: the guard stops every rank with exit 3, and the job fails (no requeue).
+    result = run_cli("slurm", str(tiny_recipe), *ARGS, "--nodes", "1", "--gpus-per-node", "0", "--submit",
+                     env={**cluster.env, **fault_env(nan_at_step=2, fault_rank=1)}, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = re.search(r"submitted batch job (\d+)", result.stdout).group(1)
+    (run_dir,) = (tmp_path / "outputs").iterdir()
+    info = _wait(cluster, job, lambda i: i["JobState"] == "FAILED", 300, "FAILED")
+    assert info["Restarts"] == "0" and info["ExitCode"] == "3:0"
+    status = json.loads((run_dir / "run.json").read_text())
+    assert (status["status"], status["exit_code"], status["node"], status["host"]) == ("failed", 3, 0, info["NodeList"])
+    assert status["error"].startswith(f"rank {status['rank']} (node 0, {info['NodeList']}): ")
+    assert "the loss is nan on rank 1" in status["error"] and status["slurm"]["job_id"] == job

@@ -161,3 +161,5 @@ def test_slurm_command_refusals_name_the_flag_and_write_nothing(tiny_recipe, tmp
     assert not (ROOT / ".never-made").exists() and not Path("/tmp/sftlaunch-not-shared").exists()
     (prepared,) = (tmp_path / "outputs").iterdir()  # only the --submit refusal got as far as writing the script
     assert json.loads((prepared / "run.json").read_text())["status"] == "prepared"
+    again = run_cli(*base, "--nodes", "1", "--gpus-per-node", "0", "--run-dir", str(prepared))
+    assert again.returncode == 2 and f"--run-dir {prepared} already holds a run (prepared)" in again.stderr
