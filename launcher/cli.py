@@ -381,7 +381,7 @@ def slurm(recipe, overrides, nodes, gpus_per_node, partition, time_limit, accoun
         path.write_status("queued", slurm={"script": str(script), "job_id": job})
     except SftlaunchError as exc:
         _fail(exc)
-    click.echo(f"submitted batch job {job}; follow it: squeue -j {job}; tail -f {path}/slurm-{job}.out")
+    click.echo(f"submitted batch job {job}; follow it: squeue -j {job}; tail -f {path.slurm_log(job)}")
 
 
 @main.command()

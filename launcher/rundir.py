@@ -46,6 +46,7 @@ class RunDir:
     TENSORBOARD, WANDB, MLRUNS = "tensorboard", "wandb", "mlruns"
     # `sftlaunch slurm`: the batch script, and a folder for its per-start files (launcher pids, each node's exit code).
     SLURM_SCRIPT, SLURM_STATE = "slurm.sbatch", "slurm"
+    SLURM_LOG = "slurm-%j.out"  # sbatch --output's pattern (%j: the job id); slurm_log(job) names one job's log
     # Under checkpoints/: a checkpoint is written here whole, then renamed to checkpoint-N (launcher.trainer).
     STAGING = ".staging"
 
@@ -277,6 +278,9 @@ class RunDir:
 
     def has_output(self, method: str) -> bool:
         return self.has_model() if method == "full" else self.has_adapter()
+
+    def slurm_log(self, job: str) -> Path:
+        return self.file(self.SLURM_LOG.replace("%j", str(job)))
 
     @property
     def ds_config(self) -> Path:

@@ -20,13 +20,14 @@ from pathlib import Path
 import yaml
 
 from launcher.errors import ConfigError, Problem
+from launcher.rundir import RunDir
 
 # SkyPilot accelerator names -> the shipped profile of one such machine (the GPU's memory decides the plan).
 ACCELERATOR_PROFILES = {
     "A100": "a100-40gb-x8", "A100-80GB": "a100-80gb-x8", "H100": "h100-80gb-x8", "A10G": "a10g-24gb", "T4": "t4-16gb",
 }
 OUTPUTS = "/outputs"  # where the bucket is mounted in the container
-RECIPE = "/workspace/recipe.yaml"
+TASK = "/workspace/task"  # the recipe is mounted here under its own file name
 MASTER_PORT = 29500
 GPUS = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_-]*):([1-9]\d*)$")
 
@@ -75,6 +76,7 @@ def task_yaml(plan, req: SkyRequest, recipe_path: Path, overrides: tuple[str, ..
     """The SkyPilot task's YAML text (pure)."""
     q = shlex.quote
     run_dir = f"{OUTPUTS}/{run_name}"
+    recipe_in_task = f"{TASK}/{Path(recipe_path).name}"
     run_args = " ".join(q(o) for o in overrides)
     resources: dict = {"accelerators": req.gpus, "image_id": f"docker:{req.image}"}
     if req.cloud:
@@ -87,7 +89,7 @@ def task_yaml(plan, req: SkyRequest, recipe_path: Path, overrides: tuple[str, ..
         "envs": {"HF_TOKEN": None},
         "file_mounts": {
             OUTPUTS: {"source": req.outputs, "mode": "MOUNT"},
-            RECIPE: str(Path(recipe_path).resolve()),
+            recipe_in_task: str(Path(recipe_path).resolve()),
         },
         "run": f"""\
 set -euo pipefail
@@ -95,15 +97,15 @@ RUN_DIR={q(run_dir)}
 MASTER_ADDR=$(echo "$SKYPILOT_NODE_IPS" | head -n 1)
 NODE=(--node-rank "$SKYPILOT_NODE_RANK" --master-addr "$MASTER_ADDR" --master-port {MASTER_PORT})
 # A restarted task (spot VM preempted, brought back by `sky jobs launch`) continues from the last checkpoint.
-if [ -f "$RUN_DIR/run.json" ]; then
+if [ -f "$RUN_DIR/{RunDir.STATUS}" ]; then
   exec sftlaunch resume "$RUN_DIR" "${{NODE[@]}}"
 fi
-exec sftlaunch run {RECIPE}{' ' + run_args if run_args else ''} --nnodes "$SKYPILOT_NUM_NODES" "${{NODE[@]}}" --run-dir "$RUN_DIR"
+exec sftlaunch run {q(recipe_in_task)}{' ' + run_args if run_args else ''} --nnodes "$SKYPILOT_NUM_NODES" "${{NODE[@]}}" --run-dir "$RUN_DIR"
 """,
     }
     header = (f"# sftlaunch on SkyPilot: {run_name}, {req.nodes} node(s) x {req.gpus}, planned as backend {plan.backend}, "
               f"{plan.world_size} training process(es)\n"
-              f"# ({plan.hardware.name}; each node plans again on the GPUs it gets and writes plan.json to {run_dir}).\n"
+              f"# ({plan.hardware.name}; each node plans again on the GPUs it gets and writes {RunDir.PLAN} to {run_dir}).\n"
               f"# Launch: sky launch --env HF_TOKEN THIS_FILE   (spot VMs that come back after preemption: sky jobs launch)\n")
     return header + yaml.dump(task, Dumper=_Dumper, sort_keys=False, width=120)
 

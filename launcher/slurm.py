@@ -28,8 +28,9 @@ from typing import Mapping
 
 from launcher.errors import ClusterError, ConfigError, Problem
 from launcher.hardware import HardwareInfo
+from launcher.rundir import RunDir
 
-SCRIPT = "slurm.sbatch"  # RunDir.SLURM_SCRIPT
+SCRIPT = RunDir.SLURM_SCRIPT
 WARNING_SIGNAL = "USR1"
 # Seconds before the time limit that SLURM warns the job: one training step and one checkpoint must fit.
 WARNING_SECONDS = 300
@@ -116,7 +117,7 @@ def sbatch_script(plan, run_dir: Path, req: SlurmRequest, launcher: tuple[str, .
         "#!/bin/bash",
         f"# sftlaunch on SLURM: {run_dir.name}, {req.nodes} node(s) x {gpus}, backend {plan.backend}, "
         f"{plan.world_size} training process(es).",
-        f"# The plan (every decision and its reason) is {run_dir / 'plan.json'}; this script runs it unchanged.",
+        f"# The plan (every decision and its reason) is {run_dir / RunDir.PLAN}; this script runs it unchanged.",
         f"# Submit: sbatch {run_dir / SCRIPT}   (or sftlaunch slurm ... --submit)",
         f"#SBATCH --job-name=sftlaunch-{name}",
         f"#SBATCH --nodes={req.nodes}",
@@ -129,7 +130,7 @@ def sbatch_script(plan, run_dir: Path, req: SlurmRequest, launcher: tuple[str, .
         if value:
             head.append(f"#SBATCH --{flag}={value}")
     head += [
-        f"#SBATCH --output={run_dir}/slurm-%j.out",
+        f"#SBATCH --output={run_dir / RunDir.SLURM_LOG}",
         "#SBATCH --open-mode=append",
         "# Requeue-able, and warned before the time limit: the warning becomes a checkpoint, then a requeue.",
         "#SBATCH --requeue",
@@ -139,7 +140,7 @@ def sbatch_script(plan, run_dir: Path, req: SlurmRequest, launcher: tuple[str, .
 set -uo pipefail
 RUN_DIR={q(str(run_dir))}
 SFTLAUNCH=({' '.join(q(c) for c in launcher)})
-PIDS="$RUN_DIR/slurm"
+PIDS="$RUN_DIR/{RunDir.SLURM_STATE}"
 mkdir -p "$PIDS" && rm -f "$PIDS"/exit-"$SLURM_JOB_ID"-node-*
 
 # The rendezvous: the allocation's first node, from SLURM's own node list; a port from the job id.
@@ -171,7 +172,7 @@ srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
 wait "$step"; code=$?
 while kill -0 "$step" 2>/dev/null; do wait "$step"; code=$?; done  # a trap interrupts wait: wait again
 
-# run.json says how the run ended; a node that failed is named there (slurm-end), and an interrupted run requeues.
+# {RunDir.STATUS} says how the run ended; a node that failed is named there (slurm-end), and an interrupted run requeues.
 next=$("${{SFTLAUNCH[@]}}" slurm-end "$RUN_DIR" --job "$SLURM_JOB_ID" --exit-code "$code" --stop "$stop")
 if [ "$next" = requeue ]; then
   echo "sftlaunch: requeueing job $SLURM_JOB_ID; it continues with sftlaunch resume $RUN_DIR"
@@ -228,8 +229,6 @@ STOPPED_CODES = (130, 137, 143)
 def job_end(run_dir, job: str, exit_code: int, stop: str) -> str:
     """After srun: "requeue" when the run checkpointed on the scheduler's warning, else "done"; a failed job leaves
     run.json naming the node, its host and why. (The script's last step: `sftlaunch slurm-end`.)"""
-    from launcher.rundir import RunDir
-
     run_dir = RunDir(run_dir)
     state = run_dir.status()
     status = state.get("status")
@@ -243,7 +242,7 @@ def job_end(run_dir, job: str, exit_code: int, stop: str) -> str:
     ends = node_exits(run_dir.file(RunDir.SLURM_STATE), job)
     failed = [e for e in ends if e["exit_code"] != 0]
     cause = next((e for e in failed if e["exit_code"] not in STOPPED_CODES), failed[0] if failed else None)
-    log = run_dir.file(f"slurm-{job}.out")
+    log = run_dir.slurm_log(job)
     if cause is None:
         if status in ("starting", "running", "prepared", "queued"):  # no node said anything: killed outright
             run_dir.write_status("failed", slurm=slurm, exit_code=exit_code,

@@ -50,7 +50,7 @@ def test_the_task_runs_the_image_with_the_bucket_and_never_holds_the_token():
     assert task["file_mounts"]["/outputs"] == {"source": "s3://lab-runs/sft", "mode": "MOUNT"}
     run = task["run"]
     assert 'exec sftlaunch resume "$RUN_DIR" "${NODE[@]}"' in run
-    assert ('exec sftlaunch run /workspace/recipe.yaml train.epochs=2 --nnodes "$SKYPILOT_NUM_NODES" "${NODE[@]}" '
+    assert ('exec sftlaunch run /workspace/task/gsm8k.yaml train.epochs=2 --nnodes "$SKYPILOT_NUM_NODES" "${NODE[@]}" '
             '--run-dir "$RUN_DIR"') in run
 
 
@@ -84,7 +84,7 @@ def test_skypilot_loads_the_task_and_requires_the_token_at_launch(case, tmp_path
     assert task.num_nodes == req.nodes and resources.accelerators == {name: int(count)}
     assert resources.extract_docker_image() == req.image
     assert task.envs == {"HF_TOKEN": "hf_test"}
-    assert set(task.storage_mounts) == {"/outputs"} and task.file_mounts == {"/workspace/recipe.yaml": str(RECIPE.resolve())}
+    assert set(task.storage_mounts) == {"/outputs"} and task.file_mounts == {"/workspace/task/gsm8k.yaml": str(RECIPE.resolve())}
 
 
 def test_sky_command_writes_the_task_and_launches_nothing(tmp_path):
