@@ -66,9 +66,28 @@ def _plan(recipe_path: str, overrides, profile: str | None, backend: str | None,
         hw = hw.model_copy(update={"nodes": nnodes})
     shape, source = find_shape(recipe.model.name)
     plan = make_plan(recipe, hw, shape, source)
+    if shape is not None:  # the time prediction needs the data's size, counted for the plan's data and max_length
+        plan = make_plan(recipe, hw, shape, source, data=_data_size(recipe, plan))
     if check:
         _check_backend(plan, hw)
     return plan
+
+
+def _data_size(recipe, plan):
+    """The training data's size (launcher.data.measure_size), or why it cannot be measured here."""
+    from launcher.data import measure_size
+    from launcher.models import local_files
+    from launcher.tasks import gsm8k
+
+    data_path = plan.data_path
+    if recipe.data.task == "gsm8k" and data_path is None:
+        if (recipe.data.dataset, recipe.data.dataset_config) != gsm8k.HUB_DATASET:
+            return f"the data ({recipe.data.dataset}) is on the Hub: its size is known once the run loads it"
+        data_path = str(gsm8k.BUNDLED)  # the same dataset, shipped with sftlaunch
+    try:
+        return measure_size(recipe, data_path, plan.max_length, local_files(recipe.model.name), cached=True)
+    except (SftlaunchError, OSError) as exc:
+        return f"the data could not be measured here ({str(exc).splitlines()[0][:200]})"
 
 
 def _check_backend(plan, hw) -> None:

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -47,6 +47,14 @@ class HardwareInfo(_Frozen):
     hub_reachable: bool | None = Field(
         None, description="The Hugging Face Hub answered a connection (None: not probed, as for a profile)."
     )
+    matmul_tflops: dict[Literal["fp32", "bf16", "fp16"], Annotated[float, Field(gt=0, le=100000, allow_inf_nan=False)]] | None = Field(
+        None, description="Matrix-multiply rate per precision in TFLOP/s, of one device (CPU: all its cores): measured "
+                          "on the detected machine, the datasheet's dense peak in a profile. The plan's time prediction "
+                          "divides the run's FLOPs by it (None: time not predicted).")
+    memory_bandwidth_gbs: float | None = Field(
+        None, gt=0, le=100000, allow_inf_nan=False, description="Device memory bandwidth in GB/s (measured copy rate on the "
+                                                                "detected machine, the datasheet's figure in a profile).")
+    rates_source: str | None = Field(None, description="Where matmul_tflops and memory_bandwidth_gbs come from.")
 
 
 def _cpu_flags() -> set[str]:
@@ -150,19 +158,106 @@ def _hub_reachable() -> bool:
         return False
 
 
-def detect() -> HardwareInfo:
-    """Probe this machine (no torch import, no CUDA initialisation)."""
+# The rate probe, run in a child process (the launcher never imports torch): the best of repeated square
+# matrix products per precision on the device that will train (CPU: with as many threads as the plan gives one
+# process), and a copy of a large buffer for the memory bandwidth. About 0.5 s after torch's import (1 s).
+RATE_PROBE = r"""
+import json, sys, time, torch
+device, cores, precisions = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
+torch.set_num_threads(cores)
+n = 4096 if device == "cuda" else 1024
+sync = {"cuda": getattr(torch.cuda, "synchronize", None), "mps": getattr(torch.mps, "synchronize", None)}.get(device) or (lambda: None)
+def best(fn, seconds=0.12):
+    fn(); sync()
+    fastest, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter(); fn(); sync(); fastest = min(fastest, time.perf_counter() - t)
+    return fastest
+out = {}
+for name in precisions:
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    out[name] = round(2 * n**3 / best(lambda: a @ b) / 1e12, 4)
+big = torch.empty(64 * 2**20, device=device)  # 256 MiB: read once and written once per copy
+dst = torch.empty_like(big)
+bandwidth = round(2 * big.numel() * 4 / best(lambda: dst.copy_(big)) / 1e9, 1)
+print(json.dumps({"matmul_tflops": out, "memory_bandwidth_gbs": bandwidth}))
+"""
+
+
+def _rates(device: str, cores: int, precisions: list[str], identity: str) -> tuple[dict | None, float | None, str]:
+    """(TFLOP/s per precision, GB/s, source) of this machine, probed once and cached per machine and torch version."""
+    import hashlib
+    import json
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    from launcher.models import cache_dir
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        return None, None, "torch is not installed: no rate probe"
+    key = hashlib.sha256(f"{identity}|{device}|{cores}|{','.join(precisions)}|{torch_version}".encode()).hexdigest()[:16]
+    cached = cache_dir() / f"rates-{key}.json"
+    try:
+        data = json.loads(cached.read_text())
+        return data["matmul_tflops"], data["memory_bandwidth_gbs"], f"measured on this machine, cached in {cached}"
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
+        out = subprocess.run([sys.executable, "-c", RATE_PROBE, device, str(cores), ",".join(precisions)],
+                             capture_output=True, text=True, timeout=120, check=True)
+        data = json.loads(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
+        return None, None, f"the rate probe failed ({type(exc).__name__}): time not predicted"
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(data))
+    except OSError:
+        pass  # an unwritable cache costs the probe again next time, nothing else
+    return data["matmul_tflops"], data["memory_bandwidth_gbs"], "measured on this machine just now"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def detect(probe_rates: bool = True) -> HardwareInfo:
+    """Probe this machine (no torch import, no CUDA initialisation; the rate probe runs in a child process)."""
     flags = _cpu_flags()
     mac_arm = platform.system() == "Darwin" and platform.machine() == "arm64"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    gpus = _nvidia_gpus()
+    cpu_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
+    rates: tuple = (None, None, None)
+    if probe_rates and os.environ.get("SFTLAUNCH_RATE_PROBE", "1") != "0":
+        if gpus:  # the device that trains: the first GPU (the plan's processes each have one)
+            device, precisions = "cuda", ["fp32", "fp16"] + (["bf16"] if gpus[0].compute_capability >= (8, 0) else [])
+            identity = f"{gpus[0].name}|{gpus[0].memory_gb}"
+        elif mac_arm:
+            device, precisions, identity = "mps", ["fp32"], "mps"
+        else:
+            device, precisions = "cpu", ["fp32"] + (["bf16"] if cpu_bf16 else [])
+            identity = f"{_cpu_model()}|{' '.join(sorted(flags & {'avx2', 'avx512f', 'avx512_bf16', 'amx_bf16'}))}"
+        rates = _rates(device, cores, precisions, identity)
     return HardwareInfo(
         cpu_cores=cores,
         ram_gb=round(_ram_gb(), 1),
-        cpu_bf16=bool(flags & {"avx512_bf16", "amx_bf16"}),
-        gpus=_nvidia_gpus(),
+        cpu_bf16=cpu_bf16,
+        gpus=gpus,
         mps=mac_arm,
         mps_working_set_gb=_mps_working_set_gb() if mac_arm else None,
         hub_reachable=_hub_reachable(),
+        matmul_tflops=rates[0],
+        memory_bandwidth_gbs=rates[1],
+        rates_source=rates[2],
     )
 
 

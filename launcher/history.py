@@ -8,7 +8,8 @@ from pathlib import Path
 from launcher.errors import PlanError, SftlaunchError
 from launcher.rundir import RunDir
 
-COLUMNS = ("name", "status", "recipe", "model", "backend", "precision", "steps", "final_loss", "accuracy", "duration", "job")
+COLUMNS = ("name", "status", "recipe", "model", "backend", "precision", "steps", "final_loss", "accuracy", "duration", "job",
+           "time_vs_plan", "memory_vs_plan")
 
 
 def _seconds_between(start: str | None, end: str | None) -> float | None:
@@ -26,7 +27,7 @@ def summary(run_dir: RunDir) -> dict:
     except (TypeError, ValueError, AttributeError, KeyError, OSError) as exc:
         row = dict.fromkeys(COLUMNS)
         row.update(name=run_dir.path.name, path=str(run_dir.path), phase=None, base_accuracy=None, trained_accuracy=None,
-                   started=None, seconds=None,
+                   started=None, seconds=None, time_vs_plan=None, memory_vs_plan=None,
                    status=f"unreadable ({type(exc).__name__}: {str(exc)[:80]}; see {RunDir.STATUS} and {RunDir.EVAL})")
         return row
 
@@ -59,6 +60,7 @@ def _summary(run_dir: RunDir) -> dict:
         started=status.get("started"),
         seconds=_seconds_between(status.get("started"), status.get("updated")),
         job=_job(status.get("slurm")),
+        **_against_plan(results.get("phases") or status.get("phases") or {}),
     )
     return row
 
@@ -69,6 +71,16 @@ def _job(slurm) -> str | None:
         return None
     nodes = slurm.get("nodes")
     return f"slurm {slurm['job_id']}" + (f" on {nodes}" if isinstance(nodes, str) and nodes else "")
+
+
+def _against_plan(phases: dict) -> dict:
+    """Measured / predicted: the phases' summed seconds, and the highest peak memory against the highest predicted."""
+    timed = [p for p in phases.values() if isinstance(p, dict) and p.get("predicted_seconds")]
+    sized = [p for p in phases.values() if isinstance(p, dict) and p.get("predicted_memory_gib") and "peak_memory_gib" in p]
+    time_ratio = (sum(p["seconds"] for p in timed) / sum(p["predicted_seconds"] for p in timed)) if timed else None
+    memory_ratio = (max(p["peak_memory_gib"] for p in sized) / max(p["predicted_memory_gib"] for p in sized)) if sized else None
+    return {"time_vs_plan": None if time_ratio is None else round(time_ratio, 2),
+            "memory_vs_plan": None if memory_ratio is None else round(memory_ratio, 2)}
 
 
 def _last_step(run_dir: RunDir) -> int | None:
@@ -114,6 +126,8 @@ def _cell(row: dict, column: str) -> str:
         return _number(row["final_loss"], ".4f")
     if column == "duration":
         return _duration(row["seconds"])
+    if column in ("time_vs_plan", "memory_vs_plan"):
+        return "-" if row.get(column) is None else f"{_number(row[column], '.2f')}x"
     if column == "status" and row["status"] in ("interrupted", "running") and row.get("phase"):
         return f"{row['status']} ({row['phase']})"
     value = row.get(column)

@@ -78,13 +78,32 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def _from_gguf(gguf: Path, label: str) -> Path:
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    out = cache_dir() / "models" / f"{label}-{key}"
+    out = converted_dir(gguf, label)
     if not (out / "config.json").is_file():
         print(f"Converting {gguf.name} to a Hugging Face model in {out} (once; reused afterwards)", flush=True)
         _convert_gguf(gguf, out)
     return out
+
+
+def converted_dir(gguf: Path, label: str) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{label}-{key}"
+
+
+def local_files(ref: str) -> str | None:
+    """Where the model's files are on this machine without converting or downloading anything: a directory,
+    an embedded or GGUF model already converted, or a Hub id (its files may be in the local cache); else None."""
+    try:
+        if ref.startswith("embedded:"):
+            out = converted_dir(_embedded_gguf(ref.split(":", 1)[1]), ref.split(":", 1)[1])
+        elif ref.endswith(".gguf"):
+            out = converted_dir(Path(ref).expanduser(), Path(ref).stem)
+        else:
+            return ref
+    except (ModelError, OSError):
+        return None
+    return str(out) if (out / "config.json").is_file() else None
 
 
 def check_reference(ref: str, hub_reachable: bool | None = None) -> None:

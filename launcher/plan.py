@@ -14,10 +14,11 @@ from pydantic import BaseModel, ConfigDict
 from launcher import trackers
 from launcher.errors import PlanError
 from launcher.hardware import HardwareInfo
-from launcher.memory import (ADAM_BYTES_PER_PARAM, LOGITS_BYTES_PER_ELEMENT, GiB, MemoryEstimate, ModelShape, estimate_eval_memory,
+from launcher.memory import (ADAM_BYTES_PER_PARAM, CPU_RETAINED_AFTER_TRAINING, CPU_RUNTIME_GIB, LOGITS_BYTES_PER_ELEMENT, GiB, MemoryEstimate, ModelShape, estimate_eval_memory,
                              estimate_memory)
 from launcher.recipe import Recipe
 from launcher.tasks import get_task
+from launcher.timing import DataSize, budget_advice, predict_time
 
 # Beyond this, a bigger micro-batch on a CPU only adds padding: rows of one batch are padded to its
 # longest sample, and a CPU gains little from wider matrix products.
@@ -68,6 +69,11 @@ class Plan(BaseModel):
     base_dtype: str = "fp32"  # the dtype the frozen base weights are loaded in (fp32 under the optimizer for full)
     loss_logits: str = "all"  # "trained": logits only at trained positions, chunked (launcher/loss.py)
     data_path: str | None = None  # the training/evaluation data the worker reads (None: generated, or the Hub)
+    # The time prediction per phase (launcher.timing) and the memory predicted per phase, in GiB; what the
+    # run measures is recorded beside them (launcher.phases). None: not predicted (the reason is a decision).
+    predicted_seconds: dict[str, float] | None = None
+    predicted_memory_gib: dict[str, float] | None = None
+    data_size: DataSize | None = None
     decisions: tuple[Decision, ...]
 
     def decision(self, field: str) -> Decision:
@@ -76,7 +82,7 @@ class Plan(BaseModel):
     def summary(self) -> dict:
         """The JSON view `sftlaunch plan --json` prints."""
         keys = ("backend", "device", "precision", "base_dtype", "loss_logits", "eval_precision", "world_size", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "threads", "max_length", "nodes", "processes_per_node", "zero_stage", "offload",
-                "memory_estimate_gib", "device_memory_gib", "trust_remote_code")
+                "memory_estimate_gib", "device_memory_gib", "trust_remote_code", "predicted_seconds", "predicted_memory_gib")
         out = {k: getattr(self, k) for k in keys}
         out["effective_batch_size"] = self.recipe.train.effective_batch_size
         out["hardware"] = self.hardware.name
@@ -413,11 +419,13 @@ def _decide_memory_layout(recipe: Recipe, hw: HardwareInfo, backend: str, device
     return fit
 
 
-def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None, shape_source: str = "") -> Plan:
-    """Decide backend, precision, processes, batch layout, memory settings and threads.
+def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None, shape_source: str = "",
+              data: DataSize | str | None = None) -> Plan:
+    """Decide backend, precision, processes, batch layout, memory settings and threads, and predict the time.
 
     `shape` is the model's architecture (from its config.json, launcher.memory.find_shape); without it the
-    memory planner cannot size the batch and says so.
+    memory planner cannot size the batch and says so. `data` is the training data's size
+    (launcher.data.measure_size), or why it is not known: the time prediction needs it.
     """
     hwr = recipe.hardware
     decisions, decide = _recorder()
@@ -473,6 +481,9 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
         decide("data_source", "bundled" if data_path else "hub", data_why)
 
     _check_learning_rate(recipe, decide)
+    predicted = _decide_time(recipe, hw, shape, data, backend, device, precision, eval_precision, base_dtype, fit,
+                             loss_logits, accumulation, world_size, nodes, threads, decide)
+    memory = _phase_memory(fit, decisions, device)
 
     trust = decide("trust_remote_code", recipe.model.trust_remote_code,
                    "set in the recipe: the model repository's Python code will run" if recipe.model.trust_remote_code
@@ -485,7 +496,67 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
                 max_length=max_length, zero_stage=stage, offload=offload, base_dtype=base_dtype, loss_logits=loss_logits,
                 memory_estimate_gib=None if fit.estimate is None else round(fit.estimate.total / GiB, 2),
                 device_memory_gib=round(mem_gib, 1), trust_remote_code=trust, data_path=data_path,
-                decisions=tuple(decisions))
+                predicted_seconds=predicted.seconds() if predicted else None, predicted_memory_gib=memory,
+                data_size=data if isinstance(data, DataSize) else None, decisions=tuple(decisions))
+
+
+def _phase_memory(fit: MemoryFit, decisions: list[Decision], device: str) -> dict | None:
+    """The peak memory each phase is predicted to reach on its device, as launcher.phases measures it: on CPU the
+    process's resident set, which adds the libraries' own (CPU_RUNTIME_GIB) to the estimates, and to the final
+    evaluation what the process still holds from training (CPU_RETAINED_AFTER_TRAINING)."""
+    if fit.estimate is None:
+        return None
+    runtime = CPU_RUNTIME_GIB if device == "cpu" else 0.0
+    retained = CPU_RETAINED_AFTER_TRAINING * fit.estimate.total / GiB if device == "cpu" else 0.0
+    memory = {"training": round(fit.estimate.total / GiB + runtime, 2)}
+    eval_gib = next((d.value for d in decisions if d.field == "eval_memory_gib"), None)
+    if eval_gib is not None:
+        memory.update(base_eval=round(eval_gib + runtime, 2), final_eval=round(eval_gib + runtime + retained, 2))
+    return memory
+
+
+def _decide_time(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None, data, backend: str, device: str,
+                 precision: str, eval_precision: str, base_dtype: str, fit: MemoryFit, loss_logits: str,
+                 accumulation: int, world_size: int, nodes: int, threads: int, decide):
+    """The predicted time of each phase (launcher.timing) as a decision, and what a time budget will cut."""
+    if shape is None:
+        decide("predicted_time", None, "model shape unknown: time not predicted")
+        return None
+    if not isinstance(data, DataSize):
+        decide("predicted_time", None, f"time not predicted: {data or 'the data was not measured'}")
+        return None
+    t, lora = recipe.train, recipe.model.lora
+
+    def predict(size: DataSize, epochs: float):
+        return predict_time(
+            shape, size, device=device, precision=precision, eval_precision=eval_precision, tflops=hw.matmul_tflops,
+            bandwidth_gbs=hw.memory_bandwidth_gbs, method=recipe.model.method, lora_rank=lora.rank,
+            lora_targets=lora.target_modules, checkpointing=fit.checkpointing, trained_logits=loss_logits == "trained",
+            micro_batch=fit.micro, accumulation=accumulation, world_size=world_size, nodes=nodes, threads=threads,
+            cpu_cores=hw.cpu_cores, epochs=epochs, max_steps=t.max_steps, zero_stage=fit.zero_stage,
+            eval_batch=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
+            compare_base=recipe.eval.compare_base, base_dtype=base_dtype)
+
+    def training_for(samples: int, epochs: float) -> float:
+        share = samples / data.samples
+        smaller = data.model_copy(update={"samples": samples, "tokens": round(data.tokens * share),
+                                          "trainable_tokens": round(data.trainable_tokens * share)})
+        return predict(smaller, epochs).training
+
+    prediction = predict(data, t.epochs)
+    if isinstance(prediction, str):
+        decide("predicted_time", None, f"time not predicted: {prediction}")
+        return None
+    decide("predicted_time", f"{prediction.total / 60:.1f} min", prediction.reason
+           + (f"; rates: {hw.rates_source}" if hw.rates_source else ""))
+    if t.max_time_seconds:
+        advice = budget_advice(prediction, data, t.max_time_seconds, str(t.max_time), t.epochs, training_for)
+        if advice:
+            decide("time_budget", advice[1], advice[0])
+        else:
+            decide("time_budget", None, f"train.max_time={t.max_time} covers the predicted training "
+                   f"({prediction.training / 60:.1f} min)")
+    return prediction
 
 
 # Learning rates beyond these are far outside what works for the method: measured on the embedded SmolLM2-135M,

@@ -101,7 +101,8 @@ def _run(plan, run_dir: RunDir, process: Process, resume: bool, signals: PhaseSi
         status("failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(), exit_code=1)
         raise
     if results is not None:
-        status("completed", base=results.get("base"), trained=results["trained"], train=results["train"], exit_code=0, phase=None)
+        status("completed", base=results.get("base"), trained=results["trained"], train=results["train"],
+               phases=results.get("phases"), exit_code=0, phase=None)
     return 0
 
 

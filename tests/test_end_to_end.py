@@ -32,14 +32,35 @@ def test_train_and_evaluate_tiny_model_end_to_end(tiny_recipe, tmp_path):
     assert plan["backend"] == "cpu" and plan["recipe"]["train"]["max_steps"] == 4
     assert {d["field"] for d in plan["decisions"]} >= {"backend", "precision", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "threads"}
     assert "learning_rate: 0.001" in (run_dir / "recipe.yaml").read_text()
-    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "completed"
     assert json.loads((run_dir / "versions.json").read_text())["transformers"].startswith("5.")
+    # Every phase's measured seconds and peak memory beside the plan's prediction (launcher.timing, launcher.phases).
+    predicted = plan["predicted_seconds"]
+    assert predicted["total"] == pytest.approx(sum(predicted[k] for k in ("loading", "base_eval", "training", "final_eval")), abs=0.2)
+    for phase in ("loading", "base_eval", "training", "final_eval"):
+        measured = status["phases"][phase]
+        assert measured["seconds"] > 0 and measured["predicted_seconds"] == predicted[phase] > 0
+        assert measured["time_ratio"] == pytest.approx(measured["seconds"] / measured["predicted_seconds"], abs=0.01)
+        assert measured["peak_memory_gib"] > 0.1  # the process's resident set: at least the libraries' own
+    for phase in ("base_eval", "training", "final_eval"):
+        measured = status["phases"][phase]
+        assert measured["predicted_memory_gib"] == plan["predicted_memory_gib"][phase]
+        assert measured["memory_ratio"] == pytest.approx(measured["peak_memory_gib"] / measured["predicted_memory_gib"], abs=0.01)
+    assert json.loads((run_dir / "eval.json").read_text())["phases"] == status["phases"]
+    listed = run_cli("runs", str(tmp_path / "outputs"))
+    assert listed.returncode == 0 and listed.stdout.splitlines()[0].split()[-6:] == ["time", "vs", "plan", "memory", "vs", "plan"]
+    assert all(cell.endswith("x") and float(cell[:-1]) > 0 for cell in listed.stdout.splitlines()[1].split()[-2:])
 
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
     assert all(math.isfinite(m["grad_norm"]) and math.isfinite(m["loss"]) and m["loss"] > 0 for m in steps)
     assert all("learning_rate" in m for m in steps)
+    # Training progress: tokens seen (padding excluded), tokens/s and the ETA from the measured rate.
+    assert all(m["num_input_tokens_seen"] > 0 and m["train_tokens_per_second"] > 0 for m in steps)
+    assert [m["num_input_tokens_seen"] for m in steps] == sorted({m["num_input_tokens_seen"] for m in steps})
+    assert steps[-1]["eta_seconds"] == 0 and all(m["eta_seconds"] > 0 for m in steps[:-1])
 
     from launcher.evaluate import format_metrics
 

@@ -27,7 +27,12 @@ def test_runs_lists_completed_failed_and_interrupted_runs_newest_first(tmp_path)
     metrics = "".join(json.dumps({"step": s, "loss": 2.0 / s}) + "\n" for s in (1, 2, 3))
     _fake_run(tmp_path, "done", pj, {"status": "completed"}, "2026-01-01T10:00:00+00:00", "2026-01-01T10:05:30+00:00",
               eval_json=json.dumps({"train": {"steps": 30, "final_loss": 0.25}, "base": {"accuracy": 0.1},
-                                    "trained": {"accuracy": 0.6}}))
+                                    "trained": {"accuracy": 0.6},
+                                    "phases": {"training": {"seconds": 300, "predicted_seconds": 200, "peak_memory_gib": 3.0,
+                                                            "predicted_memory_gib": 2.5},
+                                               "final_eval": {"seconds": 30, "predicted_seconds": 40, "peak_memory_gib": 1.0,
+                                                              "predicted_memory_gib": 1.2},
+                                               "saving": {"seconds": 1, "peak_memory_gib": 2.0}}}))
     _fake_run(tmp_path, "broken", pj, {"status": "failed", "diverged": True}, "2026-01-02T10:00:00+00:00",
               "2026-01-02T10:00:40+00:00", metrics_jsonl=metrics)
     _fake_run(tmp_path, "stopped", pj, {"status": "interrupted", "phase": "training"}, "2026-01-03T10:00:00+00:00",
@@ -44,9 +49,12 @@ def test_runs_lists_completed_failed_and_interrupted_runs_newest_first(tmp_path)
 
     table = format_table(rows).splitlines()
     assert table[0].split() == ["name", "status", "recipe", "model", "backend", "precision", "steps", "final", "loss",
-                                "accuracy", "duration", "job"]
+                                "accuracy", "duration", "job", "time", "vs", "plan", "memory", "vs", "plan"]
     assert "interrupted (training)" in table[1] and "2h00m" in table[1]
     assert "0.100 -> 0.600" in table[3] and "5m30s" in table[3] and "x.yaml" in table[3]
+    # Measured against predicted: (300 + 30) s of (200 + 40) s predicted; the highest peak, 3.0 GiB, of 2.5 predicted.
+    assert (done["time_vs_plan"], done["memory_vs_plan"]) == (1.38, 1.2)
+    assert table[3].split()[-2:] == ["1.38x", "1.20x"] and table[1].split()[-2:] == ["-", "-"]
 
     as_json = run_cli("runs", str(tmp_path), "--json")
     assert as_json.returncode == 0, as_json.stderr

@@ -1,0 +1,249 @@
+"""How long a run will take, from the model's shape, the data's tokens and the machine's measured rates.
+
+Pure (no torch): the plan calls predict_time() with what it already knows. Written by hand: no library
+predicts a fine-tuning run's time before it starts (Trainer and accelerate show an ETA once steps run).
+
+Training: FLOPs per token (the layers' matrix products forward and backward, attention's sequence term, the
+logits, LoRA's own products, the recompute of checkpointing) divided by the device's measured matrix rate x an
+efficiency; plus a memory-bound term for the elementwise work (norms, activations, residual adds, casts), taken
+as proportional to the activation bytes the memory model counts, divided by the measured memory bandwidth;
+plus a fixed cost per micro-batch (Python, the data collator, the optimizer step's share).
+Evaluation: greedy generation, one decoding step per new token for each batch until its longest answer ends;
+a step costs the larger of reading every weight once (bandwidth-bound at small batches) and the batch's
+matrix products (compute-bound at large ones), plus a fixed cost per step.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pydantic import BaseModel, ConfigDict
+
+from launcher.memory import ACT_BYTES, ModelShape
+
+# Fitted by benchmarks/time_estimate.py (least squares over its cases, LoRA and full, with and without
+# checkpointing, bf16 and fp32) on a 2-core AMD EPYC with avx512_bf16; the README's "Measured" shows the
+# fit's residuals and a machine it was not fitted on. GPUs: not fitted (no GPU run yet), typical figures for
+# small models, stated as such in the plan's reason.
+CPU = {
+    "matmul_efficiency": 0.55,  # share of the probe's square-matrix rate the model's products reach
+    "elementwise_passes": 6.0,  # activation bytes read and written per token, as multiples of those kept for backward
+    "micro_batch_seconds": 0.05,  # fixed cost per micro-batch (Python, collator, optimizer)
+    "decode_step_seconds": 0.03,  # fixed cost per generation step of a batch (Python, sampling, cache bookkeeping)
+}
+GPU = {"matmul_efficiency": 0.35, "elementwise_passes": 6.0, "micro_batch_seconds": 0.03, "decode_step_seconds": 0.015}
+# Gradient exchange between processes per optimizer step: gloo over loopback between CPU processes, NCCL between
+# GPUs of one node (NVLink/PCIe), between nodes (InfiniBand/Ethernet). GB/s of bus bandwidth.
+COMM_GBS = {"cpu": 1.0, "gpu_node": 100.0, "gpu_nodes": 12.0}
+
+
+class DataSize(BaseModel):
+    """What the training data will produce: counted by the pre-flight when the tokenizer is at hand, else estimated."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    samples: int
+    tokens: int  # all tokens of all samples, prompts included
+    trainable_tokens: int  # tokens the loss trains on (answers and EOS)
+    answer_tokens_max: int  # the longest answer: how long a trained model's longest generation runs
+    eval_items: int
+    eval_prompt_tokens: int  # mean prompt length of the evaluation items
+    source: str
+
+
+class TimePrediction(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    training: float
+    base_eval: float
+    trained_eval: float
+    loading: float
+    flops_per_token: float
+    tokens: int  # tokens the training steps process
+    samples_seen: int  # samples the training steps see (epochs included)
+    steps: int
+    sustained_gflops: float
+    reason: str
+    # The raw terms the efficiencies multiply (benchmarks/time_estimate.py fits the constants to them):
+    # matmul seconds at the full probed rate, seconds of one elementwise pass, micro-batches, decoding steps.
+    parts: dict[str, float] = {}
+
+    @property
+    def total(self) -> float:
+        return self.loading + self.base_eval + self.training + self.trained_eval
+
+    def seconds(self) -> dict:
+        return {"loading": round(self.loading, 1), "base_eval": round(self.base_eval, 1), "training": round(self.training, 1),
+                "final_eval": round(self.trained_eval, 1), "total": round(self.total, 1)}
+
+
+def flops_per_token(shape: ModelShape, *, method: str, lora_rank: int, lora_targets, seq_len: float, trained_share: float,
+                    trained_logits: bool, checkpointing: bool) -> dict:
+    """Training FLOPs per token of the sequence, by part (a multiply-add is 2 FLOPs).
+
+    seq_len: the mean length of a padded sample (attention's term); trained_share: the share of tokens the loss
+    trains on (with trained_logits, the only positions whose logits are computed).
+    """
+    h, layers, i = shape.hidden, shape.layers, shape.intermediate
+    kv = shape.kv_heads * (h // shape.heads)
+    linear = 2 * layers * (2 * h * h + 2 * h * kv + 3 * h * i)
+    # Scores and weighted values: 2 x (2 x attended positions x hidden) per layer, a causal mask attending to
+    # seq_len / 2 positions on average.
+    attention = layers * 4 * (seq_len / 2) * h
+    logits = 2 * h * shape.vocab * (trained_share if trained_logits else 1.0)
+    lora = 2 * shape.lora_params(lora_rank, lora_targets) if method == "lora" else 0.0
+    forward = linear + attention + logits + lora
+    if method == "full":  # gradients for the inputs and for every weight: twice the forward's products
+        backward = 2 * (linear + logits) + 2 * attention
+    else:  # frozen weights: gradients for the inputs only; LoRA's own weights get both
+        backward = linear + logits + 2 * attention + 2 * lora
+    recompute = (linear + attention + lora) if checkpointing else 0.0
+    return {"linear": linear, "attention": attention, "logits": logits, "lora": lora, "forward": forward,
+            "backward": backward, "recompute": recompute, "total": forward + backward + recompute}
+
+
+def activation_bytes_per_token(shape: ModelShape, precision: str) -> float:
+    """Activation bytes the memory model counts per token (launcher.memory.ACT_BYTES), all layers."""
+    per_hidden, per_intermediate = ACT_BYTES["half" if precision in ("bf16", "fp16") else "fp32"]
+    return shape.layers * (per_hidden * shape.hidden + per_intermediate * shape.intermediate)
+
+
+def _constants(device: str) -> dict:
+    return CPU if device == "cpu" else GPU
+
+
+def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: str, eval_precision: str,
+                 tflops: dict | None, bandwidth_gbs: float | None, method: str, lora_rank: int, lora_targets,
+                 checkpointing: bool, trained_logits: bool, micro_batch: int, accumulation: int, world_size: int,
+                 nodes: int, threads: int, cpu_cores: int, epochs: float, max_steps: int | None, zero_stage: int,
+                 eval_batch: int, max_new_tokens: int, compare_base: bool, base_dtype: str) -> TimePrediction | str:
+    """The predicted seconds of each phase, or why time cannot be predicted."""
+    if not tflops or precision not in tflops or not bandwidth_gbs:
+        return f"no {precision} matrix rate for this hardware (a profile without matmul_tflops, or the probe did not run)"
+    c = _constants(device)
+    rate = tflops[precision] * 1e12
+    if device == "cpu":  # the probe used every core; each of the plan's processes has `threads` of them
+        rate *= min(1.0, threads / max(1, cpu_cores))
+        bandwidth = bandwidth_gbs * 1e9 * min(1.0, world_size * threads / max(1, cpu_cores)) / max(1, world_size)
+    else:
+        bandwidth = bandwidth_gbs * 1e9
+    effective = micro_batch * accumulation * world_size
+    steps_per_epoch = max(1, math.ceil(data.samples / effective))
+    steps = max_steps if max_steps else max(1, math.ceil(steps_per_epoch * epochs))
+    samples_seen = steps * effective
+    if not max_steps:  # the last, partial step of each epoch: the samples there are, not a full batch
+        samples_seen = min(samples_seen, round(data.samples * epochs))
+    mean_len = data.tokens / max(1, data.samples)
+    tokens = round(samples_seen * mean_len)
+    share = data.trainable_tokens / max(1, data.tokens)
+    f = flops_per_token(shape, method=method, lora_rank=lora_rank, lora_targets=lora_targets, seq_len=mean_len,
+                        trained_share=share, trained_logits=trained_logits, checkpointing=checkpointing)
+    per_process_tokens = tokens / world_size
+    matmul_s = per_process_tokens * f["total"] / (rate * c["matmul_efficiency"])
+    elementwise_s = per_process_tokens * activation_bytes_per_token(shape, precision) * c["elementwise_passes"] / bandwidth
+    fixed_s = steps * accumulation * c["micro_batch_seconds"]
+    comm_s = 0.0
+    if world_size > 1:
+        trainable = shape.params if method == "full" else shape.lora_params(lora_rank, lora_targets)
+        per_step = trainable * (2 if precision in ("bf16", "fp16") else 4) * 2  # a ring all-reduce moves ~2x the gradients
+        if zero_stage == 3:
+            per_step += shape.params * 2 * 2 * accumulation  # parameters gathered for the forward and the backward
+        link = COMM_GBS["cpu" if device == "cpu" else ("gpu_nodes" if nodes > 1 else "gpu_node")] * 1e9
+        comm_s = steps * per_step / link
+    training = matmul_s + elementwise_s + fixed_s + comm_s
+
+    def evaluation(answer_tokens: int) -> tuple[float, int]:
+        rate_eval = tflops.get(eval_precision, tflops[precision]) * 1e12 * (min(1.0, threads / max(1, cpu_cores)) if device == "cpu" else 1.0)
+        weight_bytes = shape.params * (2 if eval_precision in ("bf16", "fp16") else 4)
+        n, b = data.eval_items, max(1, eval_batch)
+        batches = math.ceil(n / b) if n else 0
+        steps_per_batch = min(max_new_tokens, answer_tokens)
+        seconds, decode_steps = 0.0, 0
+        for k in range(batches):
+            rows = min(b, n - k * b)
+            prefill = rows * data.eval_prompt_tokens * 2 * shape.params / (rate_eval * c["matmul_efficiency"])
+            # Rows leave the batch as their answers end: on average half of them are still generating.
+            active = max(1.0, rows / 2)
+            step = max(weight_bytes / (bandwidth_gbs * 1e9), active * 2 * shape.params / (rate_eval * c["matmul_efficiency"]))
+            seconds += prefill + steps_per_batch * (step + c["decode_step_seconds"])
+            decode_steps += steps_per_batch
+        # The evaluation's loss: one forward pass over every item (prompt and reference answer).
+        seconds += n * (data.eval_prompt_tokens + answer_tokens) * 2 * shape.params / (rate_eval * c["matmul_efficiency"])
+        return seconds, decode_steps
+
+    answer = data.answer_tokens_max
+    trained_eval, decode_steps = evaluation(answer)
+    base_eval = trained_eval if compare_base else 0.0
+    # Loading: reading the weights (a few seconds for small models; bandwidth-bound for large ones from a page cache).
+    loading = 5.0 + shape.params * (4 if base_dtype == "fp32" else 2) / 1e9
+    sustained = rate * c["matmul_efficiency"]
+    fitted = "fitted on CPUs" if device == "cpu" else "not fitted on a GPU yet: typical figures"
+    reason = (f"training ~{_minutes(training)} = {_k(tokens)} tokens x {f['total'] / 1e9:.2f} GFLOP/token / "
+              f"{sustained / 1e9 * (world_size if device != 'cpu' else 1):.0f} GFLOP/s sustained "
+              f"({c['matmul_efficiency']:.0%} of {tflops[precision]:g} TFLOP/s {precision}"
+              + (f", {world_size} processes" if world_size > 1 else "") + f") = {_minutes(matmul_s)}, "
+              f"+ elementwise {_minutes(elementwise_s)} + {steps * accumulation} micro-batches x "
+              f"{c['micro_batch_seconds']:g} s" + (f" + gradient exchange {_minutes(comm_s)}" if comm_s else "")
+              + f" ({steps} steps, {samples_seen} samples seen); "
+              + (f"base evaluation ~{_minutes(base_eval)}; " if compare_base else "")
+              + f"trained evaluation ~{_minutes(trained_eval)} ({data.eval_items} items, answers up to "
+              f"{min(max_new_tokens, answer)} tokens{', the base assumed as long' if compare_base else ''}); "
+              f"loading ~{_minutes(loading)}; efficiencies {fitted}; tokens: {data.source}")
+    return TimePrediction(training=training, base_eval=base_eval, trained_eval=trained_eval, loading=loading,
+                          flops_per_token=f["total"], tokens=tokens, samples_seen=samples_seen, steps=steps,
+                          sustained_gflops=sustained / 1e9, reason=reason,
+                          parts={"matmul_full_rate_s": matmul_s * c["matmul_efficiency"],
+                                 "elementwise_pass_s": elementwise_s / c["elementwise_passes"],
+                                 "micro_batches": steps * accumulation, "comm_s": comm_s,
+                                 "eval_decode_steps": decode_steps,
+                                 "eval_fixed_s": decode_steps * c["decode_step_seconds"]})
+
+
+def predict_for_plan(plan, shape: ModelShape) -> TimePrediction | str:
+    """predict_time with a written plan's own inputs (benchmarks re-derive the parts of a run's prediction)."""
+    r = plan.recipe
+    if plan.data_size is None:
+        return "the plan has no data size"
+    return predict_time(
+        shape, plan.data_size, device=plan.device, precision=plan.precision, eval_precision=plan.eval_precision,
+        tflops=plan.hardware.matmul_tflops, bandwidth_gbs=plan.hardware.memory_bandwidth_gbs, method=r.model.method,
+        lora_rank=r.model.lora.rank, lora_targets=r.model.lora.target_modules, checkpointing=plan.gradient_checkpointing,
+        trained_logits=plan.loss_logits == "trained", micro_batch=plan.micro_batch_size,
+        accumulation=plan.gradient_accumulation_steps, world_size=plan.world_size, nodes=plan.nodes, threads=plan.threads,
+        cpu_cores=plan.hardware.cpu_cores, epochs=r.train.epochs, max_steps=r.train.max_steps, zero_stage=plan.zero_stage,
+        eval_batch=r.eval.batch_size, max_new_tokens=r.eval.max_new_tokens, compare_base=r.eval.compare_base,
+        base_dtype=plan.base_dtype)
+
+
+def budget_advice(prediction: TimePrediction, data: DataSize, max_time: float, label: str, epochs: float,
+                  training_for) -> tuple[str, dict] | None:
+    """When train.max_time cuts the predicted training short: what it will see and what would fit, else None.
+
+    training_for(samples, epochs) -> predicted training seconds: the same prediction for less data or fewer epochs
+    (steps round up, so the share of the budget is only where the search starts)."""
+    if prediction.training <= max_time:
+        return None
+    share = max_time / prediction.training
+    seen = int(prediction.samples_seen * share)
+    samples = max(1, int(data.samples * share))
+    while samples > 1 and training_for(samples, epochs) > max_time:
+        samples = max(1, int(samples * 0.97))
+    fits_epochs = round(epochs * share, 2)
+    while fits_epochs > 0.01 and training_for(data.samples, fits_epochs) > max_time:
+        fits_epochs = round(fits_epochs * 0.97, 2)
+    text = (f"warning: train.max_time={label} is shorter than the predicted training ({_minutes(prediction.training)}): "
+            f"it will see about {seen} of {prediction.samples_seen} samples ({share:.0%}"
+            + (f" of {epochs:g} epochs" if epochs != 1 else " of the epoch") + f"). To finish within it: data.max_samples={samples}"
+            + (f" or train.epochs={fits_epochs:g}" if fits_epochs > 0.01 else "") + ", or a longer train.max_time")
+    return text, {"samples_seen": seen, "of": prediction.samples_seen, "max_samples_that_fit": samples,
+                  "epochs_that_fit": fits_epochs}
+
+
+def _minutes(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _k(n: int) -> str:
+    return f"{n / 1000:.1f}k" if n >= 1000 else str(n)

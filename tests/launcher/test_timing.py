@@ -1,0 +1,129 @@
+"""The plan's time model: FLOPs per token counted by hand, budgets that say what they cost, and the rates it uses."""
+
+import pytest
+
+from launcher.hardware import HardwareInfo, load_profile
+from launcher.memory import ModelShape, find_shape
+from launcher.plan import make_plan
+from launcher.recipe import load_recipe
+from launcher.timing import DataSize, flops_per_token
+from tests.conftest import ROOT
+
+UNIT = ROOT / "recipes" / "unit-conversion.yaml"
+# hidden 64, 2 layers, 4 heads of 16, 2 key/value heads (kv width 32), intermediate 128, vocabulary 400, tied.
+SMALL = ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=400, tied=True, model_type="llama")
+
+
+def test_lora_flops_per_token_by_hand():
+    # Layers' products: 2 FLOPs x 2 layers x (q,o: 2 x 64x64 + k,v: 2 x 64x32 + MLP: 3 x 64x128) = 4 x 36,864 = 147,456.
+    # Attention at 10 tokens: 2 layers x 4 x (10 / 2 attended) x 64 = 2,560.
+    # Logits at trained positions only (half of them): 2 x 64 x 400 x 0.5 = 25,600.
+    # LoRA r=4 on every projection: 2 layers x 4 x (128 + 96 + 96 + 128 + 192 + 192 + 192) = 8,192 weights: 16,384.
+    f = flops_per_token(SMALL, method="lora", lora_rank=4, lora_targets="all-linear", seq_len=10, trained_share=0.5,
+                        trained_logits=True, checkpointing=False)
+    assert (f["linear"], f["attention"], f["logits"], f["lora"]) == (147_456, 2_560, 25_600, 16_384)
+    assert f["forward"] == 147_456 + 2_560 + 25_600 + 16_384 == 192_000
+    # Backward through frozen weights: input gradients only (1x the products), attention 2x, LoRA's both (2x).
+    assert f["backward"] == 147_456 + 25_600 + 2 * 2_560 + 2 * 16_384 == 210_944
+    assert f["total"] == 402_944
+    # Gradient checkpointing recomputes the layers' forward (not the logits): + 147,456 + 2,560 + 16,384.
+    ckpt = flops_per_token(SMALL, method="lora", lora_rank=4, lora_targets="all-linear", seq_len=10, trained_share=0.5,
+                           trained_logits=True, checkpointing=True)
+    assert ckpt["total"] == 402_944 + 166_400
+
+
+def test_full_finetuning_flops_per_token_by_hand():
+    # Every weight's gradient too: backward is twice the forward's products. Logits at every position: 51,200.
+    f = flops_per_token(SMALL, method="full", lora_rank=4, lora_targets="all-linear", seq_len=10, trained_share=0.5,
+                        trained_logits=False, checkpointing=False)
+    assert (f["logits"], f["lora"]) == (51_200, 0)
+    assert f["forward"] == 147_456 + 2_560 + 51_200 == 201_216
+    assert f["backward"] == 2 * (147_456 + 51_200) + 2 * 2_560 == 402_432
+    ckpt = flops_per_token(SMALL, method="full", lora_rank=4, lora_targets="all-linear", seq_len=10, trained_share=0.5,
+                           trained_logits=False, checkpointing=True)
+    assert ckpt["total"] == 201_216 + 402_432 + 147_456 + 2_560
+
+
+def test_smollm2_lora_flops_match_the_usual_two_n_rule():
+    # SmolLM2-135M: 30 layers x (2 x 576^2 + 2 x 576x192 + 3 x 576x1536) = 106.2M weights in the layers' products.
+    shape = find_shape("embedded:smollm2-135m-instruct")[0]
+    f = flops_per_token(shape, method="lora", lora_rank=16, lora_targets="all-linear", seq_len=100, trained_share=1.0,
+                        trained_logits=False, checkpointing=False)
+    assert f["linear"] == 2 * 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536) == 212_336_640
+    # LoRA training costs about 4x the layers' weights + the logits' 4 x 576 x 49,152: ~0.54 GFLOP per token
+    # (the figure the speed issue measured against).
+    assert 0.5e9 < f["total"] < 0.6e9
+
+
+def _hardware(**kw):
+    return HardwareInfo(cpu_cores=2, ram_gb=24, cpu_bf16=True, matmul_tflops={"fp32": 0.2, "bf16": 0.88},
+                        memory_bandwidth_gbs=100, rates_source="test figures", **kw)
+
+
+def _data(samples=1000):
+    return DataSize(samples=samples, tokens=samples * 87, trainable_tokens=samples * 74, answer_tokens_max=103,
+                    eval_items=150, eval_prompt_tokens=14, source="test")
+
+
+def test_plan_predicts_each_phase_and_says_how():
+    recipe = load_recipe(UNIT, [])
+    shape, source = find_shape(recipe.model.name)
+    plan = make_plan(recipe, _hardware(), shape, source, data=_data())
+    seconds = plan.predicted_seconds
+    assert seconds["total"] == pytest.approx(seconds["loading"] + seconds["base_eval"] + seconds["training"] + seconds["final_eval"], abs=0.2)
+    decision = plan.decision("predicted_time")
+    # 3 epochs of 87k tokens, the FLOPs per token, the sustained rate and where the rates came from are all said.
+    assert decision.reason.startswith("training ~") and "261.0k tokens x 0.5" in decision.reason
+    assert "GFLOP/s sustained" in decision.reason and "of 0.88 TFLOP/s bf16" in decision.reason
+    assert "rates: test figures" in decision.reason
+    assert plan.data_size == _data() and plan.summary()["predicted_seconds"] == seconds
+    # Twice the data, twice the training time (the fixed costs scale with the steps too).
+    double = make_plan(recipe, _hardware(), shape, source, data=_data(2000))
+    assert double.predicted_seconds["training"] == pytest.approx(2 * seconds["training"], rel=0.01)
+    # A profile plans without probing: its datasheet rates, and its GPU's higher rate gives a shorter training.
+    gpu = make_plan(recipe, load_profile("a10g-24gb"), shape, source, data=_data())
+    assert gpu.predicted_seconds["training"] < seconds["training"] / 10
+    assert "not fitted on a GPU" in gpu.decision("predicted_time").reason
+
+
+def test_no_rates_or_no_data_size_means_no_prediction_and_says_why():
+    recipe = load_recipe(UNIT, [])
+    shape, source = find_shape(recipe.model.name)
+    bare = HardwareInfo(cpu_cores=2, ram_gb=24, cpu_bf16=True)
+    plan = make_plan(recipe, bare, shape, source, data=_data())
+    assert plan.predicted_seconds is None and "no bf16 matrix rate" in plan.decision("predicted_time").reason
+    plan = make_plan(recipe, _hardware(), shape, source)
+    assert plan.predicted_seconds is None and "not measured" in plan.decision("predicted_time").reason
+
+
+def test_a_budget_shorter_than_the_training_says_what_it_will_see_and_what_fits():
+    shape, source = find_shape("embedded:smollm2-135m-instruct")
+    full = make_plan(load_recipe(UNIT, []), _hardware(), shape, source, data=_data())
+    training = full.predicted_seconds["training"]
+    budget = training / 4
+    plan = make_plan(load_recipe(UNIT, [f"train.max_time={budget:.0f}s"]), _hardware(), shape, source, data=_data())
+    decision = plan.decision("time_budget")
+    assert decision.reason.startswith(f"warning: train.max_time={budget:.0f}s is shorter than the predicted training")
+    assert "it will see about" in decision.reason and "of 3000 samples (25% of 3 epochs)" in decision.reason
+    fits = decision.value["max_samples_that_fit"]
+    assert f"data.max_samples={fits}" in decision.reason and 230 <= fits <= 260
+    epochs = decision.value["epochs_that_fit"]
+    assert f"train.epochs={epochs:g}" in decision.reason and 0.7 <= epochs <= 0.75  # a quarter of 3 epochs, steps rounding up
+    # Following either advice: the budget now covers the predicted training.
+    for advice, size in ((f"data.max_samples={fits}", fits), (f"train.epochs={epochs:g}", 1000)):
+        followed = make_plan(load_recipe(UNIT, [f"train.max_time={budget:.0f}s", advice]), _hardware(), shape, source,
+                             data=_data(size))
+        assert followed.decision("time_budget").reason.startswith(f"train.max_time={budget:.0f}s covers the predicted training")
+
+
+def test_plan_on_a_profile_counts_the_data_without_the_machine(tmp_path):
+    from tests.conftest import run_cli
+
+    result = run_cli("plan", str(UNIT), "--hardware", "t4-16gb", "--json")
+    assert result.returncode == 0, result.stderr
+    import json
+
+    data = json.loads(result.stdout)
+    decision = next(d for d in data["decisions"] if d["field"] == "predicted_time")
+    assert data["predicted_seconds"]["training"] > 0 and "NVIDIA T4 datasheet" in decision["reason"]
+    assert "fp16" in decision["reason"]  # a T4 trains in fp16: its fp16 rate is the one divided by
