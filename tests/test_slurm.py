@@ -79,7 +79,7 @@ model:
   name: {tiny_model}
   lora: {{rank: 4, alpha: 8}}
 data:
-  train_size: 48
+  train_size: 8
   max_length: 96
 train:
   max_steps: 4
@@ -136,20 +136,17 @@ def test_warned_job_checkpoints_requeues_resumes_by_itself_with_the_same_steps_a
     losses = [{r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
               for d in (run_dir, plain_dir)]
     assert sorted(losses[0]) == list(range(1, STEPS + 1))
-    assert all(losses[0][s] == losses[1][s] for s in range(1, stopped_at + 1))  # the same run up to the stop
-    # After the resume: transformers' LengthGroupedSampler (train_sampling_strategy="group_by_length") draws its order
-    # from the global RNG when the epoch's iterator starts, so the rest of the interrupted epoch gets other batches;
-    # from the next epoch on the batches are the same again, and each step's loss agrees within 1%.
-    per_epoch = 48 // 8  # data.train_size / train.effective_batch_size
-    next_epoch = (stopped_at // per_epoch + 1) * per_epoch + 1
-    assert all(losses[0][s] == pytest.approx(losses[1][s], rel=0.01) for s in range(next_epoch, STEPS + 1))
+    # One optimizer step per epoch (train_size 8 = effective batch 8), so the stop falls on an epoch boundary, where a
+    # resumed run draws the same batches: every step's loss is the uninterrupted run's. (Inside an epoch the rest of
+    # that epoch gets other batches: transformers' LengthGroupedSampler draws its order from the global random state
+    # when the epoch's iterator starts; README "Measured" gives the differences.)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     a, b = _adapter(run_dir), _adapter(plain_dir)
     assert a.keys() == b.keys()
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     print(f"stopped at step {stopped_at} of {STEPS}; largest adapter weight difference {diff:.3g}")
-    # At most the rest of one epoch (fewer than per_epoch steps) trained on other batches, and an Adam step moves a
-    # weight by about the learning rate (1e-3): the weights differ by less than per_epoch such steps.
-    assert diff < per_epoch * 1e-3
+    for k in a:  # the full fine-tuning test's tolerance for runs that must agree
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), (k, diff)
 
 
 def test_a_partition_slurm_rejects_is_an_error_with_the_fix(cluster, tiny_recipe, tmp_path):
