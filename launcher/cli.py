@@ -42,7 +42,9 @@ def _hardware(profile: str | None):
     return load_profile(profile) if profile else detect()
 
 
-def _plan(recipe_path: str, overrides, profile: str | None, backend: str | None, nnodes: int | None = None, check: bool = False):
+def _plan(recipe_path: str, overrides, profile: str | None, backend: str | None, nnodes: int | None = None, check: bool = False,
+          hardware=None):
+    """hardware: the nodes to plan for, when the caller made them (sftlaunch slurm); else the profile or this machine."""
     from launcher.memory import find_shape
     from launcher.plan import make_plan
     from launcher.recipe import load_recipe
@@ -50,7 +52,7 @@ def _plan(recipe_path: str, overrides, profile: str | None, backend: str | None,
     if backend:
         overrides = [*overrides, f"hardware.backend={backend}"]
     recipe = load_recipe(recipe_path, overrides)
-    hw = _hardware(profile)
+    hw = hardware or _hardware(profile)
     if check or profile is None:  # inputs on this machine (a plan for another machine cannot see its files)
         from launcher.data import check_paths
         from launcher.models import check_reference
@@ -127,6 +129,8 @@ def main():
     sftlaunch RECIPE [key.path=value ...]     plan, train and evaluate (same as `sftlaunch run`)
     sftlaunch plan RECIPE [--hardware NAME]   show every decision and its reason, without training
     sftlaunch runs [DIR]                      past runs, newest first
+    sftlaunch slurm RECIPE --nodes N --gpus-per-node G [--submit]   a SLURM batch job that requeues itself
+    sftlaunch sky RECIPE --gpus A100:8 --outputs s3://BUCKET [--launch]   a SkyPilot task for cloud GPUs
     """
 
 
@@ -170,7 +174,10 @@ def run(recipe, overrides, backend, smoke, nnodes, node_rank, master_addr, maste
         path = create_run_dir(plan, recipe, suffix="-smoke" if smoke else "", explicit=run_dir)
         click.echo(f"run directory: {path}" + ("  (smoke run)" if smoke else ""))
         if node_rank == 0:
-            path.write_status("starting", recipe=str(recipe), overrides=list(overrides), smoke=smoke, launcher_pid=os.getpid())
+            from launcher.slurm import scheduler_fields
+
+            path.write_status("starting", recipe=str(recipe), overrides=list(overrides), smoke=smoke, launcher_pid=os.getpid(),
+                              **scheduler_fields(os.environ))
     except SftlaunchError as exc:
         _fail(exc)
     _launch(plan, path, resume=False, rendezvous=_rendezvous(plan, node_rank, master_addr, master_port))
@@ -204,8 +211,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# The states a run can be resumed from (run.json's status as the worker and launcher write it).
-RESUMABLE = ("starting", "running", "interrupted", "failed", "out_of_memory", "killed")
+# The states a run can be resumed from (run.json's status as the worker and launcher write it). "prepared" and
+# "queued": written by `sftlaunch slurm` before the job first starts; resume then starts it at step 0.
+PREPARED = ("prepared", "queued")
+RESUMABLE = ("starting", "running", "interrupted", "failed", "out_of_memory", "killed", *PREPARED)
 
 
 @main.command()
@@ -241,7 +250,11 @@ def resume(run_dir, node_rank, master_addr, master_port):
         _fail(exc)
     click.echo(render_plan(plan))
     if node_rank == 0:
-        path.write_status("starting", resumed=True, launcher_pid=os.getpid())
+        from launcher.slurm import scheduler_fields
+
+        if state in PREPARED:
+            click.echo(f"starting the prepared run {run_dir} (no checkpoint yet: from step 0)")
+        path.write_status("starting", resumed=state not in PREPARED, launcher_pid=os.getpid(), **scheduler_fields(os.environ))
     _launch(plan, path, resume=True, rendezvous=_rendezvous(plan, node_rank, master_addr, master_port))
 
 
@@ -323,6 +336,141 @@ def plan(recipe, overrides, profile, backend, as_json):
         click.echo(f"\nthis is a {p.nodes}-node job; run on each node (RUN_NAME: one shared run directory):")
         for line in node_commands(p, recipe, overrides, "RUN_NAME"):
             click.echo("  " + line)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--nodes", type=int, required=True, help="Nodes to run on (several: DeepSpeed, hardware.backend=deepspeed on CPU nodes).")
+@click.option("--gpus-per-node", type=int, required=True, help="GPUs per node (0: CPU nodes); at most what the --hardware profile has.")
+@click.option("--partition", help="SLURM partition (sbatch --partition); default: the cluster's default.")
+@click.option("--time", "time_limit", help="Time limit (sbatch --time, e.g. 04:00:00); the job checkpoints and requeues "
+              "itself before it.")
+@click.option("--account", help="SLURM account to charge (sbatch --account).")
+@click.option("--hardware", "profile", help="A profile (shipped name or YAML file) describing one node; default: this machine.")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Run directory (default: a new one under output.dir). "
+              "It must be on storage every node sees (NFS, Lustre, GPFS...), never /tmp.")
+@click.option("--submit", is_flag=True, help="Submit the script with sbatch and print the job id (else only write and show it).")
+def slurm(recipe, overrides, nodes, gpus_per_node, partition, time_limit, account, profile, run_dir, submit):
+    """Plan RECIPE for a SLURM cluster's nodes and write RUN_DIR/slurm.sbatch; --submit submits it.
+
+    The run directory must be on storage all nodes see. The job starts `sftlaunch resume RUN_DIR` on every node
+    (srun), checkpoints on SLURM's warning before the time limit, requeues itself and continues where it stopped.
+    Without --submit nothing is submitted: read the plan and the script first.
+    """
+    from launcher import slurm as sl
+    from launcher.errors import PlanError
+    from launcher.rundir import RunDir, create_run_dir
+
+    req = sl.SlurmRequest(nodes, gpus_per_node, partition, time_limit, account)
+    try:
+        sl.check_request(req)
+        hw = sl.node_hardware(_hardware(profile), req, from_profile=profile is not None)
+        plan = _plan(recipe, overrides, profile, None, hardware=hw)
+        if plan.nodes != nodes:
+            raise PlanError(f"--nodes {nodes}, but the plan runs the {plan.backend} backend, which uses one node. Fix: "
+                            "hardware.backend=deepspeed (several nodes), or --nodes 1.")
+        target = Path(run_dir) if run_dir else Path(plan.recipe.output.dir)
+        try:
+            mounts = Path("/proc/self/mounts").read_text()
+        except OSError:
+            mounts = ""
+        problem = sl.shared_storage_problem(target, nodes, mounts)
+        if problem:
+            key = "--run-dir" if run_dir else "output.dir"
+            raise PlanError(f"{key}: {problem}; the other {nodes - 1} node(s) cannot see it. Fix: {key} on storage every node "
+                            "mounts (the cluster's shared home or scratch file system).")
+        existing = RunDir(run_dir).status().get("status") if run_dir else None
+        if existing:
+            raise PlanError(f"--run-dir {run_dir} already holds a run ({existing}); writing here would replace its plan. "
+                            f"Fix: submit its own script (sbatch {Path(run_dir) / RunDir.SLURM_SCRIPT}), or give --run-dir a new folder.")
+        click.echo(render_plan(plan))
+        path = create_run_dir(plan, recipe, explicit=str(Path(run_dir).absolute()) if run_dir else None)
+        path = RunDir(path.path.absolute())
+        script = path.file(RunDir.SLURM_SCRIPT)
+        script.write_text(sl.sbatch_script(plan, path.path, req))
+        path.write_status("prepared", recipe=str(recipe), overrides=list(overrides), smoke=False,
+                          slurm={"script": str(script), "nodes": nodes, "gpus_per_node": gpus_per_node})
+        click.echo(f"\nrun directory: {path}\n--- {script} ---")
+        click.echo(script.read_text())
+        if not submit:
+            click.echo(f"not submitted. Submit with: sbatch {script}   (or add --submit)")
+            return
+        job = sl.submit(script)
+        path.write_status("queued", slurm={"script": str(script), "job_id": job})
+    except SftlaunchError as exc:
+        _fail(exc)
+    click.echo(f"submitted batch job {job}; follow it: squeue -j {job}; tail -f {path.slurm_log(job)}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--gpus", required=True, help="SkyPilot accelerators per node, NAME:COUNT (e.g. A100:8, H100:8).")
+@click.option("--nodes", type=int, default=1, show_default=True, help="Nodes (several: DeepSpeed across them).")
+@click.option("--cloud", help="Cloud to use (aws, gcp, azure, ...); default: SkyPilot picks the cheapest it can reach.")
+@click.option("--image", default="sftlaunch:cuda", show_default=True,
+              help="The cuda image, in a registry the cloud can pull from (docker tag + docker push).")
+@click.option("--outputs", required=True, help="Bucket for the run directories (s3://..., gs://...), mounted at /outputs.")
+@click.option("--hardware", "profile", help="A profile describing one node (default: the shipped one for --gpus).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Where to write the task (default: RECIPE_STEM.sky.yaml).")
+@click.option("--launch", is_flag=True, help="Run `sky launch` on the task (SkyPilot installed and a cloud configured).")
+def sky(recipe, overrides, gpus, nodes, cloud, image, outputs, profile, out_file, launch):
+    """Write a SkyPilot task that runs RECIPE in the cuda image on cloud GPUs; --launch launches it."""
+    import re as _re
+    from datetime import datetime
+
+    from launcher import sky as sk
+    from launcher.errors import ClusterError, PlanError
+    from launcher.slurm import SlurmRequest, node_hardware
+
+    req = sk.SkyRequest(gpus, nodes, cloud, image, outputs)
+    try:
+        sk.check_request(req)
+        name, count = sk.parse_gpus(gpus)
+        hw = node_hardware(_hardware(sk.profile_for(gpus, profile)), SlurmRequest(nodes, count), from_profile=True)
+        plan = _plan(recipe, overrides, sk.profile_for(gpus, profile), None, hardware=hw)
+        if plan.nodes != nodes:
+            raise PlanError(f"--nodes {nodes}, but the plan runs the {plan.backend} backend, which uses one node. Fix: "
+                            "hardware.backend=deepspeed, or --nodes 1.")
+        stem = _re.sub(r"[^A-Za-z0-9._-]+", "_", Path(recipe).stem) or "run"
+        run_name = plan.recipe.output.name or f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        text = sk.task_yaml(plan, req, Path(recipe), tuple(overrides), run_name)
+        target = Path(out_file or f"{stem}.sky.yaml")
+        from launcher.errors import writing
+
+        with writing(target, "--out"):
+            target.write_text(text)
+    except SftlaunchError as exc:
+        _fail(exc)
+    click.echo(render_plan(plan))
+    click.echo(f"\n--- {target} ---\n{text}")
+    if not launch:
+        click.echo(f"not launched. Launch with: HF_TOKEN=... sky launch --env HF_TOKEN {target}   (or add --launch)")
+        return
+    import shutil
+    import subprocess
+
+    exe = shutil.which("sky")
+    if exe is None:
+        _fail(ClusterError("`sky` is not on PATH. Fix: pip install 'sftlaunch[sky]' and `sky check` a cloud, or launch "
+                           f"the written task from a machine that has SkyPilot: sky launch --env HF_TOKEN {target}"))
+    sys.exit(subprocess.call([exe, "launch", "--yes", "--env", "HF_TOKEN", str(target)]))
+
+
+@main.command(name="slurm-end", hidden=True)
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--job", required=True)
+@click.option("--exit-code", type=int, required=True)
+@click.option("--stop", default="")
+def slurm_end(run_dir, job, exit_code, stop):
+    """The batch script's last step: record how the job ended; print `requeue` when it should requeue."""
+    from launcher.slurm import job_end
+
+    try:
+        click.echo(job_end(run_dir, job, exit_code, stop))
+    except SftlaunchError as exc:
+        _fail(exc)
 
 
 @main.command(name="eval")

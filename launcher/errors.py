@@ -119,3 +119,9 @@ class writing:
             raise StorageError(f"{self.key}: cannot write {where} ({exc.strerror or exc}). Fix: free space there, or "
                                "choose a writable folder.") from None
         return False
+
+
+class ClusterError(SftlaunchError):
+    """A scheduler or cloud launcher (SLURM, SkyPilot) is missing or refused the job (exit code 2)."""
+
+    exit_code = 2

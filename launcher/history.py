@@ -8,7 +8,7 @@ from pathlib import Path
 from launcher.errors import PlanError, SftlaunchError
 from launcher.rundir import RunDir
 
-COLUMNS = ("name", "status", "recipe", "model", "backend", "precision", "steps", "final_loss", "accuracy", "duration",
+COLUMNS = ("name", "status", "recipe", "model", "backend", "precision", "steps", "final_loss", "accuracy", "duration", "job",
            "time_vs_plan", "memory_vs_plan")
 
 
@@ -59,9 +59,18 @@ def _summary(run_dir: RunDir) -> dict:
         trained_accuracy=trained,
         started=status.get("started"),
         seconds=_seconds_between(status.get("started"), status.get("updated")),
+        job=_job(status.get("slurm")),
         **_against_plan(results.get("phases") or status.get("phases") or {}),
     )
     return row
+
+
+def _job(slurm) -> str | None:
+    """The SLURM job that runs or ran it ("slurm 42 on node[1-2]"), from run.json's `slurm` record."""
+    if not isinstance(slurm, dict) or not slurm.get("job_id"):
+        return None
+    nodes = slurm.get("nodes")
+    return f"slurm {slurm['job_id']}" + (f" on {nodes}" if isinstance(nodes, str) and nodes else "")
 
 
 def _against_plan(phases: dict) -> dict:

@@ -44,6 +44,9 @@ class RunDir:
     PLOTS, TRAINING_PLOT, COMPARISON_PLOT = "plots", "training.png", "comparison.png"  # drawn by launcher.plots
     # Where the trackers (train.report_to) write, pointed there by launcher.trackers; W&B names its wandb/ itself.
     TENSORBOARD, WANDB, MLRUNS = "tensorboard", "wandb", "mlruns"
+    # `sftlaunch slurm`: the batch script, and a folder for its per-start files (launcher pids, each node's exit code).
+    SLURM_SCRIPT, SLURM_STATE = "slurm.sbatch", "slurm"
+    SLURM_LOG = "slurm-%j.out"  # sbatch --output's pattern (%j: the job id); slurm_log(job) names one job's log
     # Under checkpoints/: a checkpoint is written here whole, then renamed to checkpoint-N (launcher.trainer).
     STAGING = ".staging"
 
@@ -169,8 +172,9 @@ class RunDir:
         if write:
             fields = {k: v for k, v in first.items() if k not in ("rank", "status", "time")}
             error = first.get("error") or f"rank {first['rank']} exited with code {first['exit_code']}"
+            where = f" (node {first['node']}, {first['host']})" if "node" in first and "host" in first else ""
             self.write_status(first.get("status", "failed"), **{**fields, "rank": first["rank"],
-                                                                   "error": f"rank {first['rank']}: {error}"})
+                                                                   "error": f"rank {first['rank']}{where}: {error}"})
         return first["exit_code"]
 
     def live_process(self) -> str | None:
@@ -274,6 +278,9 @@ class RunDir:
 
     def has_output(self, method: str) -> bool:
         return self.has_model() if method == "full" else self.has_adapter()
+
+    def slurm_log(self, job: str) -> Path:
+        return self.file(self.SLURM_LOG.replace("%j", str(job)))
 
     @property
     def ds_config(self) -> Path:

@@ -147,7 +147,11 @@ def record_rank_end(argv: list[str], process: Process, code: int) -> None:
 
     if process.world_size <= 1 or not argv:
         return
-    record = {**ENDED, "exit_code": code, "time": time.time(), "pid": os.getpid()}
+    import socket
+
+    # The node (torchrun's GROUP_RANK) and its host: a multi-node run's run.json says where a rank failed.
+    record = {**ENDED, "exit_code": code, "time": time.time(), "pid": os.getpid(),
+              "node": int(os.environ.get("GROUP_RANK", "0")), "host": socket.gethostname()}
     if code != 0 and record.get("status") in (None, "running", "completed"):
         record["status"] = "failed"
     try:

@@ -88,7 +88,7 @@ def test_a_rank_out_of_memory_reaches_the_launcher_and_backs_off(tiny_recipe, tm
     run_dir = _run_dir(tmp_path / "outputs")
     (backoff,) = [json.loads(line) for line in (run_dir / "oom_backoff.jsonl").read_text().splitlines()]
     assert (backoff["from_micro_batch"], backoff["to_micro_batch"]) == (4, 2)
-    assert backoff["error"].startswith("rank 1: ") and "out of memory" in backoff["error"]
+    assert backoff["error"].startswith(f"rank 1 (node 0, {socket.gethostname()}): ") and "out of memory" in backoff["error"]
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
     assert json.loads((run_dir / "eval.json").read_text())["train"]["steps"] == 4
 

@@ -49,7 +49,7 @@ def test_runs_lists_completed_failed_and_interrupted_runs_newest_first(tmp_path)
 
     table = format_table(rows).splitlines()
     assert table[0].split() == ["name", "status", "recipe", "model", "backend", "precision", "steps", "final", "loss",
-                                "accuracy", "duration", "time", "vs", "plan", "memory", "vs", "plan"]
+                                "accuracy", "duration", "job", "time", "vs", "plan", "memory", "vs", "plan"]
     assert "interrupted (training)" in table[1] and "2h00m" in table[1]
     assert "0.100 -> 0.600" in table[3] and "5m30s" in table[3] and "x.yaml" in table[3]
     # Measured against predicted: (300 + 30) s of (200 + 40) s predicted; the highest peak, 3.0 GiB, of 2.5 predicted.
