@@ -161,6 +161,21 @@ def main() -> None:
         constants = fit(results)
         print("fitted on every case:", {k: round(v, 4) if v is not None else None for k, v in constants.items()})
         print("in launcher/timing.py:", CPU)
+        print("training with the fitted constants (in-sample):")
+        for r in results:
+            predicted = refit_prediction(r, constants, CPU)
+            actual = r["phases"]["training"]["seconds"]
+            print(f"  {r['case']:<24} predicted {predicted:7.1f} s, measured {actual:7.1f} s ({actual / predicted:.2f}x)")
+        if constants["decode_step_seconds"] is not None:
+            print("evaluation with the fitted seconds per decoding step:")
+            for r in results:
+                for phase in ("base_eval", "final_eval"):
+                    p = r["phases"].get(phase)
+                    if p and p.get("predicted_seconds"):
+                        predicted = (p["predicted_seconds"] - r["parts"]["eval_fixed_s"]
+                                     + r["parts"]["eval_decode_steps"] * constants["decode_step_seconds"])
+                        print(f"  {r['case']:<24} {phase:<10} predicted {predicted:6.1f} s, measured {p['seconds']:6.1f} s "
+                              f"({p['seconds'] / predicted:.2f}x)")
         held = [r for r in results if r["precision"] == "fp32"]
         if held and len(held) < len(results):
             partial = fit(results, exclude=lambda r: r["precision"] == "fp32")
