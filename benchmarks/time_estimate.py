@@ -39,7 +39,7 @@ CASES = {
     "lora-fp32-checkpointing": [*UNIT, "hardware.precision=fp32", "hardware.gradient_checkpointing=true"],
     "full": [*UNIT, "model.method=full", "train.learning_rate=2e-5", "train.max_steps=8"],
     "deepspeed": [*UNIT, "hardware.backend=deepspeed", "train.max_steps=8", "eval.limit=24"],
-    "gsm8k": ["recipes/gsm8k.yaml", EMBEDDED, "train.max_steps=4", "eval.limit=16", "data.max_samples=400",
+    "gsm8k": ["recipes/gsm8k.yaml", EMBEDDED, "train.max_steps=16", "eval.limit=16", "data.max_samples=400",
               "train.save_steps=1000"],
 }
 PHASES = ("loading", "base_eval", "training", "final_eval")

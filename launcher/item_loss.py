@@ -6,9 +6,18 @@ trained model give paired losses, which launcher.stats.wilcoxon_signed_rank test
 
 from __future__ import annotations
 
-# Tokens in one forward pass: the logits of a batch are tokens x vocabulary floats (49,152 for SmolLM2: 4,096
-# tokens are 400 MB in bf16), so batches are cut by tokens, not by items.
+# Tokens in one forward pass: the logits of a batch are tokens x vocabulary floats, and the loss holds them in the
+# model's dtype, their fp32 copy at the trained positions and its log-softmax: 10 bytes per logit in bf16. So
+# batches are cut by logits, not by items: at most 2^25 per batch (682 tokens of SmolLM2's 49,152-token
+# vocabulary, 335 MB), at most 4,096 tokens. Cutting at 4,096 tokens alone made the loss pass the peak of a whole
+# run's evaluation: 2 GB for SmolLM2 (measured: 3.3-3.9 GiB resident in the base evaluation of 48 unit-conversion
+# items against 1.25 GiB for 10), 6 GB for a 151,936-token vocabulary.
 TOKENS_PER_BATCH = 4096
+LOGITS_PER_BATCH = 2**25
+
+
+def tokens_per_batch(vocab: int) -> int:
+    return max(1, min(TOKENS_PER_BATCH, LOGITS_PER_BATCH // max(1, vocab)))
 
 
 def item_losses(model, tokenizer, features: list[dict], *, device: str, label: str = "held-out loss") -> list[float]:
@@ -19,12 +28,13 @@ def item_losses(model, tokenizer, features: list[dict], *, device: str, label: s
     from launcher.evaluate import progress_bar
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    budget = tokens_per_batch(getattr(model.config, "vocab_size", None) or len(tokenizer))
     order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
     out = [float("nan")] * len(features)
     batches, current = [], []
     for i in order:
         longest = len(features[current[0]]["input_ids"]) if current else len(features[i]["input_ids"])
-        if current and longest * (len(current) + 1) > TOKENS_PER_BATCH:
+        if current and longest * (len(current) + 1) > budget:
             batches.append(current)
             current = []
         current.append(i)

@@ -229,6 +229,8 @@ class Run:
                                                                   label="evaluating base", **self.eval_kwargs)
             self.results["base"]["seconds"] = round(time.time() - t0, 1)
             self.run_dir.write_base_eval(self.results["base"], self.base_records)
+            if self.plan.device == "cpu":  # training's peak is its own, not on top of the evaluation's freed blocks
+                release_heap()
         print(ev.format_metrics("base", self.results["base"]), flush=True)
 
     def train(self):

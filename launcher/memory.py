@@ -271,13 +271,22 @@ class EvalMemoryEstimate:
     activations: float  # the prompts' forward pass (one layer at a time) and the last position's logits
     allocator: float
     total: float
+    loss_pass: float = 0.0  # the held-out loss's forward pass (launcher.item_loss), before generation: the larger counts
+
+    @property
+    def working(self) -> float:
+        """What the evaluation allocates beyond the weights at its peak: generation or the loss pass."""
+        return max(self.kv_cache + self.activations, self.loss_pass)
 
     def describe(self) -> str:
         g = {k: round(v / GiB, 2) for k, v in asdict(self).items()}
         text = f"{g['total']} GiB = "
         text += f"training weights {g['training_weights']} + " if self.training_weights else ""
         text += f"evaluation weights {g['eval_weights']} + " if self.eval_weights else ""
-        text += f"KV cache {g['kv_cache']} + activations {g['activations']}"
+        if self.loss_pass > self.kv_cache + self.activations:
+            text += f"held-out loss pass {g['loss_pass']} (more than generation's KV cache {g['kv_cache']} + activations {g['activations']})"
+        else:
+            text += f"KV cache {g['kv_cache']} + activations {g['activations']}"
         return text + (f" + CPU allocator {g['allocator']}" if self.allocator else "")
 
 
@@ -308,9 +317,15 @@ def estimate_eval_memory(shape: ModelShape, *, eval_precision: str, training_pre
     # logits come out in the model's dtype and are upcast to fp32 for the choice of the next token.
     activations = batch * prompt_len * (4 * shape.hidden + 3 * shape.intermediate) * eval_bytes
     activations += batch * shape.vocab * (eval_bytes + 8)
-    tensors = training + weights + kv_cache + activations
+    # The held-out loss (launcher.item_loss) runs first, a batch of up to 2^25 logits at a time: the logits in the
+    # model's dtype, their fp32 copy at the trained positions and its log-softmax.
+    from launcher.item_loss import tokens_per_batch
+
+    loss_pass = tokens_per_batch(shape.vocab) * shape.vocab * (eval_bytes + 8)
+    working = max(kv_cache + activations, loss_pass)
+    tensors = training + weights + working
     kind = "half" if training_precision in ("bf16", "fp16") else "fp32"
     # The CPU allocator's slack comes from the many short-lived tensors of each decoding step; the weights are
     # large single allocations (mmap'd by glibc and returned whole), so only the rest carries the factor.
-    allocator = (kv_cache + activations) * (CPU_RESIDENT_FACTOR[kind] - 1) if device == "cpu" else 0.0
-    return EvalMemoryEstimate(training, weights, kv_cache, activations, allocator, tensors + allocator)
+    allocator = working * (CPU_RESIDENT_FACTOR[kind] - 1) if device == "cpu" else 0.0
+    return EvalMemoryEstimate(training, weights, kv_cache, activations, allocator, tensors + allocator, loss_pass)

@@ -21,17 +21,29 @@ from pydantic import BaseModel, ConfigDict
 
 from launcher.memory import ACT_BYTES, ModelShape
 
-# Fitted by benchmarks/time_estimate.py (least squares over its cases, LoRA and full, with and without
-# checkpointing, bf16 and fp32) on a 2-core AMD EPYC with avx512_bf16; the README's "Measured" shows the
-# fit's residuals and a machine it was not fitted on. GPUs: not fitted (no GPU run yet), typical figures for
-# small models, stated as such in the plan's reason.
+# Fitted by benchmarks/time_estimate.py on a 2-core AMD EPYC with avx512_bf16 (its README table shows the cases
+# and how far each lands), from the steady steps of LoRA runs in bf16 and fp32 (the two precisions' different matrix
+# rates separate the products from the rest), a micro-batch of 4 against 16, and full fine-tuning:
+# - the model's products run at 0.89 of the probe's square-product rate;
+# - the rest of a step (norms, activations, softmax, casts, residual adds, the loss's gather) costs 130 passes over
+#   the activation bytes the memory model counts, at the probed bandwidth: 1.75 s of a 2.7 s bf16 step of 1,540
+#   tokens here, the same in fp32 - on a CPU with bf16 products these overheads, not the products, set the speed;
+# - a micro-batch costs 0.1 s of Python, collation and the loss's bookkeeping on top;
+# - each optimizer step passes over every trainable weight's state several times (Adam, clipping, the health
+#   guard's finiteness checks): 825 bytes per trainable weight at the bandwidth (1.3 s per step for 135M weights,
+#   nothing for LoRA's 2.4M);
+# - the phase starts with the trainer's set-up and the first step's kernel generation: 2 s.
+# GPUs: not fitted (no GPU run yet): typical figures for small models, stated as such in the plan's reason.
 CPU = {
-    "matmul_efficiency": 0.55,  # share of the probe's square-matrix rate the model's products reach
-    "elementwise_passes": 6.0,  # activation bytes read and written per token, as multiples of those kept for backward
-    "micro_batch_seconds": 0.05,  # fixed cost per micro-batch (Python, collator, optimizer)
-    "decode_step_seconds": 0.03,  # fixed cost per generation step of a batch (Python, sampling, cache bookkeeping)
+    "matmul_efficiency": 0.89,
+    "elementwise_passes": 130.0,
+    "micro_batch_seconds": 0.1,
+    "optimizer_bytes_per_param": 825.0,
+    "start_seconds": 2.0,
+    "decode_step_seconds": 0.1,  # fixed cost per generation step of a batch (Python, the logits processors, cache)
 }
-GPU = {"matmul_efficiency": 0.35, "elementwise_passes": 6.0, "micro_batch_seconds": 0.03, "decode_step_seconds": 0.015}
+GPU = {"matmul_efficiency": 0.35, "elementwise_passes": 6.0, "micro_batch_seconds": 0.03, "optimizer_bytes_per_param": 32.0,
+       "start_seconds": 5.0, "decode_step_seconds": 0.015}
 # Gradient exchange between processes per optimizer step: gloo over loopback between CPU processes, NCCL between
 # GPUs of one node (NVLink/PCIe), between nodes (InfiniBand/Ethernet). GB/s of bus bandwidth.
 COMM_GBS = {"cpu": 1.0, "gpu_node": 100.0, "gpu_nodes": 12.0}
@@ -139,8 +151,12 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
                         trained_share=share, trained_logits=trained_logits, checkpointing=checkpointing)
     per_process_tokens = tokens / world_size
     matmul_s = per_process_tokens * f["total"] / (rate * c["matmul_efficiency"])
-    elementwise_s = per_process_tokens * activation_bytes_per_token(shape, precision) * c["elementwise_passes"] / bandwidth
-    fixed_s = steps * accumulation * c["micro_batch_seconds"]
+    # Checkpointing recomputes the forward's elementwise work too: about a third of a step's.
+    elementwise_s = (per_process_tokens * activation_bytes_per_token(shape, precision) * c["elementwise_passes"] / bandwidth
+                     * (4 / 3 if checkpointing else 1.0))
+    fixed_s = steps * accumulation * c["micro_batch_seconds"] + c["start_seconds"]
+    trainable = shape.params if method == "full" else shape.lora_params(lora_rank, lora_targets)
+    optimizer_s = steps * trainable / (world_size if zero_stage else 1) * c["optimizer_bytes_per_param"] / bandwidth
     dequantize_s = 0.0
     if quantized:
         # 4-bit weights are dequantized before each product (bitsandbytes): every layer weight read (0.5 byte) and
@@ -150,13 +166,12 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
         dequantize_s = steps * accumulation * passes * layer_weights * 2.5 / bandwidth
     comm_s = 0.0
     if world_size > 1:
-        trainable = shape.params if method == "full" else shape.lora_params(lora_rank, lora_targets)
         per_step = trainable * (2 if precision in ("bf16", "fp16") else 4) * 2  # a ring all-reduce moves ~2x the gradients
         if zero_stage == 3:
             per_step += shape.params * 2 * 2 * accumulation  # parameters gathered for the forward and the backward
         link = COMM_GBS["cpu" if device == "cpu" else ("gpu_nodes" if nodes > 1 else "gpu_node")] * 1e9
         comm_s = steps * per_step / link
-    training = matmul_s + elementwise_s + fixed_s + comm_s + dequantize_s
+    training = matmul_s + elementwise_s + fixed_s + optimizer_s + comm_s + dequantize_s
 
     def evaluation(answer_tokens: int) -> tuple[float, int]:
         rate_eval = tflops.get(eval_precision, tflops[precision]) * 1e12 * (min(1.0, threads / max(1, cpu_cores)) if device == "cpu" else 1.0)
@@ -190,7 +205,8 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
               f"({c['matmul_efficiency']:.0%} of {tflops[precision]:g} TFLOP/s {precision}"
               + (f", {world_size} processes" if world_size > 1 else "") + f") = {_minutes(matmul_s)}, "
               f"+ elementwise {_minutes(elementwise_s)} + {steps * accumulation} micro-batches x "
-              f"{c['micro_batch_seconds']:g} s" + (f" + gradient exchange {_minutes(comm_s)}" if comm_s else "")
+              f"{c['micro_batch_seconds']:g} s + optimizer {_minutes(optimizer_s)} + start {_minutes(c['start_seconds'])}"
+              + (f" + gradient exchange {_minutes(comm_s)}" if comm_s else "")
               + (f" + dequantizing the 4-bit weights {_minutes(dequantize_s)} (not measured)" if quantized else "")
               + f" ({steps} steps, {samples_seen} samples seen); "
               + (f"base evaluation ~{_minutes(base_eval)}; " if compare_base else "")
@@ -203,6 +219,7 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
                           parts={"matmul_full_rate_s": matmul_s * c["matmul_efficiency"],
                                  "elementwise_pass_s": elementwise_s / c["elementwise_passes"],
                                  "micro_batches": steps * accumulation, "comm_s": comm_s + dequantize_s,
+                                 "optimizer_s": optimizer_s, "start_s": c["start_seconds"],
                                  "eval_decode_steps": decode_steps,
                                  "eval_fixed_s": decode_steps * c["decode_step_seconds"]})
 
