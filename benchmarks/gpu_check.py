@@ -157,7 +157,10 @@ output:
         assert losses and all(loss == loss and abs(loss) != float("inf") for loss in losses), losses
         return {"backend": plan["backend"], "precision": plan["precision"], "eval_precision": plan["eval_precision"],
                 "first_loss": losses[0], "last_loss": losses[-1], "overflow_steps": evaluation["train"].get("loss_scaler_overflow_steps"),
-                "trained_accuracy": evaluation["trained"]["accuracy"], "seconds": evaluation["train"]["seconds"]}
+                "trained_accuracy": evaluation["trained"]["accuracy"], "seconds": evaluation["train"]["seconds"],
+                # Each phase's seconds and peak memory (on a GPU: torch.cuda.max_memory_allocated and reserved) beside
+                # the plan's predictions: the memory and time models' first comparison on a GPU.
+                "phases": evaluation["phases"]}
 
     def pinned(self, gpus: list) -> dict:
         if len(gpus) < 2:

@@ -18,6 +18,8 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
                                                           "qlora"]
     assert checks["env"]["ok"] and checks["env"]["gpus"] == []
     assert checks["cuda-bf16"]["ok"] and checks["cuda-bf16"]["backend"] == "cpu"  # the same steps, on the CPU
+    training = checks["cuda-bf16"]["phases"]["training"]  # measured beside predicted (on a GPU: max_memory_allocated)
+    assert training["peak_memory_gib"] > 0 and training["predicted_memory_gib"] > 0 and training["predicted_seconds"] > 0
     assert checks["oom-backoff"]["ok"] is None and "needs a GPU" in checks["oom-backoff"]["skipped"]
     assert checks["deepspeed"]["ok"] is None and checks["cuda-fp16"]["ok"] is None
     qlora = importlib.util.find_spec("bitsandbytes") is not None
