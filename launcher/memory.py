@@ -47,6 +47,14 @@ LOGITS_BYTES_PER_ELEMENT = 12
 # compute dtype for the products with lm_head (2 or 4) and the compute dtype's product output before its upcast
 # (2 or 4): 12 is the fp32 bound.
 ADAM_BYTES_PER_PARAM = 16  # fp32 LoRA weight, fp32 gradient, two fp32 Adam moments
+# Attention's probabilities, kept for backward, when the CPU runs attention as plain products: a batch of samples
+# of different lengths has a padding mask, and torch's CPU scaled_dot_product_attention takes its math path for
+# it (its flash kernel is for masks it can build itself), which holds micro-batch x heads x length^2 scores per
+# layer. The fit above used samples of one length, with no mask, and missed it: GSM8K's first batch (16 samples
+# padded to 543 tokens) peaked at 18.35 GiB resident against 11.12 planned. 4 bytes per score (fp32
+# probabilities) closes that gap: 30 layers x 16 x 9 heads x 543^2 x 4 = 4.7 GiB of tensors, 6.6 GiB resident.
+# GPUs' memory-efficient kernels take the mask without the square matrix.
+ATTENTION_SCORE_BYTES = 4
 # A 4-bit NF4 weight with double quantization (model.quantize=4bit): half a byte, plus its block's absmax
 # quantized to 8 bits (one per 64 weights) and one fp32 scale per 256 of those blocks (bitsandbytes'
 # defaults, transformers BitsAndBytesConfig bnb_4bit_use_double_quant; QLoRA paper, section 3).
@@ -228,6 +236,8 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, precis
         logits = min(tokens, chunk_positions(shape.vocab)) * shape.vocab * LOGITS_BYTES_PER_ELEMENT
     else:
         logits = tokens * shape.vocab * LOGITS_BYTES_PER_ELEMENT
+    if device in ("cpu", "mps"):
+        per_layer += micro_batch * shape.heads * seq_len**2 * ATTENTION_SCORE_BYTES
     if checkpointing:
         # Only each layer's input is kept: the residual stream, fp32 even under autocast (fp32 embeddings plus
         # half-precision sublayer outputs promote to fp32). The peak is at the loss's backward, or, for a

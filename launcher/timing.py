@@ -21,29 +21,37 @@ from pydantic import BaseModel, ConfigDict
 
 from launcher.memory import ACT_BYTES, ModelShape
 
-# Fitted by benchmarks/time_estimate.py on a 2-core AMD EPYC with avx512_bf16 (its README table shows the cases
-# and how far each lands), from the steady steps of LoRA runs in bf16 and fp32 (the two precisions' different matrix
-# rates separate the products from the rest), a micro-batch of 4 against 16, and full fine-tuning:
+# Fitted by benchmarks/time_estimate.py on a 2-core AMD EPYC with avx512_bf16 (the README's "Measured" shows each
+# case and how far it lands), from the steady steps of LoRA runs in bf16 and fp32 (the two precisions' different
+# matrix rates separate the products from the rest), a micro-batch of 4 against 16, full fine-tuning, and GSM8K's
+# samples twice as long as unit conversion's:
 # - the model's products run at 0.89 of the probe's square-product rate;
-# - the rest of a step (norms, activations, softmax, casts, residual adds, the loss's gather) costs 130 passes over
-#   the activation bytes the memory model counts, at the probed bandwidth: 1.75 s of a 2.7 s bf16 step of 1,540
-#   tokens here, the same in fp32 - on a CPU with bf16 products these overheads, not the products, set the speed;
+# - the rest of a step costs, at the probed bandwidth, 40 passes over the activation bytes the memory model counts
+#   (norms, activations, casts, residual adds) plus 3,100 bytes per attention score (heads x padded length per
+#   token and layer: a padded batch takes the CPU's plain-products attention, whose mask, softmax and their
+#   backward cost that much each): 1.75 s of a 2.7 s bf16 unit-conversion step of 1,540 tokens here, the same
+#   in fp32, and GSM8K's steps 1.4x slower per token - on a CPU with bf16 products these overheads, not the
+#   products, set the speed;
 # - a micro-batch costs 0.1 s of Python, collation and the loss's bookkeeping on top;
 # - each optimizer step passes over every trainable weight's state several times (Adam, clipping, the health
 #   guard's finiteness checks): 825 bytes per trainable weight at the bandwidth (1.3 s per step for 135M weights,
 #   nothing for LoRA's 2.4M);
-# - the phase starts with the trainer's set-up and the first step's kernel generation: 2 s.
+# - the phase starts with the trainer's set-up (2 s) and the first step's first touch of the run's memory (the
+#   first batch is the longest: transformers' length-grouped sampler puts it first): 1.6 s per GiB of the
+#   planned peak (GSM8K's first step took 39 s, the next ones 7.8 s).
 # GPUs: not fitted (no GPU run yet): typical figures for small models, stated as such in the plan's reason.
 CPU = {
     "matmul_efficiency": 0.89,
-    "elementwise_passes": 130.0,
+    "elementwise_passes": 40.0,
+    "attention_bytes_per_score": 3100.0,
     "micro_batch_seconds": 0.1,
     "optimizer_bytes_per_param": 825.0,
     "start_seconds": 2.0,
+    "first_touch_seconds_per_gib": 1.6,
     "decode_step_seconds": 0.1,  # fixed cost per generation step of a batch (Python, the logits processors, cache)
 }
-GPU = {"matmul_efficiency": 0.35, "elementwise_passes": 6.0, "micro_batch_seconds": 0.03, "optimizer_bytes_per_param": 32.0,
-       "start_seconds": 5.0, "decode_step_seconds": 0.015}
+GPU = {"matmul_efficiency": 0.35, "elementwise_passes": 6.0, "attention_bytes_per_score": 0.0, "micro_batch_seconds": 0.03,
+       "optimizer_bytes_per_param": 32.0, "start_seconds": 5.0, "first_touch_seconds_per_gib": 0.0, "decode_step_seconds": 0.015}
 # Gradient exchange between processes per optimizer step: gloo over loopback between CPU processes, NCCL between
 # GPUs of one node (NVLink/PCIe), between nodes (InfiniBand/Ethernet). GB/s of bus bandwidth.
 COMM_GBS = {"cpu": 1.0, "gpu_node": 100.0, "gpu_nodes": 12.0}
@@ -127,7 +135,7 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
                  checkpointing: bool, trained_logits: bool, micro_batch: int, accumulation: int, world_size: int,
                  nodes: int, threads: int, cpu_cores: int, epochs: float, max_steps: int | None, zero_stage: int,
                  eval_batch: int, max_new_tokens: int, compare_base: bool, base_dtype: str,
-                 quantized: bool = False) -> TimePrediction | str:
+                 quantized: bool = False, memory_gib: float | None = None) -> TimePrediction | str:
     """The predicted seconds of each phase, or why time cannot be predicted."""
     if not tflops or precision not in tflops or not bandwidth_gbs:
         return f"no {precision} matrix rate for this hardware (a profile without matmul_tflops, or the probe did not run)"
@@ -152,9 +160,12 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
     per_process_tokens = tokens / world_size
     matmul_s = per_process_tokens * f["total"] / (rate * c["matmul_efficiency"])
     # Checkpointing recomputes the forward's elementwise work too: about a third of a step's.
-    elementwise_s = (per_process_tokens * activation_bytes_per_token(shape, precision) * c["elementwise_passes"] / bandwidth
+    scores = shape.layers * shape.heads * mean_len  # attention scores per token, all layers
+    elementwise_s = (per_process_tokens * (activation_bytes_per_token(shape, precision) * c["elementwise_passes"]
+                                           + scores * c["attention_bytes_per_score"]) / bandwidth
                      * (4 / 3 if checkpointing else 1.0))
-    fixed_s = steps * accumulation * c["micro_batch_seconds"] + c["start_seconds"]
+    start_s = c["start_seconds"] + c["first_touch_seconds_per_gib"] * (memory_gib or 0.0)
+    fixed_s = steps * accumulation * c["micro_batch_seconds"] + start_s
     trainable = shape.params if method == "full" else shape.lora_params(lora_rank, lora_targets)
     optimizer_s = steps * trainable / (world_size if zero_stage else 1) * c["optimizer_bytes_per_param"] / bandwidth
     dequantize_s = 0.0
@@ -205,7 +216,7 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
               f"({c['matmul_efficiency']:.0%} of {tflops[precision]:g} TFLOP/s {precision}"
               + (f", {world_size} processes" if world_size > 1 else "") + f") = {_minutes(matmul_s)}, "
               f"+ elementwise {_minutes(elementwise_s)} + {steps * accumulation} micro-batches x "
-              f"{c['micro_batch_seconds']:g} s + optimizer {_minutes(optimizer_s)} + start {_minutes(c['start_seconds'])}"
+              f"{c['micro_batch_seconds']:g} s + optimizer {_minutes(optimizer_s)} + start {_minutes(start_s)}"
               + (f" + gradient exchange {_minutes(comm_s)}" if comm_s else "")
               + (f" + dequantizing the 4-bit weights {_minutes(dequantize_s)} (not measured)" if quantized else "")
               + f" ({steps} steps, {samples_seen} samples seen); "
@@ -219,7 +230,7 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
                           parts={"matmul_full_rate_s": matmul_s * c["matmul_efficiency"],
                                  "elementwise_pass_s": elementwise_s / c["elementwise_passes"],
                                  "micro_batches": steps * accumulation, "comm_s": comm_s + dequantize_s,
-                                 "optimizer_s": optimizer_s, "start_s": c["start_seconds"],
+                                 "optimizer_s": optimizer_s, "start_s": start_s,
                                  "eval_decode_steps": decode_steps,
                                  "eval_fixed_s": decode_steps * c["decode_step_seconds"]})
 
@@ -237,7 +248,7 @@ def predict_for_plan(plan, shape: ModelShape) -> TimePrediction | str:
         accumulation=plan.gradient_accumulation_steps, world_size=plan.world_size, nodes=plan.nodes, threads=plan.threads,
         cpu_cores=plan.hardware.cpu_cores, epochs=r.train.epochs, max_steps=r.train.max_steps, zero_stage=plan.zero_stage,
         eval_batch=r.eval.batch_size, max_new_tokens=r.eval.max_new_tokens, compare_base=r.eval.compare_base,
-        base_dtype=plan.base_dtype, quantized=plan.quantize == "4bit")
+        base_dtype=plan.base_dtype, quantized=plan.quantize == "4bit", memory_gib=plan.memory_estimate_gib)
 
 
 def budget_advice(prediction: TimePrediction, data: DataSize, max_time: float, label: str, epochs: float,
