@@ -170,7 +170,7 @@ def main() -> None:
             base = half_base if precision == "bf16" else "fp32"
             est = estimate_memory(shape, micro_batch=micro, seq_len=seq, precision=precision, checkpointing=ckpt,
                                   lora_rank=8, lora_targets="all-linear", device="cpu", method=method, base_dtype=base,
-                                  trained_logits=logits == "trained")
+                                  trained_logits=logits == "trained", padded=False)  # its batches have one length
             row = f"{name:<32}{micro:>6}{seq:>5}{precision:>5}{str(ckpt):>6} | {est.tensors / 2**20:>12.1f}"
             if est.total > 0.7 * ram:  # would push this machine into swap or the OOM killer: say so, do not run it
                 print(f"{row}   skipped: resident estimate {est.total / 2**30:.1f} GiB is above 70% of this machine's "

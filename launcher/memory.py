@@ -181,7 +181,7 @@ def quantized_weight_bytes(shape: ModelShape, base_dtype: str) -> float:
 def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, precision: str, checkpointing: bool,
                     lora_rank: int, lora_targets, zero_stage: int = 0, world_size: int = 1,
                     offload: bool = False, device: str = "cuda", method: str = "lora", base_dtype: str = "fp32",
-                    trained_logits: bool = False, quantize: str = "none") -> MemoryEstimate:
+                    trained_logits: bool = False, quantize: str = "none", padded: bool = True) -> MemoryEstimate:
     """Peak bytes on one device for one micro-batch step of LoRA or full training (on CPU: of the resident set).
 
     base_dtype: the dtype the (frozen, LoRA) base is loaded in. trained_logits: the loss computes logits at
@@ -236,7 +236,7 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, precis
         logits = min(tokens, chunk_positions(shape.vocab)) * shape.vocab * LOGITS_BYTES_PER_ELEMENT
     else:
         logits = tokens * shape.vocab * LOGITS_BYTES_PER_ELEMENT
-    if device in ("cpu", "mps"):
+    if padded and device in ("cpu", "mps"):  # batches of one length (no padding mask) take the flash kernel
         per_layer += micro_batch * shape.heads * seq_len**2 * ATTENTION_SCORE_BYTES
     if checkpointing:
         # Only each layer's input is kept: the residual stream, fp32 even under autocast (fp32 embeddings plus

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from launcher.memory import GiB, KNOWN_SHAPES, ModelShape, estimate_memory, find_shape
 
 SMOL = ModelShape(*KNOWN_SHAPES["embedded:smollm2-135m-instruct"])
@@ -51,7 +53,11 @@ def test_find_shape_reads_a_local_config(tiny_model):
 def test_cpu_estimate_adds_the_allocators_slack_and_a_gpu_estimate_does_not():
     gpu, cpu = _est(), _est(device="cpu")
     assert gpu.allocator == 0 and gpu.total == gpu.tensors
-    assert cpu.tensors == gpu.tensors and cpu.total == cpu.tensors * 1.4 and "CPU allocator" in cpu.describe()
+    # A padded batch's attention on the CPU keeps its probabilities (4 bytes per score, every layer); a GPU's fused
+    # kernels do not.
+    scores = SMOL.layers * 8 * SMOL.heads * 256**2 * 4
+    assert cpu.tensors == pytest.approx(gpu.tensors + scores) and cpu.total == pytest.approx(cpu.tensors * 1.4)
+    assert "CPU allocator" in cpu.describe()
     assert "CPU allocator" not in gpu.describe()
 
 
@@ -66,7 +72,7 @@ def _ratio(path, shape, micro, seq, precision, ckpt, what):
     from benchmarks.memory_estimate import measure
 
     est = estimate_memory(shape, micro_batch=micro, seq_len=seq, precision=precision, checkpointing=ckpt,
-                          lora_rank=8, lora_targets="all-linear", device="cpu")
+                          lora_rank=8, lora_targets="all-linear", device="cpu", padded=False)
     got = measure(str(path), micro, seq, precision, ckpt, what)
     return (est.tensors if what == "tensors" else est.total) / got
 
@@ -116,7 +122,7 @@ def test_full_fine_tuning_tensor_estimate_is_within_25_percent_on_the_tiny_model
     shape, _ = find_shape(str(tiny_model))
     for precision in ("bf16", "fp32"):
         est = estimate_memory(shape, micro_batch=8, seq_len=128, precision=precision, checkpointing=False, lora_rank=8,
-                              lora_targets="all-linear", device="cpu", method="full")
+                              lora_targets="all-linear", device="cpu", method="full", padded=False)
         got = measure(str(tiny_model), 8, 128, precision, False, "tensors", "full")
         assert 0.75 <= est.tensors / got <= 1.25, (precision, est.tensors, got)
 
@@ -154,6 +160,7 @@ def test_tensor_estimate_holds_for_a_bf16_base_with_the_trained_positions_loss()
     shape, _ = find_shape(str(tiny_model))
     for ckpt in (False, True):
         est = estimate_memory(shape, micro_batch=8, seq_len=128, precision="bf16", checkpointing=ckpt, lora_rank=8,
-                              lora_targets="all-linear", device="cpu", base_dtype="bf16", trained_logits=True)
+                              lora_targets="all-linear", device="cpu", base_dtype="bf16", trained_logits=True,
+                              padded=False)
         got = measure(str(tiny_model), 8, 128, "bf16", ckpt, "tensors", "lora", "bf16", "trained")
         assert 0.75 <= est.tensors / got <= 1.25, (ckpt, est.tensors, got)
