@@ -138,6 +138,18 @@ output:
         (found,) = [p for p in (self.work / "outputs" / name).iterdir() if p.is_dir()]
         return found
 
+    def finished_run(self, name: str, *overrides: str) -> tuple[dict, dict, list]:
+        """Train the recipe `name` with overrides: its plan, eval.json and logged losses, every loss finite."""
+        result = self.sftlaunch(str(self.recipe(name)), *overrides)
+        assert result.returncode == 0, result.stderr[-1500:]
+        run_dir = self.run_dir(name)
+        plan = json.loads((run_dir / "plan.json").read_text())
+        evaluation = json.loads((run_dir / "eval.json").read_text())
+        losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                  if "loss" in json.loads(line)]
+        assert losses and all(loss == loss and abs(loss) != float("inf") for loss in losses), losses
+        return plan, evaluation, losses
+
     def train(self, precision: str, gpus: list) -> dict:
         if not gpus and not self.dry_run:
             return {"skipped": "no CUDA GPU detected"}
@@ -147,14 +159,7 @@ output:
         overrides = [] if self.dry_run else [f"hardware.precision={precision}"]
         if precision == "bf16" and gpus and min(tuple(g["compute_capability"]) for g in gpus) < (8, 0):
             return {"skipped": "compute capability < 8.0 has no bf16"}
-        result = self.sftlaunch(str(self.recipe(name)), *overrides)
-        assert result.returncode == 0, result.stderr[-1500:]
-        run_dir = self.run_dir(name)
-        plan = json.loads((run_dir / "plan.json").read_text())
-        evaluation = json.loads((run_dir / "eval.json").read_text())
-        losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                  if "loss" in json.loads(line)]
-        assert losses and all(loss == loss and abs(loss) != float("inf") for loss in losses), losses
+        plan, evaluation, losses = self.finished_run(name, *overrides)
         return {"backend": plan["backend"], "precision": plan["precision"], "eval_precision": plan["eval_precision"],
                 "first_loss": losses[0], "last_loss": losses[-1], "overflow_steps": evaluation["train"].get("loss_scaler_overflow_steps"),
                 "trained_accuracy": evaluation["trained"]["accuracy"], "seconds": evaluation["train"]["seconds"],
@@ -221,14 +226,8 @@ output:
         if not gpus and not self.dry_run:
             return {"skipped": "no CUDA GPU detected"}
         name = "qlora"
-        result = self.sftlaunch(str(self.recipe(name)), "model.quantize=4bit", "train.learning_rate=1e-2")
-        assert result.returncode == 0, result.stderr[-1500:]
-        run_dir = self.run_dir(name)
-        plan = json.loads((run_dir / "plan.json").read_text())
-        evaluation = json.loads((run_dir / "eval.json").read_text())
-        losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                  if "loss" in json.loads(line)]
-        assert plan["quantize"] == "4bit" and losses and all(x == x and abs(x) != float("inf") for x in losses), losses
+        plan, evaluation, losses = self.finished_run(name, "model.quantize=4bit", "train.learning_rate=1e-2")
+        assert plan["quantize"] == "4bit"
         assert evaluation["trained"]["loss"] < evaluation["base"]["loss"], (evaluation["base"]["loss"], evaluation["trained"]["loss"])
         return {"backend": plan["backend"], "precision": plan["precision"], "base_dtype": plan["base_dtype"],
                 "first_loss": losses[0], "last_loss": losses[-1], "heldout_loss_base": evaluation["base"]["loss"],

@@ -111,7 +111,7 @@ def _metrics_callback(run_dir: RunDir):
             extra = {}
             done = state.global_step - self.step0
             if done > 0 and state.max_steps:  # the ETA from this session's measured rate
-                extra["eta_seconds"] = round((time.perf_counter() - self.t0) / done * (state.max_steps - state.global_step), 1)
+                extra["eta_seconds"] = round((time.perf_counter() - self.t0) / done * (state.max_steps - state.global_step), 3)
             run_dir.append_metrics({"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs, **extra})
 
     return MetricsFile()

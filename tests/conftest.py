@@ -87,16 +87,14 @@ def tiny_calculator_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama-calculator"), calculator=True)
 
 
-@pytest.fixture
-def tiny_recipe(tmp_path, tiny_model) -> Path:
+def write_tiny_recipe(path: Path, tiny_model: Path, train_size: int = 48, output_dir: Path | None = None) -> Path:
     """A recipe that trains the tiny model for a few steps and evaluates it on a handful of items."""
-    path = tmp_path / "tiny.yaml"
     path.write_text(f"""\
 model:
   name: {tiny_model}
   lora: {{rank: 4, alpha: 8}}
 data:
-  train_size: 48
+  train_size: {train_size}
   max_length: 96
 train:
   max_steps: 4
@@ -107,10 +105,14 @@ eval:
   size: 12
   batch_size: 6
   max_new_tokens: 16
-output:
-  dir: {tmp_path / 'outputs'}
-""")
+""" + (f"output:\n  dir: {output_dir}\n" if output_dir else ""))
     return path
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_model) -> Path:
+    """A recipe that trains the tiny model for a few steps and evaluates it on a handful of items."""
+    return write_tiny_recipe(tmp_path / "tiny.yaml", tiny_model, output_dir=tmp_path / "outputs")
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests import slurm_cluster
-from tests.conftest import fault_env, run_cli
+from tests.conftest import fault_env, run_cli, write_tiny_recipe
 
 STEPS = 24
 ARGS = ["hardware.backend=deepspeed", "hardware.zero_stage=2", "hardware.precision=fp32", "eval.compare_base=false",
@@ -73,25 +73,7 @@ def completed(cluster, tmp_path_factory, tiny_model):
 
 
 def _recipe(folder: Path, tiny_model: Path) -> Path:
-    path = folder / "tiny.yaml"
-    path.write_text(f"""\
-model:
-  name: {tiny_model}
-  lora: {{rank: 4, alpha: 8}}
-data:
-  train_size: 8
-  max_length: 96
-train:
-  max_steps: 4
-  effective_batch_size: 8
-  learning_rate: 1.0e-3
-  logging_steps: 1
-eval:
-  size: 12
-  batch_size: 6
-  max_new_tokens: 16
-""")
-    return path
+    return write_tiny_recipe(folder / "tiny.yaml", tiny_model, train_size=8)
 
 
 def test_a_submitted_job_completes_and_run_json_names_the_job_and_its_nodes(cluster, completed):
