@@ -75,7 +75,7 @@ def _plan(recipe_path: str, overrides, profile: str | None, backend: str | None,
 
 def _data_size(recipe, plan):
     """The training data's size (launcher.data.measure_size), or why it cannot be measured here."""
-    from launcher.data import measure_size
+    from launcher.data import cached_size
     from launcher.models import local_files
     from launcher.tasks import gsm8k
 
@@ -85,7 +85,7 @@ def _data_size(recipe, plan):
             return f"the data ({recipe.data.dataset}) is on the Hub: its size is known once the run loads it"
         data_path = str(gsm8k.BUNDLED)  # the same dataset, shipped with sftlaunch
     try:
-        return measure_size(recipe, data_path, plan.max_length, local_files(recipe.model.name), cached=True)
+        return cached_size(recipe, data_path, plan.max_length, local_files(recipe.model.name))
     except (SftlaunchError, OSError) as exc:
         return f"the data could not be measured here ({str(exc).splitlines()[0][:200]})"
 

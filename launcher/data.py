@@ -155,49 +155,47 @@ CHARS_PER_TOKEN = 3.6
 TEMPLATE_TOKENS_PER_MESSAGE = 5
 
 
-def measure_size(recipe: Recipe, data_path: str | None, max_length: int, model_path: str | None, cached: bool = False):
+def cached_size(recipe: Recipe, data_path: str | None, max_length: int, model_path: str | None):
+    """measure_size, kept in $SFTLAUNCH_CACHE keyed by the recipe's data and evaluation sections, max_length, the model
+    and the size and time of every file read (building GSM8K's annotated examples alone takes ~0.5 s)."""
+    import hashlib
+
+    from launcher.models import cache_dir, store_in_cache
+    from launcher.timing import DataSize
+
+    files = [data_path, *(recipe.data.path if isinstance(recipe.data.path, list) else [recipe.data.path]),
+             recipe.eval.path, _tokenizer_file(model_path)]
+    stamps = []
+    for f in filter(None, files):
+        for q in sorted(Path(f).rglob("*")) if Path(f).is_dir() else [Path(f)]:
+            if q.is_file():
+                st = q.stat()
+                stamps.append(f"{q}:{st.st_size}:{st.st_mtime_ns}")
+    key = hashlib.sha256("|".join([recipe.data.model_dump_json(), recipe.eval.model_dump_json(), str(max_length),
+                                   recipe.model.name, *stamps]).encode()).hexdigest()[:16]
+    store = cache_dir() / "data-size" / f"{key}.json"
+    try:
+        return DataSize.model_validate_json(store.read_text())
+    except (OSError, ValueError):
+        pass
+    size = measure_size(recipe, data_path, max_length, model_path)
+    store_in_cache(store, size.model_dump_json())
+    return size
+
+
+def measure_size(recipe: Recipe, data_path: str | None, max_length: int, model_path: str | None):
     """The training data's size for the plan's time prediction (launcher.timing.DataSize).
 
     Counted with the model's tokenizer file (the `tokenizers` library: about 0.1 s for GSM8K's 7,473 samples,
     where transformers' tokenizer would load and encode in seconds) when one is at hand, else estimated from the
-    characters. Either way without truncation's details: the run's pre-flight report has the exact count.
-    cached: keep the result in $SFTLAUNCH_CACHE, keyed by the recipe's data and evaluation sections, max_length, the
-    model and the size and time of every file read (building GSM8K's annotated examples alone takes ~0.5 s)."""
-    import hashlib
-
-    from launcher.models import cache_dir
+    characters. Either way without truncation's details: the run's pre-flight report has the exact count."""
     from launcher.timing import DataSize
-
-    if cached:
-        files = [data_path, *(recipe.data.path if isinstance(recipe.data.path, list) else [recipe.data.path]),
-                 recipe.eval.path, _tokenizer_file(model_path)]
-        stamps = []
-        for f in files:
-            if f:
-                for q in sorted(Path(f).rglob("*")) if Path(f).is_dir() else [Path(f)]:
-                    if q.is_file():
-                        st = q.stat()
-                        stamps.append(f"{q}:{st.st_size}:{st.st_mtime_ns}")
-        key = hashlib.sha256("|".join([recipe.data.model_dump_json(), recipe.eval.model_dump_json(), str(max_length),
-                                       recipe.model.name, *stamps]).encode()).hexdigest()[:16]
-        store = cache_dir() / "data-size" / f"{key}.json"
-        try:
-            return DataSize.model_validate_json(store.read_text())
-        except (OSError, ValueError):
-            pass
-        size = measure_size(recipe, data_path, max_length, model_path)
-        try:
-            store.parent.mkdir(parents=True, exist_ok=True)
-            store.write_text(size.model_dump_json())
-        except OSError:
-            pass  # an unwritable cache costs the count again next time, nothing else
-        return size
 
     train, evals = build_examples(recipe, data_path)
     if not train:
         raise DataError("no training sample. Fix: check data.path and data.max_samples.")
     parts = [_text_parts(ex, recipe.data.prompt_format) for ex in train]
-    eval_prompts = [_text_parts(ex, recipe.data.prompt_format)[0] for ex in evals]
+    eval_parts = [_text_parts(ex, recipe.data.prompt_format) for ex in evals]
     tokenizer_file = _tokenizer_file(model_path)
     if tokenizer_file is not None:
         from tokenizers import Tokenizer
@@ -220,7 +218,7 @@ def measure_size(recipe: Recipe, data_path: str | None, max_length: int, model_p
     prompts = count([q for q, _, _ in parts])
     answers = [n + 1 for n in count([a for _, a, _ in parts])]  # + EOS
     tokens = [min(max_length, q + a + e) for q, a, e in zip(prompts, answers, extra)]
-    eval_tokens = [n + e for n, (_, _, e) in zip(count(eval_prompts), (_text_parts(ex, recipe.data.prompt_format) for ex in evals))]
+    eval_tokens = [n + e for n, (_, _, e) in zip(count([q for q, _, _ in eval_parts]), eval_parts)]
     return DataSize(samples=len(train), tokens=sum(tokens), trainable_tokens=sum(min(a, t) for a, t in zip(answers, tokens)),
                     answer_tokens_max=max(answers), eval_items=len(evals),
                     eval_prompt_tokens=round(sum(eval_tokens) / max(1, len(eval_tokens))), source=how)

@@ -192,7 +192,7 @@ def _rates(device: str, cores: int, precisions: list[str], identity: str) -> tup
     import sys
     from importlib.metadata import PackageNotFoundError, version
 
-    from launcher.models import cache_dir
+    from launcher.models import cache_dir, store_in_cache
 
     try:
         torch_version = version("torch")
@@ -211,11 +211,7 @@ def _rates(device: str, cores: int, precisions: list[str], identity: str) -> tup
         data = json.loads(out.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
         return None, None, f"the rate probe failed ({type(exc).__name__}): time not predicted"
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps(data))
-    except OSError:
-        pass  # an unwritable cache costs the probe again next time, nothing else
+    store_in_cache(cached, json.dumps(data))
     return data["matmul_tflops"], data["memory_bandwidth_gbs"], "measured on this machine just now"
 
 

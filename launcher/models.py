@@ -29,6 +29,15 @@ def cache_dir() -> Path:
     return Path(base) / "sftlaunch"
 
 
+def store_in_cache(path: Path, text: str) -> None:
+    """Write a cache file under cache_dir(); an unwritable cache only costs the work again next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError:
+        pass
+
+
 def _embedded_gguf(name: str) -> Path:
     if name not in EMBEDDED:
         raise ModelError(f"model.name=embedded:{name}: unknown embedded model. Fix: use one of "
