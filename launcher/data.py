@@ -155,6 +155,10 @@ CHARS_PER_TOKEN = 3.6
 TEMPLATE_TOKENS_PER_MESSAGE = 5
 
 
+# Bumped whenever measure_size counts differently, so a cached count from an older way is not reused.
+SIZE_COUNT_VERSION = "2"
+
+
 def cached_size(recipe: Recipe, data_path: str | None, max_length: int, model_path: str | None):
     """measure_size, kept in $SFTLAUNCH_CACHE keyed by the recipe's data and evaluation sections, max_length, the model
     and the size and time of every file read (building GSM8K's annotated examples alone takes ~0.5 s)."""
@@ -171,7 +175,7 @@ def cached_size(recipe: Recipe, data_path: str | None, max_length: int, model_pa
             if q.is_file():
                 st = q.stat()
                 stamps.append(f"{q}:{st.st_size}:{st.st_mtime_ns}")
-    key = hashlib.sha256("|".join([recipe.data.model_dump_json(), recipe.eval.model_dump_json(), str(max_length),
+    key = hashlib.sha256("|".join([SIZE_COUNT_VERSION, recipe.data.model_dump_json(), recipe.eval.model_dump_json(), str(max_length),
                                    recipe.model.name, *stamps]).encode()).hexdigest()[:16]
     store = cache_dir() / "data-size" / f"{key}.json"
     try:
@@ -201,6 +205,10 @@ def measure_size(recipe: Recipe, data_path: str | None, max_length: int, model_p
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(tokenizer_file))
+        # A tokenizer.json may carry its own padding (SmolLM2's pads every batch to its longest member) and
+        # truncation: either would count each sample at another sample's length. The plan wants each sample's own.
+        tok.no_padding()
+        tok.no_truncation()
 
         def count(texts: list[str]) -> list[int]:
             return [len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False)] if texts else []

@@ -95,3 +95,33 @@ def test_recipe_limits_and_files(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "unit-conversion.yaml", [f"eval.path={f}", "eval.limit=4", "data.train_size=20"])
     train, evals = build_examples(recipe)
     assert len(train) == 20 and [e.question for e in evals] == ["q0", "q1", "q2", "q3"]
+
+
+def test_data_size_counts_each_sample_not_the_batch_padding_its_tokenizer_file_carries(tmp_path, tiny_model):
+    """SmolLM2's tokenizer.json pads every batch to its longest member; counted that way, GSM8K's plan said 512
+    tokens a sample where the samples average 354, and the time prediction followed."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from launcher.data import measure_size
+
+    def copy(name: str, padded: bool):
+        model = tmp_path / name
+        shutil.copytree(tiny_model, model)
+        tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+        if padded:
+            tok.enable_padding(pad_id=0, pad_token="<pad>")  # BatchLongest, as SmolLM2's file has it
+            tok.enable_truncation(max_length=8)
+        else:
+            tok.no_padding()
+            tok.no_truncation()
+        tok.save(str(model / "tokenizer.json"))
+        return str(model)
+
+    recipe = load_recipe(ROOT / "recipes" / "unit-conversion.yaml", ["data.train_size=16", "data.max_length=512"])
+    size = measure_size(recipe, None, 512, copy("padded", True))
+    plain = measure_size(recipe, None, 512, copy("plain", False))
+    assert size.samples == plain.samples == 16
+    assert (size.tokens, size.trainable_tokens, size.answer_tokens_max) == (
+        plain.tokens, plain.trainable_tokens, plain.answer_tokens_max)
