@@ -138,6 +138,7 @@ class Run:
         self.full = self.recipe.model.method == "full"
         self.results: dict = {"model": self.recipe.model.name}
         self.base_records: list[dict] | None = None
+        self.compile_record: dict = {}  # train.compile: the compile's seconds, or why it fell back (launcher/compile.py)
         # Each phase's seconds and peak memory beside the plan's predictions (eval.json and run.json, "phases").
         self.meter = PhaseMeter(plan.device, plan.predicted_seconds, plan.predicted_memory_gib)
 
@@ -261,6 +262,17 @@ class Run:
         stop = StopRequest()
         stop.install_signal_handlers()
         self.enter(TRAINING)
+        collator = DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100)
+        callbacks, blocks, warm = [_metrics_callback(self.run_dir)], [], None
+        if self.plan.compile:
+            from launcher.compile import compile_blocks, warm_up_callback
+
+            # Training needs no KV cache; with one, every block's graph would be keyed on its own layer_idx.
+            use_cache, self.model.config.use_cache = self.model.config.use_cache, False
+            blocks = compile_blocks(self.model)
+            first = collator([self.features[i] for i in range(min(self.plan.micro_batch_size, len(self.features)))])
+            warm = warm_up_callback(blocks, first, self.compile_record)
+            callbacks.insert(0, warm)  # before the metrics' clock starts: the ETA is the steps' own
         self.trainer = build_trainer(
             precision=self.plan.precision, keep_checkpoints=self.recipe.train.keep_checkpoints,
             max_bad_steps=guard.max_bad_steps, zero_loss_steps=guard.zero_loss_steps,
@@ -268,12 +280,20 @@ class Run:
             vocab_size=self.model.config.vocab_size if guard.divergence else None, loss_logits=self.plan.loss_logits,
             model=self.model, args=self.args, train_dataset=self.features,
             # Pads labels with -100 (never with the pad id, which is EOS here) and input ids with the pad id.
-            data_collator=DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100),
-            callbacks=[_metrics_callback(self.run_dir)],
+            data_collator=collator, callbacks=callbacks,
         )
+        if warm is not None:
+            warm.trainer = self.trainer
         self.resumed_from = self._resume_point()
         t0 = time.time()
-        output = self.trainer.train(resume_from_checkpoint=self.resumed_from)
+        try:
+            output = self.trainer.train(resume_from_checkpoint=self.resumed_from)
+        finally:
+            if blocks:  # evaluation generates with a KV cache, eager: decoding shapes would only recompile
+                from launcher.compile import uncompile
+
+                uncompile(blocks)
+                self.model.config.use_cache = use_cache
         self.skipped_steps = list(self.trainer.skipped_steps)
         self.overflow_steps = list(self.trainer.overflow_steps)
         if stop.signal is not None:
@@ -392,6 +412,8 @@ class Run:
                                  "max_time_seconds": self.recipe.train.max_time_seconds, "skipped_steps": self.skipped_steps,
                                  "loss_scaler_overflow_steps": self.overflow_steps,
                                  "resumed_from": self.resumed_from}
+        if self.compile_record:
+            self.results["train"]["compile"] = dict(self.compile_record)
         if self.process.main:  # a resumed run that finds this (and the adapter) only evaluates
             self.run_dir.record_training(self.results["train"])
         if cut:

@@ -69,6 +69,7 @@ class Plan(BaseModel):
     base_dtype: str = "fp32"  # the dtype the frozen base weights are loaded in (fp32 under the optimizer for full)
     quantize: str = "none"  # "4bit": the base's linear layers as NF4 (QLoRA), computed in base_dtype
     loss_logits: str = "all"  # "trained": logits only at trained positions, chunked (launcher/loss.py)
+    compile: bool = False  # torch.compile of the decoder blocks for training (launcher/compile.py)
     data_path: str | None = None  # the training/evaluation data the worker reads (None: generated, or the Hub)
     # The time prediction per phase (launcher.timing) and the memory predicted per phase, in GiB; what the
     # run measures is recorded beside them (launcher.phases). None: not predicted (the reason is a decision).
@@ -82,7 +83,7 @@ class Plan(BaseModel):
 
     def summary(self) -> dict:
         """The JSON view `sftlaunch plan --json` prints."""
-        keys = ("backend", "device", "precision", "base_dtype", "quantize", "loss_logits", "eval_precision", "world_size", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "threads", "max_length", "nodes", "processes_per_node", "zero_stage", "offload",
+        keys = ("backend", "device", "precision", "base_dtype", "quantize", "loss_logits", "compile", "eval_precision", "world_size", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "threads", "max_length", "nodes", "processes_per_node", "zero_stage", "offload",
                 "memory_estimate_gib", "device_memory_gib", "trust_remote_code", "predicted_seconds", "predicted_memory_gib")
         out = {k: getattr(self, k) for k in keys}
         out["effective_batch_size"] = self.recipe.train.effective_batch_size
@@ -520,6 +521,7 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
     predicted = _decide_time(recipe, hw, shape, data, backend, device, precision, eval_precision, base_dtype, fit,
                              loss_logits, accumulation, world_size, nodes, threads, decide)
     memory = _phase_memory(fit, decisions, device)
+    compiled, predicted = _decide_compile(recipe, backend, device, precision, quantize, predicted, decide)
 
     trust = decide("trust_remote_code", recipe.model.trust_remote_code,
                    "set in the recipe: the model repository's Python code will run" if recipe.model.trust_remote_code
@@ -530,7 +532,7 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
                 processes_per_node=per_node, world_size=world_size, micro_batch_size=micro,
                 gradient_accumulation_steps=accumulation, gradient_checkpointing=checkpointing, threads=threads,
                 max_length=max_length, zero_stage=stage, offload=offload, base_dtype=base_dtype, quantize=quantize,
-                loss_logits=loss_logits,
+                loss_logits=loss_logits, compile=compiled,
                 memory_estimate_gib=None if fit.estimate is None else round(fit.estimate.total / GiB, 2),
                 device_memory_gib=round(mem_gib, 1), trust_remote_code=trust, data_path=data_path,
                 predicted_seconds=predicted.seconds() if predicted else None, predicted_memory_gib=memory,
@@ -780,3 +782,60 @@ def _fit_memory(recipe: Recipe, backend: str, device: str, precision: str, base_
                    "costs ~30% more compute")
         return best._replace(why=why)
     return smallest
+
+
+# Compiled against eager LoRA training steps (launcher/compile.py), measured by benchmarks/compile_speed.py: the
+# speed ratio, the compile's seconds, and where. A (device, precision) not listed has not been measured.
+COMPILE_MEASURED: dict[tuple[str, str], tuple[float, float, str]] = {}
+
+
+def _decide_compile(recipe: Recipe, backend: str, device: str, precision: str, quantize: str, prediction, decide):
+    """Whether the decoder blocks are compiled for training, and why, and the time prediction with the compile
+    counted where it was measured (training at the measured speed-up plus the compile); PlanError for a request
+    that cannot run."""
+    requested = recipe.train.compile
+    blocker = None
+    if backend == "deepspeed":
+        blocker = ("DeepSpeed wraps the model in its engine, which compiles through its own engine.compile(); "
+                   "sftlaunch compiles one process's model only")
+    elif backend == "mps":
+        blocker = "inductor's Apple-GPU (MPS) code generation is a prototype in torch 2.x, not run here"
+    elif quantize == "4bit":
+        blocker = "bitsandbytes' 4-bit layers have not been run compiled by sftlaunch"
+    measured = COMPILE_MEASURED.get((device, precision))
+
+    def counted(on: bool, reason: str):
+        decide("compile", on, reason)
+        if not (on and measured and prediction is not None):
+            return on, prediction
+        speed, seconds, _ = measured
+        return on, prediction.model_copy(update={"training": prediction.training / speed + seconds})
+
+    if requested is False:
+        return counted(False, "requested by the recipe (train.compile)")
+    if requested is True:
+        if blocker:
+            raise PlanError(f"train.compile=true: {blocker}. Fix: train.compile=auto (or false).")
+        return counted(True, "requested by the recipe (train.compile): the decoder blocks are compiled in place (inductor, "
+                       "dynamic shapes) in a warm-up step before training, whose time is measured and shown"
+                       + ("" if measured else f"; the predicted time assumes eager steps (not measured compiled on {device} "
+                          f"in {precision})"))
+    if blocker:
+        return counted(False, f"off: {blocker}")
+    if measured is None:
+        return counted(False, f"off: compiled training steps have not been measured faster on {device} in "
+                      f"{precision} (benchmarks/compile_speed.py measures it; train.compile=true to try)")
+    speed, seconds, where = measured
+    if speed <= 1.0:
+        return counted(False, f"off: compiled steps measured {speed:.2f}x the speed of eager ones on {where}")
+    if prediction is None:
+        return counted(False, f"off: the training time is not predicted, so whether the compile (~{seconds:.0f} s "
+                      f"on {where}) pays back is not known")
+    saved = prediction.training * (1 - 1 / speed)
+    if saved <= seconds:
+        return counted(False, f"off: at {speed:.2f}x (measured on {where}) the predicted "
+                      f"{prediction.training / 60:.1f} min of training would save {saved:.0f} s, less than the compile's "
+                      f"~{seconds:.0f} s")
+    return counted(True, f"compiled steps measured {speed:.2f}x the speed of eager ones on {where}: saves "
+                  f"~{saved / 60:.1f} min of the predicted {prediction.training / 60:.1f} min of training after a "
+                  f"~{seconds:.0f} s compile")

@@ -272,6 +272,12 @@ class TrainSection(_Section):
     save_steps: int = Field(50, ge=1, description="Write a checkpoint (adapter, optimizer, scheduler, RNG, data position) every N steps.")
     keep_checkpoints: int = Field(2, ge=1, le=1000, description="Keep the last K checkpoints.")
     guard: GuardSection = Field(default_factory=GuardSection, description="The training health guard.")
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile (inductor) of the model's decoder blocks for training; the compile time is measured "
+        "and shown, and a failure to compile falls back to eager with the reason. 'auto': on only where compiled steps "
+        "were measured faster and the predicted training is long enough to pay the compile back (the plan says why).",
+    )
     max_time: str | float | None = Field(
         None,
         description="Time budget for training: seconds, or '90s', '15m', '2h'. When it runs out, training "
