@@ -47,6 +47,7 @@ def warm_up(trainer, model, batch) -> float:
     import torch
 
     start = time.monotonic()
+    model.train()  # as training_step does: dropout and the training flag are part of what the graph is keyed on
     with torch.random.fork_rng(devices=[]):
         inputs = trainer._prepare_inputs(batch)
         with trainer.compute_loss_context_manager():

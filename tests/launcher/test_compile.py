@@ -148,3 +148,20 @@ def test_a_compile_that_fails_falls_back_to_eager_and_says_why(tmp_path, monkeyp
     out = capsys.readouterr().out
     assert "train.compile: compiling failed" in out and "training runs uncompiled (eager)" in out
     torch._dynamo.reset()
+
+
+def test_a_compiled_run_through_the_cli_says_what_the_compile_cost_and_evaluates_eagerly(tiny_recipe, tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+
+    result = run_cli(str(tiny_recipe), "train.compile=true", "hardware.precision=fp32", "train.max_steps=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train.compile: compiled in" in result.stdout
+    (run_dir,) = list((tmp_path / "outputs").iterdir())
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["compile"] is True
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    record = evaluation["train"]["compile"]
+    assert record["compiled"] is True and record["blocks"] > 0 and record["seconds"] > 0
+    assert evaluation["train"]["steps"] == 4 and evaluation["trained"]["accuracy"] is not None
