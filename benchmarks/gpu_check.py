@@ -3,8 +3,9 @@
     python benchmarks/gpu_check.py [--out DIR]        # on a machine with a CUDA GPU, about 5 minutes
     python benchmarks/gpu_check.py --dry-run          # anywhere: the same steps on the CPU, tiny, seconds
 
-It writes DIR/report.json (one entry per check: ok, seconds, what was seen) and DIR/gpu_check.log (every
-command's output), and exits 1 if any check failed. Every model is built in code (the tiny test Llama,
+It writes DIR/report.json (one entry per check: ok, the check's own wall seconds, what was seen) and
+DIR/gpu_check.log (every command's output), and exits 1 if any check failed. Its work folder (models, run
+directories: gigabytes on a GPU) is a temporary folder deleted at the end; --keep keeps it (report.json's "work"). Every model is built in code (the tiny test Llama,
 trained to be a language model first, by tests/conftest.py: pytest must be importable), so nothing is
 downloaded. The checks are the paths no development
 machine can run (README "Tested on"):
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,11 +46,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="gpu_check", help="folder for report.json and gpu_check.log")
     ap.add_argument("--dry-run", action="store_true", help="run on the CPU with tiny shapes (seconds)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (models, run directories) instead of deleting it")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     check = Checker(out, dry_run=args.dry_run)
-    check.run_all()
+    try:
+        check.run_all()
+    finally:  # the models and run directories can be gigabytes: gone unless asked for
+        check.log.close()
+        if args.keep:
+            check.report["work"] = str(check.work)
+        else:
+            shutil.rmtree(check.work)
     (out / "report.json").write_text(json.dumps(check.report, indent=2))
     print(json.dumps(check.report, indent=2))
     return 0 if all(c["ok"] is not False for c in check.report["checks"]) else 1
@@ -162,7 +172,7 @@ output:
         plan, evaluation, losses = self.finished_run(name, *overrides)
         return {"backend": plan["backend"], "precision": plan["precision"], "eval_precision": plan["eval_precision"],
                 "first_loss": losses[0], "last_loss": losses[-1], "overflow_steps": evaluation["train"].get("loss_scaler_overflow_steps"),
-                "trained_accuracy": evaluation["trained"]["accuracy"], "seconds": evaluation["train"]["seconds"],
+                "trained_accuracy": evaluation["trained"]["accuracy"], "train_seconds": evaluation["train"]["seconds"],
                 # Each phase's seconds and peak memory (on a GPU: torch.cuda.max_memory_allocated and reserved) beside
                 # the plan's predictions: the memory and time models' first comparison on a GPU.
                 "phases": evaluation["phases"]}
@@ -231,7 +241,7 @@ output:
         assert evaluation["trained"]["loss"] < evaluation["base"]["loss"], (evaluation["base"]["loss"], evaluation["trained"]["loss"])
         return {"backend": plan["backend"], "precision": plan["precision"], "base_dtype": plan["base_dtype"],
                 "first_loss": losses[0], "last_loss": losses[-1], "heldout_loss_base": evaluation["base"]["loss"],
-                "heldout_loss_trained": evaluation["trained"]["loss"], "seconds": evaluation["train"]["seconds"]}
+                "heldout_loss_trained": evaluation["trained"]["loss"], "train_seconds": evaluation["train"]["seconds"]}
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -9,8 +10,10 @@ from tests.conftest import ROOT
 
 
 def test_gpu_check_dry_run_on_the_cpu(tmp_path):
+    temp = tmp_path / "temp"  # where the check makes its work folder (tempfile honours TMPDIR)
+    temp.mkdir()
     result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(tmp_path)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=900)
+                            capture_output=True, text=True, timeout=900, env={**os.environ, "TMPDIR": str(temp)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     checks = {c["name"]: c for c in report["checks"]}
@@ -18,6 +21,9 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
                                                           "qlora"]
     assert checks["env"]["ok"] and checks["env"]["gpus"] == []
     assert checks["cuda-bf16"]["ok"] and checks["cuda-bf16"]["backend"] == "cpu"  # the same steps, on the CPU
+    # The check's own wall seconds are not overwritten by the training's (which is part of them)
+    assert 0 < checks["cuda-bf16"]["train_seconds"] < checks["cuda-bf16"]["seconds"]
+    assert "work" not in report and not list(temp.glob("gpu_check-*"))  # the work folder is deleted (no --keep)
     training = checks["cuda-bf16"]["phases"]["training"]  # measured beside predicted (on a GPU: max_memory_allocated)
     assert training["peak_memory_gib"] > 0 and training["predicted_memory_gib"] > 0 and training["predicted_seconds"] > 0
     assert checks["oom-backoff"]["ok"] is None and "needs a GPU" in checks["oom-backoff"]["skipped"]
