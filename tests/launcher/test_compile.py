@@ -1,5 +1,7 @@
 """train.compile: the plan's decision with its reason, compiled training that matches eager, and the fallback."""
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,17 @@ CPU = HardwareInfo(cpu_cores=2, ram_gb=24, cpu_bf16=False, matmul_tflops={"fp32"
 A100 = HardwareInfo(cpu_cores=8, ram_gb=64, cpu_bf16=False, gpus=(GpuInfo(name="A100", memory_gb=40, compute_capability=(8, 0)),))
 A100x2 = HardwareInfo(cpu_cores=8, ram_gb=64, cpu_bf16=False, gpus=A100.gpus * 2)
 M2 = HardwareInfo(cpu_cores=8, ram_gb=16, cpu_bf16=False, mps=True)
+
+
+@pytest.fixture(autouse=True)
+def a_cpp_compiler(monkeypatch):
+    """The plan's decisions here must not depend on whether the machine running the tests has g++."""
+    monkeypatch.setattr(plan_module, "_cpp_compiler", lambda: "/usr/bin/g++")
+
+
+# Compiling for real needs inductor's C++ compiler; the fallback test below needs none.
+needs_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                               reason="inductor's CPU code needs a C++ compiler (g++ or $CXX), and this machine has none")
 
 
 def _data(samples: int) -> DataSize:
@@ -58,6 +71,18 @@ def test_auto_compiles_only_when_the_predicted_training_pays_the_compile_back(mo
     # Without a time prediction (no data size), nobody knows whether it pays: off, and said.
     unknown = make_plan(load_recipe(RECIPE, []), CPU, SMOL, "test", data="not measured")
     assert unknown.compile is False and "not predicted" in unknown.decision("compile").reason
+
+
+def test_no_cpp_compiler_on_this_machine_keeps_auto_off_and_refuses_true_with_the_fix(monkeypatch):
+    monkeypatch.setattr(plan_module, "COMPILE_MEASURED", {("cpu", "fp32"): (1.5, 60.0, "a test CPU")})
+    monkeypatch.setattr(plan_module, "_cpp_compiler", lambda: None)
+    plan = plan_for(CPU, samples=20_000)
+    assert plan.compile is False and "needs a C++ compiler" in plan.decision("compile").reason
+    with pytest.raises(PlanError, match="train.compile=true: inductor's CPU code needs a C\\+\\+ compiler.*apt-get install g\\+\\+"):
+        plan_for(CPU, "train.compile=true")
+    # A profile is planned for another machine: this one's compiler says nothing about it.
+    profile = plan_for(CPU.model_copy(update={"name": "some-profile"}), samples=20_000)
+    assert profile.compile is True
 
 
 @pytest.mark.parametrize("hw, overrides, match", [
@@ -113,6 +138,7 @@ def _trainer(tmp_path, compile_blocks_too: bool, steps: int = 3):
     return trainer, blocks, losses, record
 
 
+@needs_cxx
 def test_compiled_training_follows_the_eager_loss_curve_and_its_compile_time_is_recorded(tmp_path):
     import torch
 
@@ -150,6 +176,7 @@ def test_a_compile_that_fails_falls_back_to_eager_and_says_why(tmp_path, monkeyp
     torch._dynamo.reset()
 
 
+@needs_cxx
 def test_a_compiled_run_through_the_cli_says_what_the_compile_cost_and_evaluates_eagerly(tiny_recipe, tmp_path):
     import json
 
