@@ -205,14 +205,30 @@ def _rates(device: str, cores: int, precisions: list[str], identity: str) -> tup
         return data["matmul_tflops"], data["memory_bandwidth_gbs"], f"measured on this machine, cached in {cached}"
     except (OSError, ValueError, KeyError):
         pass
+    busy = _busy_cpus(cores) if device == "cpu" else None
     try:
         out = subprocess.run([sys.executable, "-c", RATE_PROBE, device, str(cores), ",".join(precisions)],
                              capture_output=True, text=True, timeout=120, check=True)
         data = json.loads(out.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
         return None, None, f"the rate probe failed ({type(exc).__name__}): time not predicted"
+    if busy:  # a probe that shared the cores measures the sharing: used once, never kept for later plans
+        return data["matmul_tflops"], data["memory_bandwidth_gbs"], (
+            f"measured on this machine just now while its CPUs were busy ({busy}): the rates may be low and the "
+            "time over-predicted; not cached, so the next plan probes again")
     store_in_cache(cached, json.dumps(data))
     return data["matmul_tflops"], data["memory_bandwidth_gbs"], "measured on this machine just now"
+
+
+def _busy_cpus(cores: int) -> str | None:
+    """Why the CPUs count as busy for the probe (other processes running on them), or None. The load average
+    over the last minute above half the cores: on 2 cores a training run beside the plan gave 2-4, an idle machine
+    below 0.5. Cached rates measured under such load were 2.2x low (0.063 against 0.14 TFLOP/s fp32) for good."""
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):  # no load average (Windows): nothing to judge by
+        return None
+    return f"load average {load:.1f} on {cores} cores" if load > cores / 2 else None
 
 
 def _cpu_model() -> str:

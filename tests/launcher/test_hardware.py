@@ -133,3 +133,30 @@ def test_commands_that_detect_report_a_bad_cuda_visible_devices_as_a_mistake(fou
     for args in (["env"], ["plan", str(ROOT / "recipes" / "unit-conversion.yaml")]):
         result = run_cli(*args)
         assert result.returncode == 2 and "CUDA_VISIBLE_DEVICES" in result.stderr and "Traceback" not in result.stderr, args
+
+
+def test_a_rate_probe_taken_while_the_cpus_are_busy_is_used_once_and_not_cached(tmp_path, monkeypatch):
+    """A probe that shares the cores with a training run measures the sharing; cached, it would make every later
+    plan on this machine over-predict its time."""
+    import subprocess
+
+    from launcher import hardware
+
+    monkeypatch.setenv("SFTLAUNCH_CACHE", str(tmp_path))
+    probes = []
+
+    def probe(cmd, **kw):
+        probes.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"matmul_tflops": {"fp32": 0.06}, "memory_bandwidth_gbs": 9.0}\n')
+
+    monkeypatch.setattr(hardware.subprocess, "run", probe)
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (3.4, 2.0, 1.0))
+    rates, bandwidth, source = hardware._rates("cpu", 2, ["fp32"], "test cpu")
+    assert rates == {"fp32": 0.06} and "while its CPUs were busy (load average 3.4 on 2 cores)" in source
+    assert "not cached" in source and list(tmp_path.glob("rates-*.json")) == []
+    # Quiet again: probed again (nothing was kept), and now cached for the next plan.
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (0.2, 0.5, 1.0))
+    assert hardware._rates("cpu", 2, ["fp32"], "test cpu")[2] == "measured on this machine just now"
+    assert len(probes) == 2 and len(list(tmp_path.glob("rates-*.json"))) == 1
+    assert hardware._rates("cpu", 2, ["fp32"], "test cpu")[2].startswith("measured on this machine, cached in")
+    assert len(probes) == 2
