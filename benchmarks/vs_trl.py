@@ -73,7 +73,9 @@ def main() -> int:
     tokens = sum(len(r["input_ids"]) for r in rows)
     from launcher.data import measure_size
 
-    size = measure_size(recipe, None, 512, path).model_copy(update={"samples": len(rows), "tokens": tokens})
+    whole = measure_size(recipe, None, 512, path)  # the plan's view of the whole split, scaled to the rows trained
+    trainable = sum(sum(label != -100 for label in r["labels"]) for r in rows)
+    size = whole.model_copy(update={"samples": len(rows), "tokens": tokens, "trainable_tokens": trainable})
     plan = make_plan(recipe, hardware, *find_shape(MODEL), data=size)
     torch.set_num_threads(plan.threads)
     peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
