@@ -71,6 +71,10 @@ def warm_up_callback(blocks: list, batch, record: dict):
             try:
                 seconds = warm_up(self.trainer, model, batch)
             except Exception as exc:  # any compiler failure: training goes on uncompiled, and says so
+                from launcher.trainer import is_out_of_memory
+
+                if is_out_of_memory(exc):  # not the compiler's failure: the back-off halves the micro-batch
+                    raise
                 uncompile(blocks)
                 model.zero_grad(set_to_none=True)
                 reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
