@@ -192,3 +192,20 @@ def test_a_compiled_run_through_the_cli_says_what_the_compile_cost_and_evaluates
     record = evaluation["train"]["compile"]
     assert record["compiled"] is True and record["blocks"] > 0 and record["seconds"] > 0
     assert evaluation["train"]["steps"] == 4 and evaluation["trained"]["accuracy"] is not None
+
+
+def test_an_out_of_memory_in_the_warm_up_reaches_the_back_off_instead_of_passing_for_a_compile_failure():
+    import torch
+
+    from launcher.compile import warm_up_callback
+
+    class Trainer:
+        def _prepare_inputs(self, batch):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    model, record = torch.nn.Linear(2, 2), {}
+    callback = warm_up_callback([], {}, record)
+    callback.trainer = Trainer()
+    with pytest.raises(torch.OutOfMemoryError):
+        callback.on_train_begin(None, None, None, model=model)
+    assert record == {}  # not recorded as a compile that fell back
