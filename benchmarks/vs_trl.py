@@ -111,7 +111,7 @@ def run_sftlaunch(plan, path: str, tokenizer, rows: list[dict]) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, set_seed
 
-    from launcher.compile import compile_blocks, uncompile, warm_up_callback
+    from launcher.compile import compile_for_training, uncompile
     from launcher.job import keep_trainable_fp32, training_arguments
     from launcher.models import load_model
     from launcher.rundir import RunDir
@@ -127,9 +127,8 @@ def run_sftlaunch(plan, path: str, tokenizer, rows: list[dict]) -> dict:
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     callbacks, blocks, record = [], [], {}
     if plan.compile:  # as the worker does it (launcher/job.py)
-        model.config.use_cache = False
-        blocks = compile_blocks(model)
-        callbacks.append(warm_up_callback(blocks, collator(rows[:plan.micro_batch_size]), record))
+        blocks, callback, _ = compile_for_training(model, collator(rows[:plan.micro_batch_size]), record)
+        callbacks.append(callback)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(precision=plan.precision, keep_checkpoints=1, max_bad_steps=0, zero_loss_steps=0,
                                 max_time=None, stop=StopRequest(), loss_logits=plan.loss_logits, model=model,

@@ -86,3 +86,12 @@ def warm_up_callback(blocks: list, batch, record: dict):
             print(f"train.compile: compiled in {seconds:.1f} s (a forward and backward included)", flush=True)
 
     return CompileWarmUp()
+
+
+def compile_for_training(model, first_batch, record: dict):
+    """Everything train.compile does before training, as the worker and the benchmarks do it: no KV cache (with one,
+    every block's graph would be keyed on its own layer_idx), the blocks compiled, and the warm-up callback on
+    `first_batch`. Returns (blocks, callback, the model's use_cache to restore with uncompile after training)."""
+    use_cache, model.config.use_cache = model.config.use_cache, False
+    blocks = compile_blocks(model)
+    return blocks, warm_up_callback(blocks, first_batch, record), use_cache

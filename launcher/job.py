@@ -265,13 +265,10 @@ class Run:
         collator = DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100)
         callbacks, blocks, warm = [_metrics_callback(self.run_dir)], [], None
         if self.plan.compile:
-            from launcher.compile import compile_blocks, warm_up_callback
+            from launcher.compile import compile_for_training
 
-            # Training needs no KV cache; with one, every block's graph would be keyed on its own layer_idx.
-            use_cache, self.model.config.use_cache = self.model.config.use_cache, False
-            blocks = compile_blocks(self.model)
             first = collator([self.features[i] for i in range(min(self.plan.micro_batch_size, len(self.features)))])
-            warm = warm_up_callback(blocks, first, self.compile_record)
+            blocks, warm, use_cache = compile_for_training(self.model, first, self.compile_record)
             callbacks.insert(0, warm)  # before the metrics' clock starts: the ETA is the steps' own
         self.trainer = build_trainer(
             precision=self.plan.precision, keep_checkpoints=self.recipe.train.keep_checkpoints,
