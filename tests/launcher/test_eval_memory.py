@@ -102,3 +102,51 @@ def test_a_model_that_trains_but_cannot_evaluate_is_refused_before_training():
     recipe = load_recipe(GSM8K, ["model.name=meta-llama/Llama-3.1-8B-Instruct", "train.effective_batch_size=64"])
     with pytest.raises(PlanError, match="would train here but cannot be evaluated: even one prompt needs"):
         make_plan(recipe, pair, find_shape(recipe.model.name)[0])
+
+
+# A bf16 Llama with a 32,768-token vocabulary, loaded as the launcher loads a bf16 base, generating at batch 32.
+HEAD_CHILD = r'''
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from launcher import evaluate
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+path, patched = sys.argv[1], sys.argv[2] == "unpatched"
+if patched:  # what generation did before the head's input was made contiguous
+    evaluate._contiguous_input = lambda module, args: None
+torch.set_num_threads(1)
+tok = AutoTokenizer.from_pretrained(path)
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+model.requires_grad_(False)  # frozen, as a LoRA run's base is (the broadcast below happens only without gradients)
+prompts = [f"Question: convert {i} ft to m, then say it twice\nAnswer:" for i in range(32)]
+evaluate.generate(model, tok, prompts[:2], batch_size=2, max_new_tokens=2, device="cpu", label="x")  # warm-up
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = status("VmRSS")
+evaluate.generate(model, tok, prompts, batch_size=32, max_new_tokens=4, device="cpu", label="x")
+print(json.dumps({"peak": status("VmHWM") - base}))
+'''
+
+
+def test_generation_does_not_multiply_the_output_head_by_the_batch(tiny_model, tmp_path):
+    """generate takes the last position's logits from a strided view of the hidden states; torch's CPU linear
+    then broadcast the bf16 head over the batch (batch x hidden x vocab: 3.4 GiB resident for the quick start's
+    evaluation of SmolLM2, 4x the plan). The head's weight here is 16 MiB, its broadcast at batch 32 512 MiB."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    config = LlamaConfig(vocab_size=32768, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    peak = json.loads(subprocess.run([sys.executable, "-c", HEAD_CHILD, str(tmp_path), "patched"], capture_output=True,
+                                     text=True, check=True, cwd=ROOT).stdout.splitlines()[-1])["peak"]
+    assert peak < 128 * 2**20, f"generation at batch 32 added {peak / 2**20:.0f} MiB"
