@@ -870,6 +870,15 @@ def _decide_compile(recipe: Recipe, hw: HardwareInfo, backend: str, device: str,
     if prediction is None:
         return counted(False, f"off: the training time is not predicted, so whether the compile (~{seconds:.0f} s "
                       f"on {where}) pays back is not known")
+    budget = recipe.train.max_time_seconds
+    if budget and budget < prediction.training:
+        # train.max_time stops the run before its data is done: compiling pays only if the budget's compiled steps
+        # (after the compile) outnumber its eager ones, budget > compile x speed / (speed - 1).
+        worth = seconds * speed / (speed - 1)
+        if budget <= worth:
+            return counted(False, f"off: train.max_time={recipe.train.max_time} stops training first, and at "
+                          f"{speed:.2f}x (measured on {where}) a ~{seconds:.0f} s compile pays back only in budgets over "
+                          f"{worth:.0f} s")
     saved = prediction.training * (1 - 1 / speed)
     if saved <= seconds:
         return counted(False, f"off: at {speed:.2f}x (measured on {where}) the predicted "

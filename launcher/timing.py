@@ -266,7 +266,7 @@ def budget_advice(prediction: TimePrediction, data: DataSize, max_time: float, l
         samples = max(1, int(samples * 0.97))
     fits_epochs = round(epochs * share, 2)
     while fits_epochs > 0.01 and training_for(data.samples, fits_epochs) > max_time:
-        fits_epochs = round(fits_epochs * 0.97, 2)
+        fits_epochs = round(min(fits_epochs * 0.97, fits_epochs - 0.01), 2)  # 0.03 x 0.97 rounds back to 0.03
     text = (f"warning: train.max_time={label} is shorter than the predicted training ({_minutes(prediction.training)}): "
             f"it will see about {seen} of {prediction.samples_seen} samples ({share:.0%}"
             + (f" of {epochs:g} epochs" if epochs != 1 else " of the epoch") + f"). To finish within it: data.max_samples={samples}"

@@ -209,3 +209,14 @@ def test_an_out_of_memory_in_the_warm_up_reaches_the_back_off_instead_of_passing
     with pytest.raises(torch.OutOfMemoryError):
         callback.on_train_begin(None, None, None, model=model)
     assert record == {}  # not recorded as a compile that fell back
+
+
+def test_auto_does_not_compile_when_the_time_budget_stops_training_before_the_compile_pays(monkeypatch):
+    """train.max_time cuts the run: the compile's saving is then bounded by the budget, not the whole data."""
+    monkeypatch.setattr(plan_module, "COMPILE_MEASURED", {("cpu", "fp32"): (1.25, 60.0, "a test CPU")})
+    assert plan_for(CPU, samples=20_000).compile is True
+    short = plan_for(CPU, "train.max_time=200s", samples=20_000)  # pays only over 60 x 1.25 / 0.25 = 300 s
+    assert short.compile is False
+    assert "train.max_time=200s stops training first" in short.decision("compile").reason
+    assert "only in budgets over 300 s" in short.decision("compile").reason
+    assert plan_for(CPU, "train.max_time=20m", samples=20_000).compile is True

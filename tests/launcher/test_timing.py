@@ -55,6 +55,15 @@ def test_smollm2_lora_flops_match_the_usual_two_n_rule():
     assert 0.5e9 < f["total"] < 0.6e9
 
 
+@pytest.fixture(autouse=True)
+def eager_steps(monkeypatch):
+    """The time model of eager steps: compiled steps' measured speed-ups (plan.COMPILE_MEASURED, tested in
+    test_compile.py) would make these predictions depend on which machines have been measured."""
+    from launcher import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "COMPILE_MEASURED", {})
+
+
 def _hardware(**kw):
     return HardwareInfo(cpu_cores=2, ram_gb=24, cpu_bf16=True, matmul_tflops={"fp32": 0.2, "bf16": 0.88},
                         memory_bandwidth_gbs=100, rates_source="test figures", **kw)
@@ -114,6 +123,15 @@ def test_a_budget_shorter_than_the_training_says_what_it_will_see_and_what_fits(
         followed = make_plan(load_recipe(UNIT, [f"train.max_time={budget:.0f}s", advice]), _hardware(), shape, source,
                              data=_data(size))
         assert followed.decision("time_budget").reason.startswith(f"train.max_time={budget:.0f}s covers the predicted training")
+
+
+def test_a_budget_that_fits_a_few_hundredths_of_an_epoch_is_advised_not_searched_for_ever():
+    """The search for the epochs that fit stepped by 3% rounded to hundredths: 0.03 x 0.97 rounds to 0.03 again, and
+    `sftlaunch plan` hung on a short train.max_time over a large dataset."""
+    shape, source = find_shape("embedded:smollm2-135m-instruct")
+    plan = make_plan(load_recipe(UNIT, ["train.max_time=60s"]), _hardware(), shape, source, data=_data(20_000))
+    advice = plan.decision("time_budget").value
+    assert advice["epochs_that_fit"] <= 0.03 and advice["max_samples_that_fit"] < 20_000
 
 
 def test_plan_on_a_profile_counts_the_data_without_the_machine(tmp_path):
