@@ -45,14 +45,18 @@ def _hardware(profile: str | None):
 def _plan(recipe_path: str, overrides, profile: str | None, backend: str | None, nnodes: int | None = None, check: bool = False,
           hardware=None):
     """hardware: the nodes to plan for, when the caller made them (sftlaunch slurm); else the profile or this machine."""
+    from launcher.hardware import detect, load_profile, start_rate_probe, with_rates
     from launcher.memory import find_shape
     from launcher.plan import make_plan
     from launcher.recipe import load_recipe
 
+    detected = hardware is None and profile is None
+    if detected:  # the probe's child imports torch while this process reads the recipe and counts the data
+        start_rate_probe()
     if backend:
         overrides = [*overrides, f"hardware.backend={backend}"]
     recipe = load_recipe(recipe_path, overrides)
-    hw = hardware or _hardware(profile)
+    hw = hardware or (load_profile(profile) if profile else detect(probe_rates=False))
     if check or profile is None:  # inputs on this machine (a plan for another machine cannot see its files)
         from launcher.data import check_paths
         from launcher.models import check_reference
@@ -65,9 +69,11 @@ def _plan(recipe_path: str, overrides, profile: str | None, backend: str | None,
     if nnodes:
         hw = hw.model_copy(update={"nodes": nnodes})
     shape, source = find_shape(recipe.model.name)
-    plan = make_plan(recipe, hw, shape, source)
-    if shape is not None:  # the time prediction needs the data's size, counted for the plan's data and max_length
-        plan = make_plan(recipe, hw, shape, source, data=_data_size(recipe, plan))
+    if shape is None:
+        plan = make_plan(recipe, with_rates(hw) if detected else hw, shape, source)
+    else:  # the time prediction needs the data's size, counted for the plan's data and max_length, and the rates
+        data = _data_size(recipe, make_plan(recipe, hw, shape, source))
+        plan = make_plan(recipe, with_rates(hw) if detected else hw, shape, source, data=data)
     if check:
         _check_backend(plan, hw)
     return plan

@@ -185,32 +185,103 @@ print(json.dumps({"matmul_tflops": out, "memory_bandwidth_gbs": bandwidth}))
 """
 
 
-def _rates(device: str, cores: int, precisions: list[str], identity: str) -> tuple[dict | None, float | None, str]:
-    """(TFLOP/s per precision, GB/s, source) of this machine, probed once and cached per machine and torch version."""
+def _rates_cache(device: str, cores: int, precisions: list[str], identity: str) -> Path | None:
+    """Where this machine's rates are cached (per machine, device, cores, precisions and torch version); None
+    without torch."""
     import hashlib
-    import json
-    import sys
     from importlib.metadata import PackageNotFoundError, version
 
-    from launcher.models import cache_dir, store_in_cache
+    from launcher.models import cache_dir
 
     try:
         torch_version = version("torch")
     except PackageNotFoundError:
-        return None, None, "torch is not installed: no rate probe"
+        return None
     key = hashlib.sha256(f"{identity}|{device}|{cores}|{','.join(precisions)}|{torch_version}".encode()).hexdigest()[:16]
-    cached = cache_dir() / f"rates-{key}.json"
+    return cache_dir() / f"rates-{key}.json"
+
+
+def _probe_command(device: str, cores: int, precisions: list[str]) -> list[str]:
+    import sys
+
+    return [sys.executable, "-c", RATE_PROBE, device, str(cores), ",".join(precisions)]
+
+
+# Rate probes started ahead of detect() (start_rate_probe), by cache file: (the child, the load it started under).
+_STARTED: dict[Path, tuple[subprocess.Popen, str | None]] = {}
+
+
+def _probe_target(flags: set[str], gpus: tuple[GpuInfo, ...], mac_arm: bool) -> tuple[str, list[str], str]:
+    """(device, precisions, identity) the rate probe measures: the device that trains (the first GPU: the plan's
+    processes each have one) in the precisions it may train in."""
+    if gpus:
+        return ("cuda", ["fp32", "fp16"] + (["bf16"] if gpus[0].compute_capability >= (8, 0) else []),
+                f"{gpus[0].name}|{gpus[0].memory_gb}")
+    if mac_arm:
+        return "mps", ["fp32"], "mps"
+    return ("cpu", ["fp32"] + (["bf16"] if flags & {"avx512_bf16", "amx_bf16"} else []),
+            f"{_cpu_model()}|{' '.join(sorted(flags & {'avx2', 'avx512f', 'avx512_bf16', 'amx_bf16'}))}")
+
+
+def _probing() -> bool:
+    return os.environ.get("SFTLAUNCH_RATE_PROBE", "1") != "0"
+
+
+def start_rate_probe() -> None:
+    """Start this machine's rate probe now, in the background, when detect() will need one (not cached), so that
+    its child's torch import (about 1 s of its 1.5 s) overlaps what the caller does before detect(): reading the
+    recipe, counting the data. detect() then waits for it instead of starting its own. Best effort: any failure
+    here leaves the probe to detect()."""
+    if not _probing():
+        return
+    try:
+        flags, mac_arm = _cpu_flags(), platform.system() == "Darwin" and platform.machine() == "arm64"
+        device, precisions, identity = _probe_target(flags, _nvidia_gpus(), mac_arm)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cached = _rates_cache(device, cores, precisions, identity)
+        if cached is None or cached.is_file() or cached in _STARTED:
+            return
+        busy = _busy_cpus(cores) if device == "cpu" else None
+        child = subprocess.Popen(_probe_command(device, cores, precisions), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+    except (OSError, ConfigError):
+        return
+    if not _STARTED:  # a plan that stops early (a recipe error) leaves no probe running behind it
+        import atexit
+
+        atexit.register(lambda: [child.kill() for child, _ in _STARTED.values()])
+    _STARTED[cached] = (child, busy)
+
+
+def _rates(device: str, cores: int, precisions: list[str], identity: str) -> tuple[dict | None, float | None, str]:
+    """(TFLOP/s per precision, GB/s, source) of this machine, probed once and cached per machine and torch version."""
+    import json
+
+    from launcher.models import store_in_cache
+
+    cached = _rates_cache(device, cores, precisions, identity)
+    if cached is None:
+        return None, None, "torch is not installed: no rate probe"
     try:
         data = json.loads(cached.read_text())
         return data["matmul_tflops"], data["memory_bandwidth_gbs"], f"measured on this machine, cached in {cached}"
     except (OSError, ValueError, KeyError):
         pass
-    busy = _busy_cpus(cores) if device == "cpu" else None
+    started = _STARTED.pop(cached, None)
     try:
-        out = subprocess.run([sys.executable, "-c", RATE_PROBE, device, str(cores), ",".join(precisions)],
-                             capture_output=True, text=True, timeout=120, check=True)
-        data = json.loads(out.stdout.strip().splitlines()[-1])
+        if started:
+            child, busy = started
+            stdout, stderr = child.communicate(timeout=120)
+            if child.returncode:
+                raise subprocess.CalledProcessError(child.returncode, child.args, stdout, stderr)
+        else:
+            busy = _busy_cpus(cores) if device == "cpu" else None
+            stdout = subprocess.run(_probe_command(device, cores, precisions), capture_output=True, text=True,
+                                    timeout=120, check=True).stdout
+        data = json.loads(stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
+        if started:
+            started[0].kill()
         return None, None, f"the rate probe failed ({type(exc).__name__}): time not predicted"
     if busy:  # a probe that shared the cores measures the sharing: used once, never kept for later plans
         return data["matmul_tflops"], data["memory_bandwidth_gbs"], (
@@ -248,18 +319,7 @@ def detect(probe_rates: bool = True) -> HardwareInfo:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     gpus = _nvidia_gpus()
     cpu_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
-    rates: tuple = (None, None, None)
-    if probe_rates and os.environ.get("SFTLAUNCH_RATE_PROBE", "1") != "0":
-        if gpus:  # the device that trains: the first GPU (the plan's processes each have one)
-            device, precisions = "cuda", ["fp32", "fp16"] + (["bf16"] if gpus[0].compute_capability >= (8, 0) else [])
-            identity = f"{gpus[0].name}|{gpus[0].memory_gb}"
-        elif mac_arm:
-            device, precisions, identity = "mps", ["fp32"], "mps"
-        else:
-            device, precisions = "cpu", ["fp32"] + (["bf16"] if cpu_bf16 else [])
-            identity = f"{_cpu_model()}|{' '.join(sorted(flags & {'avx2', 'avx512f', 'avx512_bf16', 'amx_bf16'}))}"
-        rates = _rates(device, cores, precisions, identity)
-    return HardwareInfo(
+    hw = HardwareInfo(
         cpu_cores=cores,
         ram_gb=round(_ram_gb(), 1),
         cpu_bf16=cpu_bf16,
@@ -267,10 +327,18 @@ def detect(probe_rates: bool = True) -> HardwareInfo:
         mps=mac_arm,
         mps_working_set_gb=_mps_working_set_gb() if mac_arm else None,
         hub_reachable=_hub_reachable(),
-        matmul_tflops=rates[0],
-        memory_bandwidth_gbs=rates[1],
-        rates_source=rates[2],
     )
+    return with_rates(hw) if probe_rates else hw
+
+
+def with_rates(hw: HardwareInfo) -> HardwareInfo:
+    """The detected machine with its measured rates (cached, else probed: a probe start_rate_probe started is
+    waited for); unchanged with SFTLAUNCH_RATE_PROBE=0."""
+    if not _probing():
+        return hw
+    device, precisions, identity = _probe_target(_cpu_flags(), hw.gpus, hw.mps)
+    tflops, bandwidth, source = _rates(device, hw.cpu_cores, precisions, identity)
+    return hw.model_copy(update={"matmul_tflops": tflops, "memory_bandwidth_gbs": bandwidth, "rates_source": source})
 
 
 def profile_names() -> list[str]:

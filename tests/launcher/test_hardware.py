@@ -160,3 +160,49 @@ def test_a_rate_probe_taken_while_the_cpus_are_busy_is_used_once_and_not_cached(
     assert len(probes) == 2 and len(list(tmp_path.glob("rates-*.json"))) == 1
     assert hardware._rates("cpu", 2, ["fp32"], "test cpu")[2].startswith("measured on this machine, cached in")
     assert len(probes) == 2
+
+
+def test_a_probe_started_ahead_is_waited_for_by_detect_not_run_twice_and_then_cached(tmp_path, monkeypatch):
+    """`sftlaunch plan` starts the probe before reading the recipe (its child's torch import overlaps that work);
+    detection must take that child's figures rather than probe again, and later plans read the cache."""
+    import subprocess
+
+    from launcher import hardware
+
+    monkeypatch.setenv("SFTLAUNCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    started, ran = [], []
+
+    class Child:
+        returncode = 0
+        args = ["probe"]
+
+        def __init__(self, cmd, **kw):
+            started.append(cmd)
+
+        def communicate(self, timeout=None):
+            return '{"matmul_tflops": {"fp32": 0.2, "bf16": 0.9}, "memory_bandwidth_gbs": 80.0}\n', ""
+
+        def kill(self):
+            pass
+
+    monkeypatch.setattr(hardware.subprocess, "Popen", Child)
+    monkeypatch.setattr(hardware.subprocess, "run", lambda cmd, **kw: ran.append(cmd))
+    hardware.start_rate_probe()
+    assert len(started) == 1 and hardware.RATE_PROBE in started[0]
+    hw = hardware.detect()
+    assert ran == [] and hw.rates_source == "measured on this machine just now"
+    assert hw.memory_bandwidth_gbs == 80.0 and hw.matmul_tflops["fp32"] == 0.2
+    hardware.start_rate_probe()  # cached now: nothing to start, and detect reads the cache
+    assert len(started) == 1 and hardware.detect().rates_source.startswith("measured on this machine, cached in")
+
+
+def test_the_rate_probe_can_be_turned_off_and_then_nothing_is_started(tmp_path, monkeypatch):
+    from launcher import hardware
+
+    monkeypatch.setenv("SFTLAUNCH_CACHE", str(tmp_path))
+    monkeypatch.setenv("SFTLAUNCH_RATE_PROBE", "0")
+    monkeypatch.setattr(hardware.subprocess, "Popen", lambda *a, **k: pytest.fail("a probe was started"))
+    hardware.start_rate_probe()
+    hw = hardware.detect()
+    assert hw.matmul_tflops is None and hw.rates_source is None
