@@ -163,6 +163,7 @@ def _hub_reachable() -> bool:
 # process), and a copy of a large buffer for the memory bandwidth. About 0.5 s after torch's import (1 s).
 RATE_PROBE = r"""
 import json, sys, time, torch
+sys.stdin.readline()  # measure on the word: a probe started early imports torch while its parent works, not the products
 device, cores, precisions = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
 torch.set_num_threads(cores)
 n = 4096 if device == "cuda" else 1024
@@ -207,8 +208,8 @@ def _probe_command(device: str, cores: int, precisions: list[str]) -> list[str]:
     return [sys.executable, "-c", RATE_PROBE, device, str(cores), ",".join(precisions)]
 
 
-# Rate probes started ahead of detect() (start_rate_probe), by cache file: (the child, the load it started under).
-_STARTED: dict[Path, tuple[subprocess.Popen, str | None]] = {}
+# Rate probes started ahead of with_rates() (start_rate_probe), by cache file, waiting for the word to measure.
+_STARTED: dict[Path, subprocess.Popen] = {}
 
 
 def _probe_target(flags: set[str], gpus: tuple[GpuInfo, ...], mac_arm: bool) -> tuple[str, list[str], str]:
@@ -228,10 +229,11 @@ def _probing() -> bool:
 
 
 def start_rate_probe() -> None:
-    """Start this machine's rate probe now, in the background, when detect() will need one (not cached), so that
-    its child's torch import (about 1 s of its 1.5 s) overlaps what the caller does before detect(): reading the
-    recipe, counting the data. detect() then waits for it instead of starting its own. Best effort: any failure
-    here leaves the probe to detect()."""
+    """Start this machine's rate probe now, in the background, when with_rates() will need one (not cached), so that
+    its child's torch import (1.3-2 s of its 2-2.5 s on a 2-core EPYC) overlaps what the caller does before
+    with_rates(): reading the recipe, counting the data. The child then waits for with_rates() to say go before it
+    measures, so the products do not share the cores with that work (they did: 0.44-0.6 TFLOP/s bf16 against 0.86-0.9
+    measured alone). Best effort: any failure here leaves the probe to with_rates()."""
     if not _probing():
         return
     try:
@@ -241,16 +243,15 @@ def start_rate_probe() -> None:
         cached = _rates_cache(device, cores, precisions, identity)
         if cached is None or cached.is_file() or cached in _STARTED:
             return
-        busy = _busy_cpus(cores) if device == "cpu" else None
-        child = subprocess.Popen(_probe_command(device, cores, precisions), stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
+        child = subprocess.Popen(_probe_command(device, cores, precisions), stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     except (OSError, ConfigError):
         return
     if not _STARTED:  # a plan that stops early (a recipe error) leaves no probe running behind it
         import atexit
 
-        atexit.register(lambda: [child.kill() for child, _ in _STARTED.values()])
-    _STARTED[cached] = (child, busy)
+        atexit.register(lambda: [child.kill() for child in _STARTED.values()])
+    _STARTED[cached] = child
 
 
 def _rates(device: str, cores: int, precisions: list[str], identity: str) -> tuple[dict | None, float | None, str]:
@@ -268,20 +269,19 @@ def _rates(device: str, cores: int, precisions: list[str], identity: str) -> tup
     except (OSError, ValueError, KeyError):
         pass
     started = _STARTED.pop(cached, None)
+    busy = _busy_cpus(cores) if device == "cpu" else None
     try:
         if started:
-            child, busy = started
-            stdout, stderr = child.communicate(timeout=120)
-            if child.returncode:
-                raise subprocess.CalledProcessError(child.returncode, child.args, stdout, stderr)
+            stdout, stderr = started.communicate(input="go\n", timeout=120)
+            if started.returncode:
+                raise subprocess.CalledProcessError(started.returncode, started.args, stdout, stderr)
         else:
-            busy = _busy_cpus(cores) if device == "cpu" else None
-            stdout = subprocess.run(_probe_command(device, cores, precisions), capture_output=True, text=True,
-                                    timeout=120, check=True).stdout
+            stdout = subprocess.run(_probe_command(device, cores, precisions), input="go\n", capture_output=True,
+                                    text=True, timeout=120, check=True).stdout
         data = json.loads(stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
         if started:
-            started[0].kill()
+            started.kill()
         return None, None, f"the rate probe failed ({type(exc).__name__}): time not predicted"
     if busy:  # a probe that shared the cores measures the sharing: used once, never kept for later plans
         return data["matmul_tflops"], data["memory_bandwidth_gbs"], (

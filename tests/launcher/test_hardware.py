@@ -180,7 +180,8 @@ def test_a_probe_started_ahead_is_waited_for_by_detect_not_run_twice_and_then_ca
         def __init__(self, cmd, **kw):
             started.append(cmd)
 
-        def communicate(self, timeout=None):
+        def communicate(self, input=None, timeout=None):
+            assert input == "go\n"  # the child measures only when the plan is ready to wait for it
             return '{"matmul_tflops": {"fp32": 0.2, "bf16": 0.9}, "memory_bandwidth_gbs": 80.0}\n', ""
 
         def kill(self):
