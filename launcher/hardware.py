@@ -6,6 +6,7 @@ NVML-based check does), so the launcher can still spawn clean worker processes.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import shutil
@@ -57,15 +58,25 @@ class HardwareInfo(_Frozen):
     rates_source: str | None = Field(None, description="Where matmul_tflops and memory_bandwidth_gbs come from.")
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache  # read once per process: the plan asks for the probe's target up to three times
+def _cpu_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return set()
     for line in text.splitlines():
         if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def _cores() -> int:
+    """CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _mac_arm() -> bool:
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
 
 
 def _ram_gb() -> float:
@@ -160,7 +171,8 @@ def _hub_reachable() -> bool:
 
 # The rate probe, run in a child process (the launcher never imports torch): the best of repeated square
 # matrix products per precision on the device that will train (CPU: with as many threads as the plan gives one
-# process), and a copy of a large buffer for the memory bandwidth. About 0.5 s after torch's import (1 s).
+# process), and a copy of a large buffer for the memory bandwidth. About 0.55 s after torch's import (1.3-2 s on a
+# 2-core EPYC).
 RATE_PROBE = r"""
 import json, sys, time, torch
 sys.stdin.readline()  # measure on the word: a probe started early imports torch while its parent works, not the products
@@ -212,7 +224,7 @@ def _probe_command(device: str, cores: int, precisions: list[str]) -> list[str]:
 _STARTED: dict[Path, subprocess.Popen] = {}
 
 
-def _probe_target(flags: set[str], gpus: tuple[GpuInfo, ...], mac_arm: bool) -> tuple[str, list[str], str]:
+def _probe_target(flags: frozenset[str], gpus: tuple[GpuInfo, ...], mac_arm: bool) -> tuple[str, list[str], str]:
     """(device, precisions, identity) the rate probe measures: the device that trains (the first GPU: the plan's
     processes each have one) in the precisions it may train in."""
     if gpus:
@@ -237,9 +249,8 @@ def start_rate_probe() -> None:
     if not _probing():
         return
     try:
-        flags, mac_arm = _cpu_flags(), platform.system() == "Darwin" and platform.machine() == "arm64"
-        device, precisions, identity = _probe_target(flags, _nvidia_gpus(), mac_arm)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        device, precisions, identity = _probe_target(_cpu_flags(), _nvidia_gpus(), _mac_arm())
+        cores = _cores()
         cached = _rates_cache(device, cores, precisions, identity)
         if cached is None or cached.is_file() or cached in _STARTED:
             return
@@ -250,7 +261,7 @@ def start_rate_probe() -> None:
     if not _STARTED:  # a plan that stops early (a recipe error) leaves no probe running behind it
         import atexit
 
-        atexit.register(lambda: [child.kill() for child in _STARTED.values()])
+        atexit.register(lambda: [waiting.kill() for waiting in _STARTED.values()])
     _STARTED[cached] = child
 
 
@@ -315,8 +326,8 @@ def _cpu_model() -> str:
 def detect(probe_rates: bool = True) -> HardwareInfo:
     """Probe this machine (no torch import, no CUDA initialisation; the rate probe runs in a child process)."""
     flags = _cpu_flags()
-    mac_arm = platform.system() == "Darwin" and platform.machine() == "arm64"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    mac_arm = _mac_arm()
+    cores = _cores()
     gpus = _nvidia_gpus()
     cpu_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
     hw = HardwareInfo(

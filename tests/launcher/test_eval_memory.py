@@ -116,8 +116,8 @@ def status(key):
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
 
-path, patched = sys.argv[1], sys.argv[2] == "unpatched"
-if patched:  # what generation did before the head's input was made contiguous
+path, without_fix = sys.argv[1], sys.argv[2] == "unpatched"
+if without_fix:  # what generation did before the head's input was made contiguous
     evaluate._contiguous_input = lambda module, args: None
 torch.set_num_threads(1)
 tok = AutoTokenizer.from_pretrained(path)
