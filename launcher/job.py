@@ -96,11 +96,12 @@ def release_heap() -> None:
         pass
 
 
-def _metrics_callback(run_dir: RunDir):
+def _metrics_callback(run_dir: RunDir, meter: PhaseMeter | None = None):
     from transformers import TrainerCallback
 
     class MetricsFile(TrainerCallback):
-        """Append every logged step (loss, grad_norm, learning_rate) to the run's metrics as it happens."""
+        """Append every logged step (loss, grad_norm, learning_rate) to the run's metrics as it happens, with the
+        training phase's peak memory so far (the same measure as run.json's phases: where over a run it grows)."""
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.t0, self.step0 = time.perf_counter(), state.global_step
@@ -112,6 +113,9 @@ def _metrics_callback(run_dir: RunDir):
             done = state.global_step - self.step0
             if done > 0 and state.max_steps:  # the ETA from this session's measured rate
                 extra["eta_seconds"] = round((time.perf_counter() - self.t0) / done * (state.max_steps - state.global_step), 3)
+            peak = meter.peak_gib() if meter is not None else None
+            if peak is not None:
+                extra["peak_memory_gib"] = peak
             run_dir.append_metrics({"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs, **extra})
 
     return MetricsFile()
@@ -263,7 +267,7 @@ class Run:
         stop.install_signal_handlers()
         self.enter(TRAINING)
         collator = DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100)
-        callbacks, blocks, warm = [_metrics_callback(self.run_dir)], [], None
+        callbacks, blocks, warm = [_metrics_callback(self.run_dir, self.meter)], [], None
         if self.plan.compile:
             from launcher.compile import compile_for_training
 

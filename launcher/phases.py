@@ -87,6 +87,11 @@ class PhaseMeter:
         self.phases[name] = record
         return record
 
+    def peak_gib(self) -> float | None:
+        """The open phase's peak memory so far (GiB), as end() will record it; None where it is not measured."""
+        peak, _ = self._peak()
+        return None if peak is None else round(peak / GiB, 2)
+
     def _peak(self) -> tuple[int | None, str]:
         if self.device == "cuda":
             import torch

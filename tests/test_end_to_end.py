@@ -61,6 +61,10 @@ def test_train_and_evaluate_tiny_model_end_to_end(tiny_recipe, tmp_path):
     assert all(m["num_input_tokens_seen"] > 0 and m["train_tokens_per_second"] > 0 for m in steps)
     assert [m["num_input_tokens_seen"] for m in steps] == sorted({m["num_input_tokens_seen"] for m in steps})
     assert steps[-1]["eta_seconds"] == 0 and all(m["eta_seconds"] > 0 for m in steps[:-1])
+    # The training phase's peak so far at every logged step: never falling, ending at the phase's recorded peak.
+    peaks = [m["peak_memory_gib"] for m in steps]
+    assert peaks == sorted(peaks) and peaks[0] > 0.1
+    assert peaks[-1] <= status["phases"]["training"]["peak_memory_gib"]
 
     from launcher.evaluate import format_metrics
 
