@@ -82,7 +82,8 @@ def main() -> int:
     print(f"CPU: {cpu_name()}; {plan.threads} threads; torch {torch.__version__}")
     print(f"matmul peak 2048^3: bf16 {peaks['bf16']:.2f} TFLOP/s, fp32 {peaks['fp32']:.2f} TFLOP/s")
     print(f"{len(rows)} GSM8K samples, {tokens} tokens; LoRA r16 all-linear; micro-batch {args.micro} x {args.accumulation}; "
-          f"plan: precision {plan.precision}, base {plan.base_dtype}, loss logits {plan.loss_logits}, compile {plan.compile}\n",
+          f"plan: precision {plan.precision}, base {plan.base_dtype}, loss logits {plan.loss_logits}, compile {plan.compile}, "
+          f"LoRA dropout {plan.lora_dropout}\n",
           flush=True)
 
     results = {}
@@ -123,6 +124,10 @@ def run_sftlaunch(plan, path: str, tokenizer, rows: list[dict]) -> dict:
                            LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                       target_modules=lora.target_modules, task_type="CAUSAL_LM"))
     keep_trainable_fp32(model)
+    if plan.lora_dropout == "half_draw":
+        from launcher.dropout import use_half_draw_dropout
+
+        use_half_draw_dropout(model)
     tokenizer.padding_side = "right"
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     callbacks, blocks, record = [], [], {}

@@ -253,11 +253,18 @@ class Run:
             self.model = get_peft_model(self.model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                                target_modules=lora.target_modules, task_type="CAUSAL_LM"))
             keep_trainable_fp32(self.model)
+            drawn = ""
+            if self.plan.lora_dropout == "half_draw":  # the plan's lora_dropout decision says why
+                from launcher.dropout import RESOLUTION, use_half_draw_dropout
+
+                use_half_draw_dropout(self.model)
+                drawn = (f"; LoRA dropout {lora.dropout:g} drawn as {round(lora.dropout * RESOLUTION)}/{RESOLUTION}, "
+                         "one random draw per two elements")
             trainable, total = self.model.get_nb_trainable_parameters()
             if self.process.main:
                 print(f"LoRA r={lora.rank}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
                       f"frozen base in {self.plan.base_dtype}" + (", its linear layers in 4-bit NF4" if self.plan.quantize == "4bit"
-                                                                  else "") + ", LoRA weights in fp32", flush=True)
+                                                                  else "") + ", LoRA weights in fp32" + drawn, flush=True)
             if self.plan.gradient_checkpointing:
                 self.model.enable_input_require_grads()  # checkpointed LoRA needs grads flowing from the frozen embeddings
         self.tokenizer.padding_side = "right"

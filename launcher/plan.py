@@ -70,6 +70,7 @@ class Plan(BaseModel):
     quantize: str = "none"  # "4bit": the base's linear layers as NF4 (QLoRA), computed in base_dtype
     loss_logits: str = "all"  # "trained": logits only at trained positions, chunked (launcher/loss.py)
     compile: bool = False  # torch.compile of the decoder blocks for training (launcher/compile.py)
+    lora_dropout: str = "torch"  # "half_draw": LoRA's dropout masks with half the random draws (launcher/dropout.py)
     data_path: str | None = None  # the training/evaluation data the worker reads (None: generated, or the Hub)
     # The time prediction per phase (launcher.timing) and the memory predicted per phase, in GiB; what the
     # run measures is recorded beside them (launcher.phases). None: not predicted (the reason is a decision).
@@ -83,7 +84,7 @@ class Plan(BaseModel):
 
     def summary(self) -> dict:
         """The JSON view `sftlaunch plan --json` prints."""
-        keys = ("backend", "device", "precision", "base_dtype", "quantize", "loss_logits", "compile", "eval_precision", "world_size", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "threads", "max_length", "nodes", "processes_per_node", "zero_stage", "offload",
+        keys = ("backend", "device", "precision", "base_dtype", "quantize", "loss_logits", "compile", "lora_dropout", "eval_precision", "world_size", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "threads", "max_length", "nodes", "processes_per_node", "zero_stage", "offload",
                 "memory_estimate_gib", "device_memory_gib", "trust_remote_code", "predicted_seconds", "predicted_memory_gib")
         out = {k: getattr(self, k) for k in keys}
         out["effective_batch_size"] = self.recipe.train.effective_batch_size
@@ -529,6 +530,7 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
     predicted = _decide_time(recipe, hw, shape, data, backend, device, precision, eval_precision, base_dtype, fit,
                              loss_logits, accumulation, world_size, nodes, threads, decide, with_compile)
     memory = _phase_memory(fit, decisions, device)
+    lora_dropout = _decide_lora_dropout(recipe, device, compiled, decide)
 
     trust = decide("trust_remote_code", recipe.model.trust_remote_code,
                    "set in the recipe: the model repository's Python code will run" if recipe.model.trust_remote_code
@@ -539,7 +541,7 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
                 processes_per_node=per_node, world_size=world_size, micro_batch_size=micro,
                 gradient_accumulation_steps=accumulation, gradient_checkpointing=checkpointing, threads=threads,
                 max_length=max_length, zero_stage=stage, offload=offload, base_dtype=base_dtype, quantize=quantize,
-                loss_logits=loss_logits, compile=compiled,
+                loss_logits=loss_logits, compile=compiled, lora_dropout=lora_dropout,
                 memory_estimate_gib=None if fit.estimate is None else round(fit.estimate.total / GiB, 2),
                 device_memory_gib=round(mem_gib, 1), trust_remote_code=trust, data_path=data_path,
                 predicted_seconds=predicted.seconds() if predicted else None, predicted_memory_gib=memory,
@@ -718,6 +720,29 @@ def _decide_loss_logits(recipe: Recipe, backend: str, fit: MemoryFit, shape: Mod
                   "logits only at trained positions (labels != -100: the prompt's and the padding's are never used by "
                   f"the loss), lm_head and cross-entropy {chunk_positions(shape.vocab)} positions at a time, so the "
                   f"micro-batch x sequence x vocab block is never held whole{saved}")
+
+
+def _decide_lora_dropout(recipe: Recipe, device: str, compiled: bool, decide) -> str:
+    """How LoRA's input dropout draws its masks (launcher/dropout.py), and why; no decision where nothing drops."""
+    from launcher.dropout import drawable, drawn_probability
+
+    p = recipe.model.lora.dropout
+    if recipe.model.method != "lora" or p == 0:
+        return "torch"
+    if device != "cpu":
+        return decide("lora_dropout", "torch", f"model.lora.dropout={p:g} with torch's dropout: its {device} generator "
+                      "draws the masks in parallel")
+    if compiled:
+        return decide("lora_dropout", "torch", f"model.lora.dropout={p:g} with torch's dropout: the compiled blocks "
+                      "draw it with inductor's generator, fused into the block")
+    if not drawable(p):
+        return decide("lora_dropout", "torch", f"model.lora.dropout={p:g} with torch's dropout: p rounds to "
+                      f"{drawn_probability(p):g} in steps of 2^-15, so the faster draw would change it")
+    return decide("lora_dropout", "half_draw",
+                  f"model.lora.dropout={p:g} drawn from one random 31-bit integer per two elements, 15 bits each (drop "
+                  f"probability {round(p * 2**15)}/32768 = {drawn_probability(p):.6f}): torch's CPU dropout draws one "
+                  "Bernoulli sample per element: 3.79 against 1.71 ms for an 8 x 170 x 576 bf16 input, and an eager "
+                  "micro-step of 8 x 170 tokens 1.19x faster with this, on a 2-core Xeon with AMX")
 
 
 def _cap(backend: str) -> int:

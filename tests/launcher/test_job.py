@@ -154,3 +154,15 @@ def test_full_fine_tuning_on_a_bf16_cpu_never_holds_a_half_precision_trainable_w
     assert run.plan.precision == "bf16" and run.plan.base_dtype == "fp32"
     trainable, frozen, moments = _dtypes(run)
     assert trainable == {torch.float32} and moments == {torch.float32} and not frozen
+
+
+def test_lora_dropout_on_an_eager_cpu_run_draws_half_as_the_plan_says(tmp_path, capsys):
+    from launcher.dropout import HalfDrawDropout
+    from launcher.hardware import HardwareInfo
+
+    run = _trained_run(tmp_path, HardwareInfo(cpu_cores=2, ram_gb=8, cpu_bf16=False),
+                       lora={"rank": 4, "alpha": 8, "dropout": 0.1})
+    assert run.plan.lora_dropout == "half_draw" and not run.plan.compile
+    dropouts = [m.lora_dropout["default"] for m in run.model.modules() if hasattr(m, "lora_dropout")]
+    assert dropouts and all(type(d) is HalfDrawDropout and d.p == 0.1 for d in dropouts)
+    assert "LoRA dropout 0.1 drawn as 3277/32768" in capsys.readouterr().out
