@@ -17,9 +17,6 @@ Compiled blocks keep torch's dropout: inductor draws it with its own generator, 
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 RESOLUTION = 1 << 15  # the drop probability's step: each mask element reads 15 random bits
 
 
@@ -33,29 +30,48 @@ def drawable(p: float) -> bool:
     return 0 < round(p * RESOLUTION) < RESOLUTION
 
 
-class HalfDrawDropout(nn.Dropout):
-    """nn.Dropout(p) whose mask takes one random 31-bit integer per two elements (see the module's docstring)."""
+def _define():
+    import torch
+    from torch import nn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        threshold = round(self.p * RESOLUTION)
-        n = x.numel()
-        half = (n + 1) // 2
-        # random_() on int32 draws uniformly from [0, 2^31 - 1]: bits 0-14 and bits 16-30 are two independent 15-bit
-        # numbers, the first for the first half of the elements and the second for the rest.
-        bits = torch.empty(half, dtype=torch.int32, device=x.device).random_()
-        drop = torch.empty(n, dtype=torch.bool, device=x.device)
-        torch.lt(bits & (RESOLUTION - 1), threshold, out=drop[:half])
-        torch.lt(bits[: n - half] >> 16, threshold, out=drop[half:])
-        # masked_fill keeps the boolean mask for its backward (x * mask would first convert it to x's dtype, a
-        # pass more each way); the scale in place on masked_fill's own output, which its backward does not need.
-        return x.masked_fill(drop.view(x.shape), 0).mul_(1.0 / (1.0 - threshold / RESOLUTION))
+    class HalfDrawDropout(nn.Dropout):
+        """nn.Dropout(p) whose mask takes one random 31-bit integer per two elements (see the module's docstring)."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.training or self.p == 0:
+                return x
+            threshold = round(self.p * RESOLUTION)
+            n = x.numel()
+            half = (n + 1) // 2
+            # random_() on int32 draws uniformly from [0, 2^31 - 1]: bits 0-14 and bits 16-30 are two independent
+            # 15-bit numbers, the first for the first half of the elements and the second for the rest.
+            bits = torch.empty(half, dtype=torch.int32, device=x.device).random_()
+            drop = torch.empty(n, dtype=torch.bool, device=x.device)
+            torch.lt(bits & (RESOLUTION - 1), threshold, out=drop[:half])
+            torch.lt(bits[: n - half] >> 16, threshold, out=drop[half:])
+            # masked_fill keeps the boolean mask for its backward (x * mask would first convert it to x's dtype, a
+            # pass more each way); the scale in place on masked_fill's own output, which its backward does not need.
+            return x.masked_fill(drop.view(x.shape), 0).mul_(1.0 / (1.0 - threshold / RESOLUTION))
+
+    HalfDrawDropout.__qualname__ = "HalfDrawDropout"
+    return HalfDrawDropout
 
 
-def use_half_draw_dropout(model: nn.Module) -> int:
+def __getattr__(name: str):
+    # HalfDrawDropout is defined on first use (PEP 562): the plan reads drawable() and drawn_probability() from this
+    # module, and planning never imports torch (1-2 s).
+    if name == "HalfDrawDropout":
+        globals()[name] = cls = _define()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def use_half_draw_dropout(model) -> int:
     """Replace PEFT's LoRA dropouts (`lora_dropout[adapter]`, nn.Dropout) by HalfDrawDropout of the same p; the
     number replaced. Identity dropouts (p = 0) stay as they are."""
+    from torch import nn
+
+    half_draw = globals().get("HalfDrawDropout") or __getattr__("HalfDrawDropout")
     replaced = 0
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
@@ -63,6 +79,6 @@ def use_half_draw_dropout(model: nn.Module) -> int:
             continue
         for name, dropout in list(dropouts.items()):
             if type(dropout) is nn.Dropout and drawable(dropout.p):
-                dropouts[name] = HalfDrawDropout(dropout.p)
+                dropouts[name] = half_draw(dropout.p)
                 replaced += 1
     return replaced

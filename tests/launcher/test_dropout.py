@@ -112,3 +112,22 @@ def test_the_plan_keeps_torchs_dropout_where_the_half_draw_would_not_help_or_wou
 def test_no_dropout_no_decision():
     plan = _plan(CPU, "model.lora.dropout=0", "train.compile=false")
     assert plan.lora_dropout == "torch" and all(d.field != "lora_dropout" for d in plan.decisions)
+
+
+def test_planning_the_dropout_draw_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from launcher.hardware import HardwareInfo\n"
+            "from launcher.memory import KNOWN_SHAPES, ModelShape\n"
+            "from launcher.plan import make_plan\n"
+            "from launcher.recipe import load_recipe\n"
+            f"recipe = load_recipe({str(ROOT / 'recipes' / 'gsm8k.yaml')!r}, ['model.name=embedded:smollm2-135m-instruct', "
+            "'train.compile=false'])\n"
+            "hw = HardwareInfo(cpu_cores=2, ram_gb=24, cpu_bf16=True)\n"
+            "plan = make_plan(recipe, hw, ModelShape(*KNOWN_SHAPES['embedded:smollm2-135m-instruct']), 'test', data='not measured')\n"
+            "print(plan.lora_dropout, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["half_draw", "False"]  # the plan's 1-2 s without torch's import
