@@ -33,6 +33,13 @@ def test_cpu_launch_spec(tmp_path):
     assert runnable_here(plan, load_profile("cpu-2core")) == []
 
 
+def test_cpu_launch_bounds_onednns_primitive_cache_unless_the_user_set_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    assert _spec("cpu", "cpu-2core", tmp_path)[1].env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "128"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "1024")
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in _spec("cpu", "cpu-2core", tmp_path)[1].env  # the user's passes through
+
+
 def test_cuda_launch_spec(tmp_path):
     plan, spec = _spec("cuda", "t4-16gb", tmp_path)
     assert spec.argv[-2:] == ("launcher.worker", str(tmp_path))
