@@ -25,6 +25,11 @@ def drawn_probability(p: float) -> float:
     return round(p * RESOLUTION) / RESOLUTION
 
 
+def described(p: float) -> str:
+    """What HalfDrawDropout(p) draws at, for the plan and the run to print: "1638/32768 = 0.049988"."""
+    return f"{round(p * RESOLUTION)}/{RESOLUTION} = {drawn_probability(p):.6f}"
+
+
 def drawable(p: float) -> bool:
     """Whether p survives the rounding: neither rounded to 0 (no dropout) nor to 1 (everything dropped)."""
     return 0 < round(p * RESOLUTION) < RESOLUTION

@@ -255,11 +255,10 @@ class Run:
             keep_trainable_fp32(self.model)
             drawn = ""
             if self.plan.lora_dropout == "half_draw":  # the plan's lora_dropout decision says why
-                from launcher.dropout import RESOLUTION, use_half_draw_dropout
+                from launcher.dropout import described, use_half_draw_dropout
 
                 use_half_draw_dropout(self.model)
-                drawn = (f"; LoRA dropout {lora.dropout:g} drawn as {round(lora.dropout * RESOLUTION)}/{RESOLUTION}, "
-                         "one random draw per two elements")
+                drawn = f"; LoRA dropout {lora.dropout:g} drawn as {described(lora.dropout)}, one random draw per two elements"
             trainable, total = self.model.get_nb_trainable_parameters()
             if self.process.main:
                 print(f"LoRA r={lora.rank}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "

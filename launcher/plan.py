@@ -724,7 +724,7 @@ def _decide_loss_logits(recipe: Recipe, backend: str, fit: MemoryFit, shape: Mod
 
 def _decide_lora_dropout(recipe: Recipe, device: str, compiled: bool, decide) -> str:
     """How LoRA's input dropout draws its masks (launcher/dropout.py), and why; no decision where nothing drops."""
-    from launcher.dropout import drawable, drawn_probability
+    from launcher.dropout import described, drawable, drawn_probability
 
     p = recipe.model.lora.dropout
     if recipe.model.method != "lora" or p == 0:
@@ -740,7 +740,7 @@ def _decide_lora_dropout(recipe: Recipe, device: str, compiled: bool, decide) ->
                       f"{drawn_probability(p):g} in steps of 2^-15, so the faster draw would change it")
     return decide("lora_dropout", "half_draw",
                   f"model.lora.dropout={p:g} drawn from one random 31-bit integer per two elements, 15 bits each (drop "
-                  f"probability {round(p * 2**15)}/32768 = {drawn_probability(p):.6f}): torch's CPU dropout draws one "
+                  f"probability {described(p)}): torch's CPU dropout draws one "
                   "Bernoulli sample per element: 3.79 against 1.71 ms for an 8 x 170 x 576 bf16 input, and an eager "
                   "micro-step of 8 x 170 tokens 1.19x faster with this, on a 2-core Xeon with AMX")
 
