@@ -70,7 +70,7 @@ def run_case(name: str, args: list[str], out: Path) -> dict:
     status = json.loads((run / "run.json").read_text())
     shape = find_shape(plan.recipe.model.name)[0]
     prediction = predict_for_plan(plan, shape)
-    return {"case": name, "wall_s": round(wall, 1), "phases": status["phases"], "parts": prediction.parts,
+    return {"case": name, "cpu": cpu_name(), "wall_s": round(wall, 1), "phases": status["phases"], "parts": prediction.parts,
             "predicted": prediction.seconds(), "precision": plan.precision, "backend": plan.backend,
             "tokens_seen": _tokens_seen(run)}
 
@@ -82,7 +82,9 @@ def _tokens_seen(run: Path) -> int | None:
 
 
 def table(results: list[dict]) -> str:
-    lines = [f"{'case':<24} {'phase':<11} {'pred s':>7} {'actual s':>8} {'ratio':>6} {'pred GiB':>8} {'peak GiB':>8} {'ratio':>6}"]
+    # start GiB: the resident set when the phase began (what earlier phases left), inside its peak.
+    lines = [f"{'case':<24} {'phase':<11} {'pred s':>7} {'actual s':>8} {'ratio':>6} {'pred GiB':>8} {'peak GiB':>8} {'ratio':>6}"
+             f" {'start GiB':>9}"]
     for r in results:
         for phase in PHASES:
             p = r["phases"].get(phase)
@@ -90,7 +92,8 @@ def table(results: list[dict]) -> str:
                 continue
             lines.append(f"{r['case']:<24} {phase:<11} {p.get('predicted_seconds', float('nan')):>7.1f} {p['seconds']:>8.1f} "
                          f"{p.get('time_ratio', float('nan')):>6.2f} {p.get('predicted_memory_gib', float('nan')):>8.2f} "
-                         f"{p.get('peak_memory_gib', float('nan')):>8.2f} {p.get('memory_ratio', float('nan')):>6.2f}")
+                         f"{p.get('peak_memory_gib', float('nan')):>8.2f} {p.get('memory_ratio', float('nan')):>6.2f}"
+                         f" {p.get('start_memory_gib', float('nan')):>9.2f}")
     return "\n".join(lines)
 
 
@@ -141,10 +144,13 @@ def main() -> None:
     args = ap.parse_args()
     from launcher.timing import CPU
 
-    print(f"CPU: {cpu_name()}", flush=True)
     if args.load:
         results = json.loads(Path(args.load).read_text())
+        measured_on = {r.get("cpu") for r in results} - {None}
+        print(f"CPU of the measurements: {', '.join(sorted(measured_on)) or 'not recorded in ' + args.load} "
+              f"(this machine: {cpu_name()})", flush=True)
     else:
+        print(f"CPU: {cpu_name()}", flush=True)
         names = args.cases.split(",") if args.cases else list(CASES)
         out = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="time-estimate-"))
         results = []

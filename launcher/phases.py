@@ -4,7 +4,8 @@ Written by hand: Trainer reports its own runtime only, and no library resets a p
 Peak memory per device: on CPU the resident set's high-water mark (Linux: VmHWM, reset at each phase's start by
 writing 5 to /proc/self/clear_refs, proc(5); elsewhere the process's lifetime peak, ru_maxrss, which is said);
 on CUDA torch.cuda.max_memory_allocated and max_memory_reserved, reset at each phase's start; on MPS the driver's
-allocation at the phase's end (torch.mps has no peak counter).
+allocation at the phase's end (torch.mps has no peak counter). Beside the peak, the memory held when the phase
+started (start_memory_gib: what earlier phases left resident, which the phase's own estimate does not count).
 """
 
 from __future__ import annotations
@@ -16,13 +17,21 @@ from pathlib import Path
 GiB = 2**30
 
 
-def _rss_peak_bytes() -> tuple[int | None, str]:
+def _status_bytes(key: str) -> int | None:
+    """A memory figure of this process from /proc/self/status (Linux: VmRSS, VmHWM), else None."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024, "resident set peak (VmHWM)"
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def _rss_peak_bytes() -> tuple[int | None, str]:
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak, "resident set peak (VmHWM)"
     try:
         import resource
 
@@ -48,7 +57,7 @@ class PhaseMeter:
         self.predicted_seconds = predicted_seconds or {}
         self.predicted_memory = predicted_memory_gib or {}
         self.phases: dict[str, dict] = {}
-        self._open: tuple[str, float, bool] | None = None
+        self._open: tuple[str, float, bool, int | None] | None = None
 
     def start(self, name: str) -> None:
         self.end()
@@ -57,21 +66,29 @@ class PhaseMeter:
             import torch
 
             torch.cuda.reset_peak_memory_stats()
-        elif self.device == "cpu":
+            held = torch.cuda.memory_allocated()
+        elif self.device == "mps":
+            import torch
+
+            held = torch.mps.driver_allocated_memory()
+        else:
             reset = _reset_rss_peak()
-        self._open = (name, time.perf_counter(), reset)
+            held = _status_bytes("VmRSS")
+        self._open = (name, time.perf_counter(), reset, held)
 
     def end(self) -> dict | None:
         """Close the open phase (if any) and return its record."""
         if self._open is None:
             return None
-        name, t0, reset = self._open
+        name, t0, reset, held = self._open
         self._open = None
         record: dict = {"seconds": round(time.perf_counter() - t0, 1)}
         peak, what = self._peak()
         if peak is not None:
             record["peak_memory_gib"] = round(peak / GiB, 2)
             record["memory_measure"] = what if reset else what + ", not reset at the phase's start"
+        if held is not None:
+            record["start_memory_gib"] = round(held / GiB, 2)
         if self.device == "cuda":
             import torch
 

@@ -23,6 +23,9 @@ release_heap()  # whatever glibc kept of it goes back
 meter.start("final_eval")  # closes training, and resets the high-water mark
 small = bytearray(b"\x01") * (8 * 2**20)
 record = meter.end()
+kept = bytearray(b"\x01") * (300 * 2**20)  # held when the next phase starts
+meter.start("saving")
+meter.end()
 print(json.dumps({"phases": meter.phases, "returned_final": record is meter.phases["final_eval"], "after": meter.end()}))
 '''
 
@@ -34,6 +37,7 @@ def test_each_phase_has_its_own_resident_peak_and_its_ratios():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     training, final = result["phases"]["training"], result["phases"]["final_eval"]
     assert result["returned_final"] and result["after"] is None  # end() returns the closed phase, then nothing
+    saving = result["phases"]["saving"]
     assert training["memory_measure"] == "resident set peak (VmHWM)"
     # The 400 MiB counted in training's peak and not in the evaluation's, which was reset when it started.
     assert training["peak_memory_gib"] - final["peak_memory_gib"] > 0.3
@@ -41,3 +45,6 @@ def test_each_phase_has_its_own_resident_peak_and_its_ratios():
     assert training["time_ratio"] == pytest.approx(training["seconds"] / 0.5, abs=0.01)
     assert training["memory_ratio"] == pytest.approx(training["peak_memory_gib"] / 0.25, abs=0.01)
     assert final["predicted_memory_gib"] == 10.0 and "predicted_seconds" not in final  # not predicted: no ratio
+    # What a phase inherits: 300 MiB allocated before saving started are in its start memory, not final_eval's.
+    assert saving["start_memory_gib"] - final["start_memory_gib"] > 0.25
+    assert saving["start_memory_gib"] <= saving["peak_memory_gib"] + 0.01
