@@ -67,6 +67,18 @@ NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 # torch.cuda.max_memory_allocated leaves it out too. Models whose tensors are a few MiB do not follow
 # this: their resident set is mostly oneDNN's generated kernels and heap slack (README, "Measured").
 CPU_RESIDENT_FACTOR = {"half": 1.4, "fp32": 1.75}
+# The evaluation's working set still carries that factor. A LoRA training step's slack does not follow its kept
+# tensors but the transient activations each layer's forward and backward allocate and free, which gradient
+# checkpointing does not remove (the recompute allocates them again) and which the large single allocations (the
+# weights, a padded batch's attention probabilities, the logits) do not add to. Slack (resident peak minus live-tensor
+# peak) / the layers' activation bytes without checkpointing (ACT_BYTES x tokens x layers), SmolLM2-135M, fresh
+# processes (benchmarks/memory_estimate.py): without checkpointing bf16 0.63-0.70 from 1,024 to 8,192 tokens per
+# micro-batch (fp32 base and logits everywhere, or bf16 base and trained positions' logits), fp32 0.89-0.91; with
+# checkpointing about 0.8 of that and noisier between runs: bf16 0.46-0.49 (fp32 base) and 0.39-0.68 (bf16 base,
+# 16 x 128, eight runs), fp32 0.79-0.84 (16 x 128). A share of the tensors (the factor above) put the checkpointed
+# step's slack at a fifth of the activations: real runs with checkpointing peaked at 1.37-1.56x the plan.
+CPU_SLACK_PER_ACTIVATION_BYTE = {"half": 0.65, "fp32": 0.9}
+CPU_CHECKPOINTED_SLACK_SHARE = 0.8
 # Full fine-tuning is dominated by large tensors that live for the whole run (every weight's gradient and
 # Adam moments, above glibc's mmap threshold, so returned whole): resident / live-tensor peak measured
 # 1.10 (bf16), 1.13 (fp32), 1.17 (bf16 + checkpointing) on SmolLM2-135M at 8 x 128 tokens
@@ -230,6 +242,7 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, precis
     tokens = micro_batch * seq_len
     per_hidden, per_intermediate = ACT_BYTES[kind]
     per_layer = tokens * (per_hidden * shape.hidden + per_intermediate * shape.intermediate)
+    transients = shape.layers * per_layer  # what a step allocates and frees, checkpointed or not (the CPU's slack)
     if trained_logits:
         from launcher.loss import chunk_positions
 
@@ -246,8 +259,12 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, precis
     else:
         activations = shape.layers * per_layer
     tensors = weights + lora + activations + logits
-    factor = CPU_RESIDENT_FACTOR_FULL if method == "full" else CPU_RESIDENT_FACTOR[kind]
-    allocator = tensors * (factor - 1) if device == "cpu" else 0.0
+    if device != "cpu":
+        allocator = 0.0
+    elif method == "full":
+        allocator = tensors * (CPU_RESIDENT_FACTOR_FULL - 1)
+    else:
+        allocator = transients * CPU_SLACK_PER_ACTIVATION_BYTE[kind] * (CPU_CHECKPOINTED_SLACK_SHARE if checkpointing else 1.0)
     return MemoryEstimate(weights, lora, activations, logits, allocator, tensors + allocator, method)
 
 

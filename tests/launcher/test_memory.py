@@ -56,7 +56,13 @@ def test_cpu_estimate_adds_the_allocators_slack_and_a_gpu_estimate_does_not():
     # A padded batch's attention on the CPU keeps its probabilities (4 bytes per score, every layer); a GPU's fused
     # kernels do not.
     scores = SMOL.layers * 8 * SMOL.heads * 256**2 * 4
-    assert cpu.tensors == pytest.approx(gpu.tensors + scores) and cpu.total == pytest.approx(cpu.tensors * 1.4)
+    assert cpu.tensors == pytest.approx(gpu.tensors + scores)
+    # The slack follows the layers' transient activations (8 x 256 tokens, 30 layers), not the probabilities, and
+    # checkpointing, which recomputes them, keeps most of it while it drops most of the kept tensors.
+    transients = SMOL.layers * 8 * 256 * (35.6 * 576 + 4.25 * 1536)
+    assert cpu.allocator == pytest.approx(0.65 * transients)
+    checkpointed = _est(device="cpu", checkpointing=True)
+    assert checkpointed.allocator == pytest.approx(0.8 * cpu.allocator) and checkpointed.tensors < cpu.tensors / 2
     assert "CPU allocator" in cpu.describe()
     assert "CPU allocator" not in gpu.describe()
 
@@ -113,6 +119,23 @@ def test_estimate_is_within_25_percent_of_the_measured_cpu_peak_of_the_embedded_
     for ckpt in (False, True):
         ratio = _ratio(path, SMOL, 8, 128, precision, ckpt, "resident")
         assert 0.75 <= ratio <= 1.25, (precision, ckpt, ratio)
+
+
+def test_resident_estimate_holds_with_checkpointing_in_the_configuration_the_planner_picks():
+    # The base in the plan's precision and logits at trained positions only, 16 x 128 tokens, checkpointed: the
+    # step keeps little, but each layer's recompute allocates the same transients as an uncheckpointed forward, and
+    # the heap's slack follows them. Scaled with the kept tensors instead, the estimate was 0.61-0.69 of this peak.
+    # Measured 1.34-1.78 GiB (bf16, eight runs) against 1.60 planned, 2.86-2.99 (fp32) against 2.71.
+    from benchmarks.memory_estimate import measure
+    from launcher.hardware import detect
+    from launcher.models import resolve_model
+
+    precision = "bf16" if detect().cpu_bf16 else "fp32"
+    est = estimate_memory(SMOL, micro_batch=16, seq_len=128, precision=precision, checkpointing=True, lora_rank=8,
+                          lora_targets="all-linear", device="cpu", base_dtype=precision, trained_logits=True, padded=False)
+    got = measure(str(resolve_model("embedded:smollm2-135m-instruct")), 16, 128, precision, True, "resident", "lora",
+                  precision, "trained")
+    assert 0.75 <= est.total / got <= 1.25, (precision, est.total / GiB, got / GiB)
 
 
 def test_full_fine_tuning_tensor_estimate_is_within_25_percent_on_the_tiny_model(tiny_model):
