@@ -493,7 +493,7 @@ output:
             lora_rank=r.model.lora.rank, lora_targets=r.model.lora.target_modules, checkpointing=False, trained_logits=True,
             micro_batch=1, accumulation=1, world_size=1, nodes=1, threads=plan.threads, cpu_cores=plan.hardware.cpu_cores,
             epochs=1, max_steps=1, zero_stage=0, eval_batch=batch, max_new_tokens=new_tokens, compare_base=False,
-            base_dtype=plan.base_dtype)
+            base_dtype=plan.base_dtype, elementwise_gops=plan.hardware.elementwise_gops)
         return {"device": plan.device, "precision": plan.eval_precision, "batch": batch, "max_new_tokens": new_tokens,
                 "prompt_tokens_mean": got["prompt_tokens_mean"], "prompt_tokens_padded": got["prompt_tokens_padded"],
                 "generate_seconds": round(seconds, 3), "items_per_s": round(batch / seconds, 2),

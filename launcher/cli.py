@@ -307,6 +307,10 @@ def _launch(plan, run_dir, resume: bool, rendezvous) -> None:
         click.echo(f"node {rendezvous.node_rank} finished; node 0 evaluates and writes the results")
         return
     click.echo(f"{output_word(plan.recipe.model.method)}, metrics and predictions: {run_dir}")
+    if plan.hardware.name == "detected":
+        from launcher.hardware import refresh_rates_later
+
+        refresh_rates_later()
 
 
 def _smoke_overrides(recipe_path, overrides) -> list[str]:

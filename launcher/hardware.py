@@ -55,7 +55,12 @@ class HardwareInfo(_Frozen):
     memory_bandwidth_gbs: float | None = Field(
         None, gt=0, le=100000, allow_inf_nan=False, description="Device memory bandwidth in GB/s (measured copy rate on the "
                                                                 "detected machine, the datasheet's figure in a profile).")
-    rates_source: str | None = Field(None, description="Where matmul_tflops and memory_bandwidth_gbs come from.")
+    elementwise_gops: dict[Literal["fp32", "bf16", "fp16"], Annotated[float, Field(gt=0, le=100000, allow_inf_nan=False)]] | None = Field(
+        None, description="CPU elementwise rate per precision in G elements/s (an MLP activation's SiLU x mul + add on "
+                          "cache-sized tensors, all cores): measured on the detected machine, from a measured machine "
+                          "in a CPU profile. A CPU plan's time prediction divides a step's elementwise work by it "
+                          "(None: a CPU's time is not predicted; unused on GPUs, whose bandwidth sets that part).")
+    rates_source: str | None = Field(None, description="Where matmul_tflops, memory_bandwidth_gbs and elementwise_gops come from.")
 
 
 @functools.cache  # read once per process: the plan asks for the probe's target up to three times
@@ -171,14 +176,19 @@ def _hub_reachable() -> bool:
 
 # The rate probe, run in a child process (the launcher never imports torch): the best of repeated square
 # matrix products per precision on the device that will train (CPU: with as many threads as the plan gives one
-# process), and a copy of a large buffer for the memory bandwidth. About 0.55 s after torch's import (1.3-2 s on a
-# 2-core EPYC).
+# process), a copy of a large buffer for the memory bandwidth, and on a CPU the elementwise rate per precision (an
+# MLP's copy, SiLU, mul and add over 2,048 tokens' activations, 6-12 MiB, in place: what a training step's norms,
+# activations and casts run at; compute-bound on a CPU, not bound by the copy's bandwidth). About 0.7 s after torch's
+# import (1.3-2 s on a 2-core EPYC).
 RATE_PROBE = r"""
 import json, sys, time, torch
 sys.stdin.readline()  # measure on the word: a probe started early imports torch while its parent works, not the products
 device, cores, precisions = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
 torch.set_num_threads(cores)
-n = 4096 if device == "cuda" else 1024
+# CPU: bf16 at 2048 (AMX tiles: the 135M model's products, 1540x576x1536 and the like, ran at 2.45-2.88 TFLOP/s on a
+# 2-core Xeon where 1024x1024 squares ran at 1.41 and 2048 at 2.51), fp32 at 1024 (flat there: 0.35-0.38 at every
+# size, and a 2048 product takes 50 ms).
+sizes = {"cuda": {}, "mps": {}}.get(device, {"bf16": 2048, "fp16": 2048})
 sync = {"cuda": getattr(torch.cuda, "synchronize", None), "mps": getattr(torch.mps, "synchronize", None)}.get(device) or (lambda: None)
 def best(fn, seconds=0.12):
     fn(); sync()
@@ -189,13 +199,25 @@ def best(fn, seconds=0.12):
 out = {}
 for name in precisions:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    n = 4096 if device == "cuda" else sizes.get(name, 1024)
     a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
     out[name] = round(2 * n**3 / best(lambda: a @ b) / 1e12, 4)
 big = torch.empty(64 * 2**20, device=device)  # 256 MiB: read once and written once per copy
 dst = torch.empty_like(big)
 bandwidth = round(2 * big.numel() * 4 / best(lambda: dst.copy_(big)) / 1e9, 1)
-print(json.dumps({"matmul_tflops": out, "memory_bandwidth_gbs": bandwidth}))
+elementwise = {}
+if device == "cpu":
+    for name in precisions:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        a, b, y = (torch.full((2048, 1536), v, dtype=dtype) for v in (0.5, 1.5, 0.0))
+        def mix():  # in place: a fresh output per operation measured glibc's page faults (0.14-5 G/s between probes)
+            y.copy_(a); torch.nn.functional.silu(y, inplace=True); y.mul_(b); y.add_(a)
+        elementwise[name] = round(4 * a.numel() / best(mix, 0.05) / 1e9, 2)
+print(json.dumps({"matmul_tflops": out, "memory_bandwidth_gbs": bandwidth, "elementwise_gops": elementwise or None}))
 """
+
+
+PROBE_VERSION = 2  # 2: the elementwise rate, and bf16/fp16 products at 2048 on a CPU
 
 
 def _rates_cache(device: str, cores: int, precisions: list[str], identity: str) -> Path | None:
@@ -210,7 +232,8 @@ def _rates_cache(device: str, cores: int, precisions: list[str], identity: str) 
         torch_version = version("torch")
     except PackageNotFoundError:
         return None
-    key = hashlib.sha256(f"{identity}|{device}|{cores}|{','.join(precisions)}|{torch_version}".encode()).hexdigest()[:16]
+    # PROBE_VERSION: a probe that measures more makes the older cached files stale.
+    key = hashlib.sha256(f"{identity}|{device}|{cores}|{','.join(precisions)}|{torch_version}|{PROBE_VERSION}".encode()).hexdigest()[:16]
     return cache_dir() / f"rates-{key}.json"
 
 
@@ -265,19 +288,25 @@ def start_rate_probe() -> None:
     _STARTED[cached] = child
 
 
-def _rates(device: str, cores: int, precisions: list[str], identity: str) -> tuple[dict | None, float | None, str]:
-    """(TFLOP/s per precision, GB/s, source) of this machine, probed once and cached per machine and torch version."""
+RATE_KEYS = ("matmul_tflops", "memory_bandwidth_gbs", "elementwise_gops")
+
+
+def _rates(device: str, cores: int, precisions: list[str], identity: str) -> tuple[dict | None, str]:
+    """({matmul_tflops, memory_bandwidth_gbs, elementwise_gops} or None, source) of this machine, probed once and
+    cached per machine and torch version."""
     import json
 
     from launcher.models import store_in_cache
 
     cached = _rates_cache(device, cores, precisions, identity)
     if cached is None:
-        return None, None, "torch is not installed: no rate probe"
+        return None, "torch is not installed: no rate probe"
     try:
         data = json.loads(cached.read_text())
-        return data["matmul_tflops"], data["memory_bandwidth_gbs"], f"measured on this machine, cached in {cached}"
-    except (OSError, ValueError, KeyError):
+        probes = data.get("probes", 1)
+        return {k: data[k] for k in RATE_KEYS}, ("measured on this machine" + (f" (the best of {probes} probes)" if probes > 1 else "")
+                                                 + f", cached in {cached}")
+    except (OSError, ValueError, KeyError, AttributeError):
         pass
     started = _STARTED.pop(cached, None)
     busy = _busy_cpus(cores) if device == "cpu" else None
@@ -290,16 +319,86 @@ def _rates(device: str, cores: int, precisions: list[str], identity: str) -> tup
             stdout = subprocess.run(_probe_command(device, cores, precisions), input="go\n", capture_output=True,
                                     text=True, timeout=120, check=True).stdout
         data = json.loads(stdout.strip().splitlines()[-1])
-    except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
+        data = {k: data[k] for k in RATE_KEYS}
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError, KeyError) as exc:
         if started:
             started.kill()
-        return None, None, f"the rate probe failed ({type(exc).__name__}): time not predicted"
+        return None, f"the rate probe failed ({type(exc).__name__}): time not predicted"
     if busy:  # a probe that shared the cores measures the sharing: used once, never kept for later plans
-        return data["matmul_tflops"], data["memory_bandwidth_gbs"], (
-            f"measured on this machine just now while its CPUs were busy ({busy}): the rates may be low and the "
-            "time over-predicted; not cached, so the next plan probes again")
-    store_in_cache(cached, json.dumps(data))
-    return data["matmul_tflops"], data["memory_bandwidth_gbs"], "measured on this machine just now"
+        return data, (f"measured on this machine just now while its CPUs were busy ({busy}): the rates may be low and "
+                      "the time over-predicted; not cached, so the next plan probes again")
+    store_in_cache(cached, json.dumps({**data, "probes": 1}))
+    return data, "measured on this machine just now"
+
+
+# A probe reads low, never high (other work on the cores, a clock not yet up): a cached probe is measured again
+# after each finished run until PROBES_KEPT probes have been taken, and the cache keeps each figure's best. Before,
+# one low probe was cached for good (two probes cached on one machine read 0.11 and 0.33 TFLOP/s fp32; three taken
+# by hand there read 0.39-0.42).
+PROBES_KEPT = 3
+QUIET_WAIT_SECONDS = 120  # how long the re-probe waits for the finished run's load to fade before giving up
+
+
+def _merge_probes(old: dict | None, new: dict) -> dict:
+    """Each figure's best of the cached probes and a new one, and how many probes that is."""
+    if not old:
+        return {**{k: new.get(k) for k in RATE_KEYS}, "probes": 1}
+    merged = {"probes": old.get("probes", 1) + 1}
+    for key in RATE_KEYS:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) or isinstance(b, dict):
+            a, b = a or {}, b or {}
+            merged[key] = {p: max(a.get(p, 0.0), b.get(p, 0.0)) for p in {**a, **b}} or None
+        else:
+            merged[key] = max((v for v in (a, b) if v is not None), default=None)
+    return merged
+
+
+def refresh_rates_later() -> None:
+    """After a finished run: when this machine's cached probe has fewer than PROBES_KEPT probes, measure again in a
+    detached child (nothing waits for it) once the run's load has faded, keeping each figure's best. Best effort."""
+    import json
+    import sys
+
+    if not _probing():
+        return
+    try:
+        device, precisions, identity = _probe_target(_cpu_flags(), _nvidia_gpus(), _mac_arm())
+        cached = _rates_cache(device, _cores(), precisions, identity)
+        if cached is None or json.loads(cached.read_text()).get("probes", 1) >= PROBES_KEPT:
+            return
+        subprocess.Popen([sys.executable, "-c", "from launcher.hardware import _refresh_rates; _refresh_rates()"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    except (OSError, ValueError, AttributeError, ConfigError):
+        return
+
+
+def _refresh_rates() -> bool:
+    """The detached child of refresh_rates_later(): wait for quiet CPUs, probe, merge into the cache. True when a
+    probe was merged."""
+    import json
+    import time
+
+    from launcher.models import store_in_cache
+
+    device, precisions, identity = _probe_target(_cpu_flags(), _nvidia_gpus(), _mac_arm())
+    cores = _cores()
+    cached = _rates_cache(device, cores, precisions, identity)
+    deadline = time.monotonic() + QUIET_WAIT_SECONDS
+    while device == "cpu" and _busy_cpus(cores):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(10)
+    try:
+        stdout = subprocess.run(_probe_command(device, cores, precisions), input="go\n", capture_output=True,
+                                text=True, timeout=120, check=True).stdout
+        new = json.loads(stdout.strip().splitlines()[-1])
+        old = json.loads(cached.read_text())
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError, AttributeError):
+        return False
+    store_in_cache(cached, json.dumps(_merge_probes(old, new)))
+    return True
 
 
 def _busy_cpus(cores: int) -> str | None:
@@ -348,8 +447,8 @@ def with_rates(hw: HardwareInfo) -> HardwareInfo:
     if not _probing():
         return hw
     device, precisions, identity = _probe_target(_cpu_flags(), hw.gpus, hw.mps)
-    tflops, bandwidth, source = _rates(device, hw.cpu_cores, precisions, identity)
-    return hw.model_copy(update={"matmul_tflops": tflops, "memory_bandwidth_gbs": bandwidth, "rates_source": source})
+    rates, source = _rates(device, hw.cpu_cores, precisions, identity)
+    return hw.model_copy(update={**(rates or dict.fromkeys(RATE_KEYS)), "rates_source": source})
 
 
 def profile_names() -> list[str]:

@@ -588,7 +588,7 @@ def _decide_time(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None, dat
             cpu_cores=hw.cpu_cores, epochs=epochs, max_steps=t.max_steps, zero_stage=fit.zero_stage,
             eval_batch=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
             compare_base=recipe.eval.compare_base, base_dtype=base_dtype, quantized=recipe.model.quantize == "4bit",
-            memory_gib=None if fit.estimate is None else fit.estimate.total / GiB)
+            memory_gib=None if fit.estimate is None else fit.estimate.total / GiB, elementwise_gops=hw.elementwise_gops)
 
     def training_for(samples: int, epochs: float) -> float:
         share = samples / data.samples

@@ -5,8 +5,9 @@ predicts a fine-tuning run's time before it starts (Trainer and accelerate show 
 
 Training: FLOPs per token (the layers' matrix products forward and backward, attention's sequence term, the
 logits, LoRA's own products, the recompute of checkpointing) divided by the device's measured matrix rate x an
-efficiency; plus a memory-bound term for the elementwise work (norms, activations, residual adds, casts), taken
-as proportional to the activation bytes the memory model counts, divided by the measured memory bandwidth;
+efficiency; plus the elementwise work (norms, activations, residual adds, casts, attention's softmax), taken as
+element operations in proportion to the activation elements the memory model counts and to attention's scores,
+divided by the CPU's measured elementwise rate (on a GPU: passes over the activation bytes at its bandwidth);
 plus a fixed cost per micro-batch (Python, the data collator, the optimizer step's share).
 Evaluation: greedy generation, one decoding step per new token for each batch until its longest answer ends;
 a step costs the larger of reading every weight once (bandwidth-bound at small batches) and the batch's
@@ -21,31 +22,35 @@ from pydantic import BaseModel, ConfigDict
 
 from launcher.memory import ACT_BYTES, ModelShape
 
-# Fitted by benchmarks/time_estimate.py on a 2-core AMD EPYC with avx512_bf16 (the README's "Measured" shows each
-# case and how far it lands), from the steady steps of LoRA runs in bf16 and fp32 (the two precisions' different
-# matrix rates separate the products from the rest), a micro-batch of 4 against 16, full fine-tuning, and GSM8K's
-# samples twice as long as unit conversion's:
-# - the model's products run at 0.89 of the probe's square-product rate;
-# - the rest of a step costs, at the probed bandwidth, 40 passes over the activation bytes the memory model counts
-#   (norms, activations, casts, residual adds) plus 3,100 bytes per attention score (heads x padded length per
-#   token and layer: a padded batch takes the CPU's plain-products attention, whose mask, softmax and their
-#   backward cost that much each): 1.75 s of a 2.7 s bf16 unit-conversion step of 1,540 tokens here, the same
-#   in fp32, and GSM8K's steps 1.4x slower per token - on a CPU with bf16 products these overheads, not the
-#   products, set the speed;
-# - a micro-batch costs 0.1 s of Python, collation and the loss's bookkeeping on top;
-# - each optimizer step passes over every trainable weight's state several times (Adam, clipping, the health
-#   guard's finiteness checks): 825 bytes per trainable weight at the bandwidth (1.3 s per step for 135M weights,
-#   nothing for LoRA's 2.4M);
+# Fitted by benchmarks/time_estimate.py on a 2-core Intel Xeon with AMX and avx512_bf16 (the README's "Measured"
+# shows each case and how far it lands), from the steady steps of LoRA runs in bf16 and fp32, a micro-batch of 4
+# against 16, full fine-tuning, DeepSpeed over gloo, and GSM8K's samples twice as long as unit conversion's:
+# - the model's products run at 0.9 of the probe's product rate (bf16 measured at 2048: the model's own shapes ran at
+#   1.0-1.2x that there; fp32 at 1024, flat at every shape) - held, not fitted: fitted freely with the rest it came
+#   out at 1.6, which fp32 products measured flat at the probe's rate cannot be;
+# - the rest of a step (norms, activations, casts, residual adds, attention's mask and softmax) is counted in
+#   element operations and divided by the probe's measured elementwise rate in the run's precision (an MLP's
+#   copy, SiLU, mul and add, in place and cache-sized): so many operations per activation element the memory model
+#   counts - 22 in bf16, 9 in fp32: a half-precision step also casts to and from fp32 (autocast, the norms' and
+#   softmax's fp32 insides) - and 145 per attention score (heads x padded length per token and layer: a padded
+#   batch takes the CPU's plain-products attention, its mask, softmax and their backward). Not the copy bandwidth,
+#   as before: the two development CPUs measured the same 1.6-2.2 ms per token for this part of a bf16 LoRA step
+#   while their 256 MiB copies ran at 80 and 35 GB/s (the bandwidth model predicted the Xeon 0.53-0.76x too slow);
+# - a micro-batch costs 0.1 s of Python, collation and the loss's bookkeeping on top (fitted on an EPYC; held);
+# - each optimizer step passes over every trainable weight's state (AdamW, clipping, the health guard's finiteness
+#   checks, the gradients' fresh allocation): 70 element operations per trainable weight at the fp32 elementwise
+#   rate (AdamW alone measured 2.2 ns per weight there, 14 operations; nothing to speak of for LoRA's 2.4M weights);
 # - the phase starts with the trainer's set-up (2 s) and the first step's first touch of the run's memory (the
 #   first batch is the longest: transformers' length-grouped sampler puts it first): 1.6 s per GiB of the
 #   planned peak (GSM8K's first step took 39 s, the next ones 7.8 s).
-# GPUs: not fitted (no GPU run yet): typical figures for small models, stated as such in the plan's reason.
+# GPUs: not fitted (no GPU run yet): typical figures for small models, stated as such in the plan's reason; their
+# elementwise work is bound by memory bandwidth (passes over the activation bytes).
 CPU = {
-    "matmul_efficiency": 0.89,
-    "elementwise_passes": 40.0,
-    "attention_bytes_per_score": 3100.0,
+    "matmul_efficiency": 0.9,
+    "elementwise_ops_per_element": {"half": 22.0, "fp32": 9.0},
+    "attention_ops_per_score": 145.0,
     "micro_batch_seconds": 0.1,
-    "optimizer_bytes_per_param": 825.0,
+    "optimizer_ops_per_param": 70.0,
     "start_seconds": 2.0,
     "first_touch_seconds_per_gib": 1.6,
     "decode_step_seconds": 0.1,  # fixed cost per generation step of a batch (Python, the logits processors, cache)
@@ -126,6 +131,12 @@ def activation_bytes_per_token(shape: ModelShape, precision: str) -> float:
     return shape.layers * (per_hidden * shape.hidden + per_intermediate * shape.intermediate)
 
 
+def activation_elements_per_token(shape: ModelShape) -> float:
+    """Activation elements per token, all layers: the half-precision bytes the memory model counts, halved (the same
+    tensors in either precision; fp32's extra bytes are its own copies, not more elements to compute)."""
+    return activation_bytes_per_token(shape, "bf16") / 2
+
+
 def _constants(device: str) -> dict:
     return CPU if device == "cpu" else GPU
 
@@ -135,14 +146,22 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
                  checkpointing: bool, trained_logits: bool, micro_batch: int, accumulation: int, world_size: int,
                  nodes: int, threads: int, cpu_cores: int, epochs: float, max_steps: int | None, zero_stage: int,
                  eval_batch: int, max_new_tokens: int, compare_base: bool, base_dtype: str,
-                 quantized: bool = False, memory_gib: float | None = None) -> TimePrediction | str:
-    """The predicted seconds of each phase, or why time cannot be predicted."""
+                 quantized: bool = False, memory_gib: float | None = None,
+                 elementwise_gops: dict | None = None) -> TimePrediction | str:
+    """The predicted seconds of each phase, or why time cannot be predicted.
+
+    elementwise_gops: the CPU's elementwise rate per precision in G elements/s (the probe's, or a CPU profile's);
+    a CPU's time is not predicted without it (GPUs use bandwidth_gbs for that part)."""
     if not tflops or precision not in tflops or not bandwidth_gbs:
         return f"no {precision} matrix rate for this hardware (a profile without matmul_tflops, or the probe did not run)"
+    if device == "cpu" and (not elementwise_gops or precision not in elementwise_gops or "fp32" not in elementwise_gops):
+        return (f"no {precision} elementwise rate for this CPU (elementwise_gops: a profile without it, or a probe "
+                "cached by an older sftlaunch; fix: add elementwise_gops to the profile)")
     c = _constants(device)
     rate = tflops[precision] * 1e12
     if device == "cpu":  # the probe used every core; each of the plan's processes has `threads` of them
         rate *= min(1.0, threads / max(1, cpu_cores))
+        element_rate = {k: v * 1e9 * min(1.0, threads / max(1, cpu_cores)) for k, v in elementwise_gops.items()}
         bandwidth = bandwidth_gbs * 1e9 * min(1.0, world_size * threads / max(1, cpu_cores)) / max(1, world_size)
     else:
         bandwidth = bandwidth_gbs * 1e9
@@ -160,14 +179,25 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
     per_process_tokens = tokens / world_size
     matmul_s = per_process_tokens * f["total"] / (rate * c["matmul_efficiency"])
     # Checkpointing recomputes the forward's elementwise work too: about a third of a step's.
+    recompute = 4 / 3 if checkpointing else 1.0
     scores = shape.layers * shape.heads * mean_len  # attention scores per token, all layers
-    elementwise_s = (per_process_tokens * (activation_bytes_per_token(shape, precision) * c["elementwise_passes"]
-                                           + scores * c["attention_bytes_per_score"]) / bandwidth
-                     * (4 / 3 if checkpointing else 1.0))
+    trainable = shape.params if method == "full" else shape.lora_params(lora_rank, lora_targets)
+    updated = steps * trainable / (world_size if zero_stage else 1)  # weights each process's optimizer updates
+    if device == "cpu":  # seconds of one operation per element, per score, per updated weight: the fit's units
+        pass_s = per_process_tokens * activation_elements_per_token(shape) / element_rate[precision] * recompute
+        score_s = per_process_tokens * scores / element_rate[precision] * recompute
+        ops = c["elementwise_ops_per_element"]["half" if precision in ("bf16", "fp16") else "fp32"]
+        elementwise_s = pass_s * ops + score_s * c["attention_ops_per_score"]
+        optimizer_unit_s = updated / element_rate["fp32"]
+        optimizer_s = optimizer_unit_s * c["optimizer_ops_per_param"]
+    else:  # a GPU's elementwise work is bound by its memory bandwidth: passes over the activation bytes
+        pass_s = per_process_tokens * activation_bytes_per_token(shape, precision) / bandwidth * recompute
+        score_s = per_process_tokens * scores / bandwidth * recompute
+        elementwise_s = pass_s * c["elementwise_passes"] + score_s * c["attention_bytes_per_score"]
+        optimizer_unit_s = updated / bandwidth
+        optimizer_s = optimizer_unit_s * c["optimizer_bytes_per_param"]
     start_s = c["start_seconds"] + c["first_touch_seconds_per_gib"] * (memory_gib or 0.0)
     fixed_s = steps * accumulation * c["micro_batch_seconds"] + start_s
-    trainable = shape.params if method == "full" else shape.lora_params(lora_rank, lora_targets)
-    optimizer_s = steps * trainable / (world_size if zero_stage else 1) * c["optimizer_bytes_per_param"] / bandwidth
     dequantize_s = 0.0
     if quantized:
         # 4-bit weights are dequantized before each product (bitsandbytes): every layer weight read (0.5 byte) and
@@ -215,7 +245,9 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
               f"{sustained / 1e9 * (world_size if device != 'cpu' else 1):.0f} GFLOP/s sustained "
               f"({c['matmul_efficiency']:.0%} of {tflops[precision]:g} TFLOP/s {precision}"
               + (f", {world_size} processes" if world_size > 1 else "") + f") = {_minutes(matmul_s)}, "
-              f"+ elementwise {_minutes(elementwise_s)} + {steps * accumulation} micro-batches x "
+              f"+ elementwise {_minutes(elementwise_s)}"
+              + (f" (at {elementwise_gops[precision]:g} G elements/s {precision})" if device == "cpu" else "")
+              + f" + {steps * accumulation} micro-batches x "
               f"{c['micro_batch_seconds']:g} s + optimizer {_minutes(optimizer_s)} + start {_minutes(start_s)}"
               + (f" + gradient exchange {_minutes(comm_s)}" if comm_s else "")
               + (f" + dequantizing the 4-bit weights {_minutes(dequantize_s)} (not measured)" if quantized else "")
@@ -228,7 +260,8 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
                           flops_per_token=f["total"], tokens=tokens, samples_seen=samples_seen, steps=steps,
                           sustained_gflops=sustained / 1e9, reason=reason,
                           parts={"matmul_full_rate_s": matmul_s * c["matmul_efficiency"],
-                                 "elementwise_pass_s": elementwise_s / c["elementwise_passes"],
+                                 "elementwise_pass_s": pass_s, "attention_score_s": score_s,
+                                 "optimizer_unit_s": optimizer_unit_s,
                                  "micro_batches": steps * accumulation, "comm_s": comm_s + dequantize_s,
                                  "optimizer_s": optimizer_s, "start_s": start_s,
                                  "eval_decode_steps": decode_steps,
@@ -248,7 +281,8 @@ def predict_for_plan(plan, shape: ModelShape) -> TimePrediction | str:
         accumulation=plan.gradient_accumulation_steps, world_size=plan.world_size, nodes=plan.nodes, threads=plan.threads,
         cpu_cores=plan.hardware.cpu_cores, epochs=r.train.epochs, max_steps=r.train.max_steps, zero_stage=plan.zero_stage,
         eval_batch=r.eval.batch_size, max_new_tokens=r.eval.max_new_tokens, compare_base=r.eval.compare_base,
-        base_dtype=plan.base_dtype, quantized=plan.quantize == "4bit", memory_gib=plan.memory_estimate_gib)
+        base_dtype=plan.base_dtype, quantized=plan.quantize == "4bit", memory_gib=plan.memory_estimate_gib,
+        elementwise_gops=plan.hardware.elementwise_gops)
 
 
 def budget_advice(prediction: TimePrediction, data: DataSize, max_time: float, label: str, epochs: float,

@@ -19,7 +19,7 @@ TINY = Path(__file__).parent / "data" / "tiny-llama"  # the shipped tiny model (
 RECIPE = ROOT / "recipes" / "unit-conversion.yaml"
 SMOL = ModelShape(*KNOWN_SHAPES["embedded:smollm2-135m-instruct"])
 CPU = HardwareInfo(cpu_cores=2, ram_gb=24, cpu_bf16=False, matmul_tflops={"fp32": 0.2, "bf16": 0.05},
-                   memory_bandwidth_gbs=20, rates_source="test figures")
+                   memory_bandwidth_gbs=20, elementwise_gops={"fp32": 5.0}, rates_source="test figures")
 A100 = HardwareInfo(cpu_cores=8, ram_gb=64, cpu_bf16=False, gpus=(GpuInfo(name="A100", memory_gb=40, compute_capability=(8, 0)),))
 A100x2 = HardwareInfo(cpu_cores=8, ram_gb=64, cpu_bf16=False, gpus=A100.gpus * 2)
 M2 = HardwareInfo(cpu_cores=8, ram_gb=16, cpu_bf16=False, mps=True)

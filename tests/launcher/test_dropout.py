@@ -79,7 +79,7 @@ def test_peft_lora_dropouts_are_replaced_and_identity_ones_left(tiny_model):
 
 SMOL = ModelShape(*KNOWN_SHAPES["embedded:smollm2-135m-instruct"])
 CPU = HardwareInfo(cpu_cores=2, ram_gb=24, cpu_bf16=True, matmul_tflops={"fp32": 0.2, "bf16": 1.0},
-                   memory_bandwidth_gbs=20, rates_source="test figures")
+                   memory_bandwidth_gbs=20, elementwise_gops={"fp32": 5.0, "bf16": 6.0}, rates_source="test figures")
 A100 = HardwareInfo(cpu_cores=8, ram_gb=64, cpu_bf16=False, gpus=(GpuInfo(name="A100", memory_gb=40, compute_capability=(8, 0)),))
 
 

@@ -147,18 +147,19 @@ def test_a_rate_probe_taken_while_the_cpus_are_busy_is_used_once_and_not_cached(
 
     def probe(cmd, **kw):
         probes.append(cmd)
-        return subprocess.CompletedProcess(cmd, 0, stdout='{"matmul_tflops": {"fp32": 0.06}, "memory_bandwidth_gbs": 9.0}\n')
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"matmul_tflops": {"fp32": 0.06}, "memory_bandwidth_gbs": 9.0, '
+                                                         '"elementwise_gops": {"fp32": 1.1}}\n')
 
     monkeypatch.setattr(hardware.subprocess, "run", probe)
     monkeypatch.setattr(hardware.os, "getloadavg", lambda: (3.4, 2.0, 1.0))
-    rates, bandwidth, source = hardware._rates("cpu", 2, ["fp32"], "test cpu")
-    assert rates == {"fp32": 0.06} and "while its CPUs were busy (load average 3.4 on 2 cores)" in source
+    rates, source = hardware._rates("cpu", 2, ["fp32"], "test cpu")
+    assert rates["matmul_tflops"] == {"fp32": 0.06} and "while its CPUs were busy (load average 3.4 on 2 cores)" in source
     assert "not cached" in source and list(tmp_path.glob("rates-*.json")) == []
     # Quiet again: probed again (nothing was kept), and now cached for the next plan.
     monkeypatch.setattr(hardware.os, "getloadavg", lambda: (0.2, 0.5, 1.0))
-    assert hardware._rates("cpu", 2, ["fp32"], "test cpu")[2] == "measured on this machine just now"
+    assert hardware._rates("cpu", 2, ["fp32"], "test cpu")[1] == "measured on this machine just now"
     assert len(probes) == 2 and len(list(tmp_path.glob("rates-*.json"))) == 1
-    assert hardware._rates("cpu", 2, ["fp32"], "test cpu")[2].startswith("measured on this machine, cached in")
+    assert hardware._rates("cpu", 2, ["fp32"], "test cpu")[1].startswith("measured on this machine, cached in")
     assert len(probes) == 2
 
 
@@ -182,7 +183,8 @@ def test_a_probe_started_ahead_is_waited_for_by_detect_not_run_twice_and_then_ca
 
         def communicate(self, input=None, timeout=None):
             assert input == "go\n"  # the child measures only when the plan is ready to wait for it
-            return '{"matmul_tflops": {"fp32": 0.2, "bf16": 0.9}, "memory_bandwidth_gbs": 80.0}\n', ""
+            return ('{"matmul_tflops": {"fp32": 0.2, "bf16": 0.9}, "memory_bandwidth_gbs": 80.0, '
+                    '"elementwise_gops": {"fp32": 5.0, "bf16": 6.0}}\n', "")
 
         def kill(self):
             pass
@@ -193,7 +195,7 @@ def test_a_probe_started_ahead_is_waited_for_by_detect_not_run_twice_and_then_ca
     assert len(started) == 1 and hardware.RATE_PROBE in started[0]
     hw = hardware.detect()
     assert ran == [] and hw.rates_source == "measured on this machine just now"
-    assert hw.memory_bandwidth_gbs == 80.0 and hw.matmul_tflops["fp32"] == 0.2
+    assert hw.memory_bandwidth_gbs == 80.0 and hw.matmul_tflops["fp32"] == 0.2 and hw.elementwise_gops == {"fp32": 5.0, "bf16": 6.0}
     hardware.start_rate_probe()  # cached now: nothing to start, and detect reads the cache
     assert len(started) == 1 and hardware.detect().rates_source.startswith("measured on this machine, cached in")
 
@@ -207,3 +209,54 @@ def test_the_rate_probe_can_be_turned_off_and_then_nothing_is_started(tmp_path, 
     hardware.start_rate_probe()
     hw = hardware.detect()
     assert hw.matmul_tflops is None and hw.rates_source is None
+
+
+def test_a_low_probe_is_not_kept_for_good_finished_runs_probe_again_and_the_cache_keeps_each_figures_best(tmp_path, monkeypatch):
+    """A probe reads low, never high: one taken while something else ran was cached for good before (0.11 TFLOP/s
+    fp32 against 0.39-0.42). After a run, the machine is probed again once quiet, up to PROBES_KEPT times."""
+    import json
+    import subprocess
+
+    from launcher import hardware
+
+    monkeypatch.setenv("SFTLAUNCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    figures = iter([
+        {"matmul_tflops": {"fp32": 0.11, "bf16": 1.3}, "memory_bandwidth_gbs": 30.0, "elementwise_gops": {"fp32": 6.0, "bf16": 2.0}},
+        {"matmul_tflops": {"fp32": 0.40, "bf16": 1.1}, "memory_bandwidth_gbs": 35.0, "elementwise_gops": {"fp32": 5.0, "bf16": 6.5}},
+        {"matmul_tflops": {"fp32": 0.38, "bf16": 1.4}, "memory_bandwidth_gbs": 20.0, "elementwise_gops": {"fp32": 6.2, "bf16": 6.0}},
+    ])
+    monkeypatch.setattr(hardware.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(next(figures)) + "\n"))
+    started = []
+    monkeypatch.setattr(hardware.subprocess, "Popen", lambda cmd, **kw: started.append((cmd, kw)))
+    hw = hardware.detect()  # the first plan: one probe, a low fp32 figure among the others
+    assert hw.matmul_tflops["fp32"] == 0.11 and hw.rates_source == "measured on this machine just now"
+    for _ in range(2):
+        hardware.refresh_rates_later()  # a run ended: a detached child (nothing waits for it) probes again
+        assert started[-1][1]["start_new_session"] and "_refresh_rates()" in started[-1][0][-1]
+        assert hardware._refresh_rates()  # what that child does
+    hw = hardware.detect()
+    assert hw.matmul_tflops == {"fp32": 0.40, "bf16": 1.4} and hw.memory_bandwidth_gbs == 35.0
+    assert hw.elementwise_gops == {"fp32": 6.2, "bf16": 6.5} and "(the best of 3 probes)" in hw.rates_source
+    hardware.refresh_rates_later()  # three probes kept: no more
+    assert len(started) == 2
+
+
+def test_the_re_probe_after_a_run_waits_for_the_runs_load_to_fade_and_gives_up_rather_than_measure_it(tmp_path, monkeypatch):
+    import json
+
+    from launcher import hardware
+
+    monkeypatch.setenv("SFTLAUNCH_CACHE", str(tmp_path))
+    device, precisions, identity = hardware._probe_target(hardware._cpu_flags(), hardware._nvidia_gpus(), hardware._mac_arm())
+    cached = hardware._rates_cache(device, hardware._cores(), precisions, identity)
+    cached.write_text(json.dumps({"matmul_tflops": {"fp32": 0.4}, "memory_bandwidth_gbs": 30.0, "elementwise_gops": {"fp32": 6.0},
+                                  "probes": 1}))
+    clock = iter(range(0, 10_000, 10))
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (1000.0, 1000.0, 1000.0))
+    monkeypatch.setattr("time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    monkeypatch.setattr(hardware.subprocess, "run", lambda *a, **k: pytest.fail("probed under load"))
+    assert hardware._refresh_rates() is False
+    assert json.loads(cached.read_text())["probes"] == 1

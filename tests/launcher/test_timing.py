@@ -6,7 +6,8 @@ from launcher.hardware import HardwareInfo, load_profile
 from launcher.memory import ModelShape, find_shape
 from launcher.plan import make_plan
 from launcher.recipe import load_recipe
-from launcher.timing import DataSize, flops_per_token
+from launcher.timing import CPU as CPU_CONSTANTS
+from launcher.timing import DataSize, flops_per_token, predict_for_plan
 from tests.conftest import ROOT
 
 UNIT = ROOT / "recipes" / "unit-conversion.yaml"
@@ -66,7 +67,8 @@ def eager_steps(monkeypatch):
 
 def _hardware(**kw):
     return HardwareInfo(cpu_cores=2, ram_gb=24, cpu_bf16=True, matmul_tflops={"fp32": 0.2, "bf16": 0.88},
-                        memory_bandwidth_gbs=100, rates_source="test figures", **kw)
+                        memory_bandwidth_gbs=100, elementwise_gops={"fp32": 5.0, "bf16": 6.0},
+                        rates_source="test figures", **kw)
 
 
 def _data(samples=1000):
@@ -103,6 +105,36 @@ def test_no_rates_or_no_data_size_means_no_prediction_and_says_why():
     assert plan.predicted_seconds is None and "no bf16 matrix rate" in plan.decision("predicted_time").reason
     plan = make_plan(recipe, _hardware(), shape, source)
     assert plan.predicted_seconds is None and "not measured" in plan.decision("predicted_time").reason
+
+
+def test_a_cpus_elementwise_work_follows_its_measured_elementwise_rate_not_its_copy_bandwidth():
+    """Two CPUs that measured the same per-token cost of a step's elementwise work copied 256 MiB at 80 and 35 GB/s:
+    a bandwidth-based model predicted the slower copier 0.53-0.76x too slow. The elementwise rate sets that part."""
+    recipe = load_recipe(UNIT, [])
+    shape, source = find_shape(recipe.model.name)
+    base = make_plan(recipe, _hardware(), shape, source, data=_data())
+    assert "(at 6 G elements/s bf16)" in base.decision("predicted_time").reason
+    slow_copy = make_plan(recipe, _hardware().model_copy(update={"memory_bandwidth_gbs": 35}), shape, source, data=_data())
+    assert slow_copy.predicted_seconds["training"] == base.predicted_seconds["training"]
+    half = make_plan(recipe, _hardware().model_copy(update={"elementwise_gops": {"fp32": 2.5, "bf16": 3.0}}), shape,
+                     source, data=_data())
+    ours = predict_for_plan(base, shape)
+    slower = predict_for_plan(half, shape)
+    assert slower.parts["elementwise_pass_s"] == pytest.approx(2 * ours.parts["elementwise_pass_s"])
+    # The training grows by exactly the elementwise work, and the optimizer's pass over the LoRA weights (fp32 rate).
+    grown = (ours.parts["elementwise_pass_s"] * CPU_CONSTANTS["elementwise_ops_per_element"]["half"]
+             + ours.parts["attention_score_s"] * CPU_CONSTANTS["attention_ops_per_score"]
+             + ours.parts["optimizer_unit_s"] * CPU_CONSTANTS["optimizer_ops_per_param"])
+    assert slower.training - ours.training == pytest.approx(grown, rel=1e-6) and grown > 0.3 * ours.training
+
+
+def test_a_cpu_without_an_elementwise_rate_is_not_predicted_and_the_plan_says_what_to_add():
+    recipe = load_recipe(UNIT, [])
+    shape, source = find_shape(recipe.model.name)
+    plan = make_plan(recipe, _hardware().model_copy(update={"elementwise_gops": None}), shape, source, data=_data())
+    reason = plan.decision("predicted_time").reason
+    assert plan.predicted_seconds is None and "no bf16 elementwise rate for this CPU" in reason
+    assert "add elementwise_gops to the profile" in reason
 
 
 def test_a_budget_shorter_than_the_training_says_what_it_will_see_and_what_fits():
