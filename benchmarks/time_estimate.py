@@ -188,6 +188,10 @@ def main() -> None:
     if args.save:
         Path(args.save).write_text(json.dumps(results, indent=1))
     print(table(results))
+    if args.fit and any("attention_score_s" not in r["parts"] for r in results):
+        raise SystemExit("--fit: these measurements were saved by an earlier version, whose prediction had other parts "
+                         "(a bandwidth-based elementwise term); the table above is what they measured. Fit on runs of "
+                         "this version: benchmarks/time_estimate.py --fit --save results.json")
     if args.fit:
         constants = fit(results)
         print("fitted on every case:", {k: round(v, 4) if isinstance(v, float) else v for k, v in constants.items()})
