@@ -146,10 +146,20 @@ def fit(results: list[dict], exclude=lambda r: False) -> dict:
         for phase in ("base_eval", "final_eval"):
             p = r["phases"].get(phase)
             if p and p.get("predicted_seconds"):
-                gaps += p["seconds"] - (p["predicted_seconds"] - r["parts"]["eval_fixed_s"])
-                steps += r["parts"]["eval_decode_steps"]
+                fixed, decode = _eval_parts(r, phase)
+                gaps += p["seconds"] - (p["predicted_seconds"] - fixed)
+                steps += decode
     constants["decode_step_seconds"] = gaps / steps if steps else None
     return constants
+
+
+def _eval_parts(r: dict, phase: str) -> tuple[float, int]:
+    """(fixed seconds, decoding steps) the prediction gave the phase: the base evaluation has its own where an earlier
+    run measured its answers."""
+    p = r["parts"]
+    if phase == "base_eval" and "base_eval_fixed_s" in p:
+        return p["base_eval_fixed_s"], p["base_eval_decode_steps"]
+    return p["eval_fixed_s"], p["eval_decode_steps"]
 
 
 def refit_prediction(r: dict, constants: dict, current: dict | None = None) -> float:
@@ -207,8 +217,8 @@ def main() -> None:
                 for phase in ("base_eval", "final_eval"):
                     p = r["phases"].get(phase)
                     if p and p.get("predicted_seconds"):
-                        predicted = (p["predicted_seconds"] - r["parts"]["eval_fixed_s"]
-                                     + r["parts"]["eval_decode_steps"] * constants["decode_step_seconds"])
+                        fixed, decode = _eval_parts(r, phase)
+                        predicted = p["predicted_seconds"] - fixed + decode * constants["decode_step_seconds"]
                         print(f"  {r['case']:<24} {phase:<10} predicted {predicted:6.1f} s, measured {p['seconds']:6.1f} s "
                               f"({p['seconds'] / predicted:.2f}x)")
         held = [r for r in results if r["case"] == "gsm8k"]

@@ -73,6 +73,10 @@ def _plan(recipe_path: str, overrides, profile: str | None, backend: str | None,
         plan = make_plan(recipe, with_rates(hw) if detected else hw, shape, source)
     else:  # the time prediction needs the data's size, counted for the plan's data and max_length, and the rates
         data = _data_size(recipe, make_plan(recipe, hw, shape, source))
+        if not isinstance(data, str):  # how long an earlier run's evaluations of the same items decoded
+            from launcher.history import measured_answers
+
+            data = data.model_copy(update={"measured_answers": measured_answers(recipe)})
         plan = make_plan(recipe, with_rates(hw) if detected else hw, shape, source, data=data)
     if check:
         _check_backend(plan, hw)

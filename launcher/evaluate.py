@@ -31,6 +31,7 @@ class Generation:
     text: str
     calculator_calls: int = 0  # results the calculator wrote (eval.calculator)
     marked: str | None = None  # the text with those results between calculator.MARK_OPEN/MARK_CLOSE
+    new_tokens: int = 0  # tokens generated (EOS excluded; the calculator's forced ones included)
 
 
 def generate(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_tokens: int, device: str,
@@ -51,8 +52,7 @@ def generations(model, tokenizer, prompts: list[str], *, batch_size: int, max_ne
 
     # Left padding: every row's last prompt token sits at the same position, where generation starts.
     tokenizer.padding_side = "left"
-    # Longest prompts first, so batches hold similar lengths and little padding; order restored below.
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    order = batch_order(prompts)
     outputs: dict[int, Generation] = {}
     model.eval()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -68,16 +68,31 @@ def generations(model, tokenizer, prompts: list[str], *, batch_size: int, max_ne
                                                                          stop_on_repetition, processor))):
                     text = tokenizer.decode(tokens, skip_special_tokens=True)
                     if processor is None:
-                        outputs[i] = Generation(text)
+                        outputs[i] = Generation(text, new_tokens=len(tokens))
                     else:
                         forced = [k for k in processor.forced.get(r, []) if k < len(tokens)]
-                        outputs[i] = Generation(text, calc.calls(forced), calc.marked(tokenizer, tokens, forced))
+                        outputs[i] = Generation(text, calc.calls(forced), calc.marked(tokenizer, tokens, forced), len(tokens))
                 advance(len(idx))
     finally:
         tokenizer.padding_side = "right"  # training pads on the right
         if contiguous is not None:
             contiguous.remove()
     return [outputs[i] for i in range(len(prompts))]
+
+
+def batch_order(prompts: list[str]) -> list[int]:
+    """The prompts' indices in generation order: longest first, so batches hold similar lengths and little padding."""
+    return sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+
+
+def answer_lengths(generated: list[Generation], prompts: list[str], batch_size: int) -> dict:
+    """How long the answers ran, for the plan's next time prediction (launcher.timing): a batch decodes until its
+    longest answer ends, so the decoding steps are the sum of each batch's longest."""
+    lengths = [g.new_tokens for g in generated]
+    order = batch_order(prompts)
+    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    return {"mean": round(sum(lengths) / max(1, len(lengths)), 1), "max": max(lengths, default=0),
+            "decode_steps": sum(max(lengths[i] for i in b) for b in batches), "batches": len(batches)}
 
 
 def _contiguous_input(module, args):
@@ -363,6 +378,7 @@ def evaluate(model, tokenizer, task, examples: list[Example], *, prompt_format: 
         result, records = score(task, examples, [g.text for g in generated])
         result["decoding"] = decoding(max_new_tokens=max_new_tokens, stop_on_repetition=stop_on_repetition,
                                       calculator=calculator)
+        result["answer_tokens"] = answer_lengths(generated, prompts, batch_size)
         if calculator:
             for r, g in zip(records, generated):
                 r["calculator"] = {"calls": g.calculator_calls, "marked": g.marked}

@@ -143,3 +143,50 @@ def format_table(rows: list[dict]) -> str:
     lines = ["  ".join(header[c].ljust(w) for c, w in zip(COLUMNS, widths)).rstrip()]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in cells]
     return "\n".join(lines)
+
+
+# Run folders read for measured answer lengths, newest first: enough for the runs a person repeats, few enough that
+# a plan stays fast over a large output folder.
+ANSWER_RUNS_READ = 50
+
+
+def measured_answers(recipe) -> dict[str, dict] | None:
+    """How many decoding steps the evaluations of the newest earlier run with the same evaluation took, per model, for
+    the plan's evaluation time (launcher.timing): {"base": ..., "trained": ...}, each {"decode_steps", "batches",
+    "run"}; None when no earlier run in output.dir has them. Greedy decoding makes the base model's exact for the same
+    model, data and eval settings; the trained model's are taken from a run of the same recipe (output aside), a
+    guide rather than a certainty (its training may differ).
+    """
+    import json
+
+    folder = Path(recipe.output.dir)
+    if not folder.is_dir():
+        return None
+    want = recipe.model_dump(mode="json")
+    same_eval = lambda r: (r.get("model", {}).get("name") == want["model"]["name"] and r.get("data") == want["data"]
+                           and r.get("eval") == want["eval"])
+    same_recipe = lambda r: {k: v for k, v in r.items() if k != "output"} == {k: v for k, v in want.items() if k != "output"}
+    found: dict[str, dict] = {}
+    try:
+        evals = sorted((p / RunDir.EVAL for p in folder.iterdir() if (p / RunDir.EVAL).is_file()),
+                       key=lambda f: f.stat().st_mtime, reverse=True)[:ANSWER_RUNS_READ]
+    except OSError:
+        return None
+    for path in evals:
+        try:
+            results = json.loads(path.read_text())
+            ran = json.loads((path.parent / RunDir.PLAN).read_text())["recipe"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not isinstance(ran, dict) or not same_eval(ran):
+            continue
+        for which in ("base", "trained"):
+            lengths = (results.get(which) or {}).get("answer_tokens") if isinstance(results, dict) else None
+            if which in found or not isinstance(lengths, dict) or (which == "trained" and not same_recipe(ran)):
+                continue
+            if isinstance(lengths.get("decode_steps"), int) and isinstance(lengths.get("batches"), int):
+                found[which] = {"decode_steps": lengths["decode_steps"], "batches": lengths["batches"],
+                                "run": path.parent.name}
+        if len(found) == 2:
+            break
+    return found or None

@@ -73,6 +73,9 @@ class DataSize(BaseModel):
     eval_items: int
     eval_prompt_tokens: int  # mean prompt length of the evaluation items
     source: str
+    # Answer lengths an earlier run of the same evaluation measured (launcher.history.measured_answers), per model
+    # ("base", "trained"): {"decode_steps", "batches", "run"}; None: not known, the training answers' longest is used.
+    measured_answers: dict[str, dict] | None = None
 
 
 class TimePrediction(BaseModel):
@@ -214,12 +217,14 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
         comm_s = steps * per_step / link
     training = matmul_s + elementwise_s + fixed_s + optimizer_s + comm_s + dequantize_s
 
-    def evaluation(answer_tokens: int) -> tuple[float, int]:
+    def evaluation(answer_tokens: int, measured: dict | None = None) -> tuple[float, int]:
         rate_eval = tflops.get(eval_precision, tflops[precision]) * 1e12 * (min(1.0, threads / max(1, cpu_cores)) if device == "cpu" else 1.0)
         weight_bytes = shape.params * (2 if eval_precision in ("bf16", "fp16") else 4)
         n, b = data.eval_items, max(1, eval_batch)
         batches = math.ceil(n / b) if n else 0
         steps_per_batch = min(max_new_tokens, answer_tokens)
+        if measured and measured.get("batches") == batches:  # the same items in the same batches, decoded before
+            steps_per_batch = measured["decode_steps"] / batches
         seconds, decode_steps = 0.0, 0
         for k in range(batches):
             rows = min(b, n - k * b)
@@ -228,15 +233,23 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
             active = max(1.0, rows / 2)
             step = max(weight_bytes / (bandwidth_gbs * 1e9), active * 2 * shape.params / (rate_eval * c["matmul_efficiency"]))
             seconds += prefill + steps_per_batch * (step + c["decode_step_seconds"])
-            decode_steps += steps_per_batch
+            decode_steps += round(steps_per_batch)
         # The evaluation's loss: one forward pass over every item (prompt and reference answer, of the mean length).
         mean_answer = data.trainable_tokens / max(1, data.samples)
         seconds += n * (data.eval_prompt_tokens + mean_answer) * 2 * shape.params / (rate_eval * c["matmul_efficiency"])
         return seconds, decode_steps
 
     answer = data.answer_tokens_max
-    trained_eval, decode_steps = evaluation(answer)
-    base_eval = trained_eval if compare_base else 0.0
+    measured = data.measured_answers or {}
+    trained_eval, decode_steps = evaluation(answer, measured.get("trained"))
+    base_eval, base_steps = evaluation(answer, measured.get("base")) if compare_base else (0.0, 0)
+
+    def answers(which: str) -> str:
+        m = measured.get(which)
+        if m and m.get("batches") == math.ceil(data.eval_items / max(1, eval_batch)):
+            return f"{m['decode_steps']} decoding steps over {m['batches']} batches, measured in {m['run']}"
+        return (f"answers up to {min(max_new_tokens, answer)} tokens"
+                + (", the training answers' longest" if which == "trained" else ", assumed as long as the trained model's"))
     # Loading: reading the weights (a few seconds for small models; bandwidth-bound for large ones from a page cache).
     loading = 5.0 + shape.params * (4 if base_dtype == "fp32" else 2) / 1e9
     sustained = rate * c["matmul_efficiency"]
@@ -252,9 +265,8 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
               + (f" + gradient exchange {_minutes(comm_s)}" if comm_s else "")
               + (f" + dequantizing the 4-bit weights {_minutes(dequantize_s)} (not measured)" if quantized else "")
               + f" ({steps} steps, {samples_seen} samples seen); "
-              + (f"base evaluation ~{_minutes(base_eval)}; " if compare_base else "")
-              + f"trained evaluation ~{_minutes(trained_eval)} ({data.eval_items} items, answers up to "
-              f"{min(max_new_tokens, answer)} tokens{', the base assumed as long' if compare_base else ''}); "
+              + (f"base evaluation ~{_minutes(base_eval)} ({answers('base')}); " if compare_base else "")
+              + f"trained evaluation ~{_minutes(trained_eval)} ({data.eval_items} items, {answers('trained')}); "
               f"loading ~{_minutes(loading)}; efficiencies {fitted}; tokens: {data.source}")
     return TimePrediction(training=training, base_eval=base_eval, trained_eval=trained_eval, loading=loading,
                           flops_per_token=f["total"], tokens=tokens, samples_seen=samples_seen, steps=steps,
@@ -264,8 +276,9 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
                                  "optimizer_unit_s": optimizer_unit_s,
                                  "micro_batches": steps * accumulation, "comm_s": comm_s + dequantize_s,
                                  "optimizer_s": optimizer_s, "start_s": start_s,
-                                 "eval_decode_steps": decode_steps,
-                                 "eval_fixed_s": decode_steps * c["decode_step_seconds"]})
+                                 "eval_decode_steps": decode_steps, "base_eval_decode_steps": base_steps,
+                                 "eval_fixed_s": decode_steps * c["decode_step_seconds"],
+                                 "base_eval_fixed_s": base_steps * c["decode_step_seconds"]})
 
 
 def predict_for_plan(plan, shape: ModelShape) -> TimePrediction | str:

@@ -85,6 +85,15 @@ def test_dropping_finished_rows_gives_the_tokens_of_one_uninterrupted_generate_c
     got = ev.generate(model, tok, prompts, batch_size=8, max_new_tokens=40, device="cpu")
     assert got == expected
     assert min(calls) < 8  # finished rows did leave their batches
+    # What the plan's next time prediction reads (eval.json's answer_tokens): each answer's length, and the decoding
+    # steps, each batch's longest answer (the batches taken longest prompt first).
+    lengths = [len(ids) for ids in one_by_one(eos)]
+    generated = ev.generations(model, tok, prompts, batch_size=8, max_new_tokens=40, device="cpu")
+    assert [g.new_tokens for g in generated] == lengths
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    measured = ev.answer_lengths(generated, prompts, 8)
+    assert measured == {"mean": round(sum(lengths) / 24, 1), "max": max(lengths), "batches": 3,
+                        "decode_steps": sum(max(lengths[i] for i in order[k:k + 8]) for k in (0, 8, 16))}
 
 
 def test_repeats_at_end_finds_a_unit_written_four_times_and_32_tokens_long():

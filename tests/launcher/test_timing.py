@@ -137,6 +137,50 @@ def test_a_cpu_without_an_elementwise_rate_is_not_predicted_and_the_plan_says_wh
     assert "add elementwise_gops to the profile" in reason
 
 
+def test_the_evaluations_time_follows_the_answer_lengths_an_earlier_run_of_the_same_evaluation_measured(tmp_path):
+    """The plan gave the base and the trained model the training answers' longest length: base evaluations took
+    0.59-0.75 of the prediction, final ones 1.29-1.50 (the base model answered unit conversion in 20 tokens on
+    average, the 12-step model in 75, up to 128). A second run of the same evaluation knows them."""
+    import json
+
+    from launcher.history import measured_answers
+
+    out = tmp_path / "outputs"
+    recipe = load_recipe(UNIT, [f"output.dir={out}"])
+    shape, source = find_shape(recipe.model.name)
+    assert measured_answers(recipe) is None  # no earlier run
+    before = make_plan(recipe, _hardware(), shape, source, data=_data())
+
+    def earlier_run(name, recipe, base_steps, trained_steps):
+        run = out / name
+        run.mkdir(parents=True)
+        (run / "plan.json").write_text(json.dumps({"recipe": recipe.model_dump(mode="json")}))
+        (run / "eval.json").write_text(json.dumps({
+            "base": {"answer_tokens": {"mean": 20.2, "max": 80, "decode_steps": base_steps, "batches": 3}},
+            "trained": {"answer_tokens": {"mean": 74.8, "max": 128, "decode_steps": trained_steps, "batches": 3}}}))
+
+    # Another evaluation (other max_new_tokens) tells nothing; another training of the same evaluation tells the
+    # base model's lengths (greedy: the same answers) but not the trained model's.
+    earlier_run("other-eval", load_recipe(UNIT, [f"output.dir={out}", "eval.max_new_tokens=64"]), 10, 10)
+    assert measured_answers(recipe) is None
+    earlier_run("other-training", load_recipe(UNIT, [f"output.dir={out}", "train.learning_rate=1e-3"]), 180, 99)
+    assert measured_answers(recipe) == {"base": {"decode_steps": 180, "batches": 3, "run": "other-training"}}
+    earlier_run("same", load_recipe(UNIT, [f"output.dir={out}", "output.name=again"]), 180, 384)  # output aside
+    measured = measured_answers(recipe)  # the newest run that has each
+    assert measured == {"base": {"decode_steps": 180, "batches": 3, "run": "same"},
+                        "trained": {"decode_steps": 384, "batches": 3, "run": "same"}}
+
+    after = make_plan(recipe, _hardware(), shape, source, data=_data().model_copy(update={"measured_answers": measured}))
+    # 150 items in 3 batches of 50 decoded 180 steps (base) and 384 (trained) against 3 x 103 assumed before.
+    assert after.predicted_seconds["base_eval"] < before.predicted_seconds["base_eval"]
+    assert after.predicted_seconds["final_eval"] > before.predicted_seconds["final_eval"]
+    assert after.predicted_seconds["training"] == before.predicted_seconds["training"]
+    reason = after.decision("predicted_time").reason
+    assert "base evaluation ~" in reason and "(180 decoding steps over 3 batches, measured in same)" in reason
+    assert "384 decoding steps over 3 batches, measured in same" in reason
+    assert "assumed as long as the trained model's" in before.decision("predicted_time").reason
+
+
 def test_a_budget_shorter_than_the_training_says_what_it_will_see_and_what_fits():
     shape, source = find_shape("embedded:smollm2-135m-instruct")
     full = make_plan(load_recipe(UNIT, []), _hardware(), shape, source, data=_data())
