@@ -354,11 +354,19 @@ def _merge_probes(old: dict | None, new: dict) -> dict:
     return merged
 
 
+REFRESH_LOCK_SECONDS = 600  # a re-probe's lock older than this is from one that died
+
+
+def _refresh_lock(cached: Path) -> Path:
+    return cached.with_name(cached.name + ".refreshing")
+
+
 def refresh_rates_later() -> None:
     """After a finished run: when this machine's cached probe has fewer than PROBES_KEPT probes, measure again in a
     detached child (nothing waits for it) once the run's load has faded, keeping each figure's best. Best effort."""
     import json
     import sys
+    import time
 
     if not _probing():
         return
@@ -367,6 +375,10 @@ def refresh_rates_later() -> None:
         cached = _rates_cache(device, _cores(), precisions, identity)
         if cached is None or json.loads(cached.read_text()).get("probes", 1) >= PROBES_KEPT:
             return
+        lock = _refresh_lock(cached)
+        if lock.is_file() and time.time() - lock.stat().st_mtime < REFRESH_LOCK_SECONDS:
+            return  # one re-probe at a time (runs ending one after another each asked for one: 6 probes were kept)
+        lock.write_text(str(os.getpid()))
         subprocess.Popen([sys.executable, "-c", "from launcher.hardware import _refresh_rates; _refresh_rates()"],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
@@ -385,20 +397,23 @@ def _refresh_rates() -> bool:
     device, precisions, identity = _probe_target(_cpu_flags(), _nvidia_gpus(), _mac_arm())
     cores = _cores()
     cached = _rates_cache(device, cores, precisions, identity)
-    deadline = time.monotonic() + QUIET_WAIT_SECONDS
-    while device == "cpu" and _busy_cpus(cores):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(10)
     try:
-        stdout = subprocess.run(_probe_command(device, cores, precisions), input="go\n", capture_output=True,
-                                text=True, timeout=120, check=True).stdout
-        new = json.loads(stdout.strip().splitlines()[-1])
-        old = json.loads(cached.read_text())
-    except (subprocess.SubprocessError, OSError, ValueError, IndexError, AttributeError):
-        return False
-    store_in_cache(cached, json.dumps(_merge_probes(old, new)))
-    return True
+        deadline = time.monotonic() + QUIET_WAIT_SECONDS
+        while device == "cpu" and _busy_cpus(cores):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(10)
+        try:
+            stdout = subprocess.run(_probe_command(device, cores, precisions), input="go\n", capture_output=True,
+                                    text=True, timeout=120, check=True).stdout
+            new = json.loads(stdout.strip().splitlines()[-1])
+            old = json.loads(cached.read_text())
+        except (subprocess.SubprocessError, OSError, ValueError, IndexError, AttributeError):
+            return False
+        store_in_cache(cached, json.dumps(_merge_probes(old, new)))
+        return True
+    finally:
+        _refresh_lock(cached).unlink(missing_ok=True)
 
 
 def _busy_cpus(cores: int) -> str | None:

@@ -247,7 +247,8 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
     def answers(which: str) -> str:
         m = measured.get(which)
         if m and m.get("batches") == math.ceil(data.eval_items / max(1, eval_batch)):
-            return f"{m['decode_steps']} decoding steps over {m['batches']} batches, measured in {m['run']}"
+            return (f"{m['decode_steps']} decoding steps over {m['batches']} batch{'es' if m['batches'] != 1 else ''}, "
+                    f"measured in {m['run']}")
         return (f"answers up to {min(max_new_tokens, answer)} tokens"
                 + (", the training answers' longest" if which == "trained" else ", assumed as long as the trained model's"))
     # Loading: reading the weights (a few seconds for small models; bandwidth-bound for large ones from a page cache).

@@ -232,8 +232,10 @@ def test_a_low_probe_is_not_kept_for_good_finished_runs_probe_again_and_the_cach
     monkeypatch.setattr(hardware.subprocess, "Popen", lambda cmd, **kw: started.append((cmd, kw)))
     hw = hardware.detect()  # the first plan: one probe, a low fp32 figure among the others
     assert hw.matmul_tflops["fp32"] == 0.11 and hw.rates_source == "measured on this machine just now"
-    for _ in range(2):
+    for k in range(2):
         hardware.refresh_rates_later()  # a run ended: a detached child (nothing waits for it) probes again
+        hardware.refresh_rates_later()  # another ended before that child ran: one re-probe at a time
+        assert len(started) == k + 1
         assert started[-1][1]["start_new_session"] and "_refresh_rates()" in started[-1][0][-1]
         assert hardware._refresh_rates()  # what that child does
     hw = hardware.detect()
