@@ -263,6 +263,22 @@ def _probing() -> bool:
     return os.environ.get("SFTLAUNCH_RATE_PROBE", "1") != "0"
 
 
+def _this_machine() -> tuple[str, int, list[str], Path | None]:
+    """(device, cores, precisions, cache file) of this machine's rate probe, without detect()'s other probes."""
+    device, precisions, identity = _probe_target(_cpu_flags(), _nvidia_gpus(), _mac_arm())
+    cores = _cores()
+    return device, cores, precisions, _rates_cache(device, cores, precisions, identity)
+
+
+def _run_probe(device: str, cores: int, precisions: list[str]) -> dict:
+    """The rate probe's figures, measured now in a child process (raises what running or parsing it raises)."""
+    import json
+
+    stdout = subprocess.run(_probe_command(device, cores, precisions), input="go\n", capture_output=True, text=True,
+                            timeout=120, check=True).stdout
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
 def start_rate_probe() -> None:
     """Start this machine's rate probe now, in the background, when with_rates() will need one (not cached), so that
     its child's torch import (1.3-2 s of its 2-2.5 s on a 2-core EPYC) overlaps what the caller does before
@@ -272,9 +288,7 @@ def start_rate_probe() -> None:
     if not _probing():
         return
     try:
-        device, precisions, identity = _probe_target(_cpu_flags(), _nvidia_gpus(), _mac_arm())
-        cores = _cores()
-        cached = _rates_cache(device, cores, precisions, identity)
+        device, cores, precisions, cached = _this_machine()
         if cached is None or cached.is_file() or cached in _STARTED:
             return
         child = subprocess.Popen(_probe_command(device, cores, precisions), stdin=subprocess.PIPE,
@@ -315,10 +329,9 @@ def _rates(device: str, cores: int, precisions: list[str], identity: str) -> tup
             stdout, stderr = started.communicate(input="go\n", timeout=120)
             if started.returncode:
                 raise subprocess.CalledProcessError(started.returncode, started.args, stdout, stderr)
+            data = json.loads(stdout.strip().splitlines()[-1])
         else:
-            stdout = subprocess.run(_probe_command(device, cores, precisions), input="go\n", capture_output=True,
-                                    text=True, timeout=120, check=True).stdout
-        data = json.loads(stdout.strip().splitlines()[-1])
+            data = _run_probe(device, cores, precisions)
         data = {k: data[k] for k in RATE_KEYS}
     except (subprocess.SubprocessError, OSError, ValueError, IndexError, KeyError) as exc:
         if started:
@@ -339,10 +352,8 @@ PROBES_KEPT = 3
 QUIET_WAIT_SECONDS = 120  # how long the re-probe waits for the finished run's load to fade before giving up
 
 
-def _merge_probes(old: dict | None, new: dict) -> dict:
+def _merge_probes(old: dict, new: dict) -> dict:
     """Each figure's best of the cached probes and a new one, and how many probes that is."""
-    if not old:
-        return {**{k: new.get(k) for k in RATE_KEYS}, "probes": 1}
     merged = {"probes": old.get("probes", 1) + 1}
     for key in RATE_KEYS:
         a, b = old.get(key), new.get(key)
@@ -371,8 +382,7 @@ def refresh_rates_later() -> None:
     if not _probing():
         return
     try:
-        device, precisions, identity = _probe_target(_cpu_flags(), _nvidia_gpus(), _mac_arm())
-        cached = _rates_cache(device, _cores(), precisions, identity)
+        cached = _this_machine()[3]
         if cached is None or json.loads(cached.read_text()).get("probes", 1) >= PROBES_KEPT:
             return
         lock = _refresh_lock(cached)
@@ -394,9 +404,7 @@ def _refresh_rates() -> bool:
 
     from launcher.models import store_in_cache
 
-    device, precisions, identity = _probe_target(_cpu_flags(), _nvidia_gpus(), _mac_arm())
-    cores = _cores()
-    cached = _rates_cache(device, cores, precisions, identity)
+    device, cores, precisions, cached = _this_machine()
     try:
         deadline = time.monotonic() + QUIET_WAIT_SECONDS
         while device == "cpu" and _busy_cpus(cores):
@@ -404,9 +412,7 @@ def _refresh_rates() -> bool:
                 return False
             time.sleep(10)
         try:
-            stdout = subprocess.run(_probe_command(device, cores, precisions), input="go\n", capture_output=True,
-                                    text=True, timeout=120, check=True).stdout
-            new = json.loads(stdout.strip().splitlines()[-1])
+            new = _run_probe(device, cores, precisions)
             old = json.loads(cached.read_text())
         except (subprocess.SubprocessError, OSError, ValueError, IndexError, AttributeError):
             return False

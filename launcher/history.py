@@ -173,15 +173,16 @@ def measured_answers(recipe) -> dict[str, dict] | None:
     except OSError:
         return None
     for path in evals:
-        try:
-            results = json.loads(path.read_text())
+        results = RunDir(path.parent).read_eval()
+        try:  # the plan's recipe as written, not RunDir.read_plan's validated Plan: a plan stays fast over 50 runs
             ran = json.loads((path.parent / RunDir.PLAN).read_text())["recipe"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if not isinstance(ran, dict) or not same_eval(ran):
+        if not isinstance(results, dict) or not isinstance(ran, dict) or not same_eval(ran):
             continue
         for which in ("base", "trained"):
-            lengths = (results.get(which) or {}).get("answer_tokens") if isinstance(results, dict) else None
+            model = results.get(which)
+            lengths = model.get("answer_tokens") if isinstance(model, dict) else None
             if which in found or not isinstance(lengths, dict) or (which == "trained" and not same_recipe(ran)):
                 continue
             if isinstance(lengths.get("decode_steps"), int) and isinstance(lengths.get("batches"), int):

@@ -217,14 +217,15 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
         comm_s = steps * per_step / link
     training = matmul_s + elementwise_s + fixed_s + optimizer_s + comm_s + dequantize_s
 
-    def evaluation(answer_tokens: int, measured: dict | None = None) -> tuple[float, int]:
+    eval_batches = math.ceil(data.eval_items / max(1, eval_batch)) if data.eval_items else 0
+    measured = {k: m for k, m in (data.measured_answers or {}).items()  # the same items in the same batches
+                if m.get("batches") == eval_batches}
+
+    def evaluation(answer_tokens: int, lengths: dict | None = None) -> tuple[float, int]:
         rate_eval = tflops.get(eval_precision, tflops[precision]) * 1e12 * (min(1.0, threads / max(1, cpu_cores)) if device == "cpu" else 1.0)
         weight_bytes = shape.params * (2 if eval_precision in ("bf16", "fp16") else 4)
-        n, b = data.eval_items, max(1, eval_batch)
-        batches = math.ceil(n / b) if n else 0
-        steps_per_batch = min(max_new_tokens, answer_tokens)
-        if measured and measured.get("batches") == batches:  # the same items in the same batches, decoded before
-            steps_per_batch = measured["decode_steps"] / batches
+        n, b, batches = data.eval_items, max(1, eval_batch), eval_batches
+        steps_per_batch = lengths["decode_steps"] / batches if lengths else min(max_new_tokens, answer_tokens)
         seconds, decode_steps = 0.0, 0
         for k in range(batches):
             rows = min(b, n - k * b)
@@ -240,13 +241,12 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
         return seconds, decode_steps
 
     answer = data.answer_tokens_max
-    measured = data.measured_answers or {}
     trained_eval, decode_steps = evaluation(answer, measured.get("trained"))
     base_eval, base_steps = evaluation(answer, measured.get("base")) if compare_base else (0.0, 0)
 
     def answers(which: str) -> str:
         m = measured.get(which)
-        if m and m.get("batches") == math.ceil(data.eval_items / max(1, eval_batch)):
+        if m:
             return (f"{m['decode_steps']} decoding steps over {m['batches']} batch{'es' if m['batches'] != 1 else ''}, "
                     f"measured in {m['run']}")
         return (f"answers up to {min(max_new_tokens, answer)} tokens"
