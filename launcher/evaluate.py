@@ -340,7 +340,8 @@ def settings(recipe, plan) -> dict:
     """The keyword arguments of evaluate() that a recipe and its plan decide (training and `sftlaunch eval` alike)."""
     return dict(prompt_format=recipe.data.prompt_format, batch_size=recipe.eval.batch_size,
                 max_new_tokens=recipe.eval.max_new_tokens, device=plan.device, precision=plan.eval_precision,
-                stop_on_repetition=recipe.eval.stop_on_repetition, calculator=recipe.eval.calculator)
+                stop_on_repetition=recipe.eval.stop_on_repetition, calculator=recipe.eval.calculator,
+                merge=plan.eval_merge)
 
 
 def decoding(*, max_new_tokens: int, stop_on_repetition: bool, calculator: bool, **_) -> dict:
@@ -360,14 +361,15 @@ def shared_decoding(base: dict, trained: dict) -> dict:
 
 def evaluate(model, tokenizer, task, examples: list[Example], *, prompt_format: str, batch_size: int,
              max_new_tokens: int, device: str, precision: str = "fp32", label: str = "evaluating",
-             stop_on_repetition: bool = False, calculator: bool = False) -> tuple[dict, list[dict]]:
+             stop_on_repetition: bool = False, calculator: bool = False, merge: bool = False) -> tuple[dict, list[dict]]:
     """Generation metrics (unless the task does not generate: chat with no eval.metrics) and each item's
-    held-out loss (launcher.item_loss), the loss in every record."""
+    held-out loss (launcher.item_loss), the loss in every record; with `merge`, a LoRA model's adapter is merged
+    into the evaluation's copy of its weights (inference_weights)."""
     from launcher.item_loss import item_losses
 
     generates = getattr(task, "generates", True)
     features = loss_features(task, examples, tokenizer, prompt_format)
-    with inference_weights(model, precision) as weights:
+    with inference_weights(model, precision, merge=merge) as weights:
         losses = item_losses(weights, tokenizer, features, device=device, label=f"{label}: held-out loss")
         if generates:
             prompts = (task.prompts(examples, tokenizer) if hasattr(task, "prompts")
@@ -413,8 +415,27 @@ def loss_features(task, examples, tokenizer, prompt_format: str) -> list[dict]:
     return features
 
 
+def _merge_targets(model) -> list:
+    """The base weights a LoRA model's adapters would be merged into for generation, or [] when the model is no LoRA
+    model or cannot be merged as it stands: adapters disabled (a base evaluation under disable_adapter), already
+    merged, or a base weight that is not a plain floating tensor (4-bit, or partitioned by ZeRO-3)."""
+    try:
+        from peft import PeftModel
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return []
+    if not isinstance(model, PeftModel):
+        return []
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    weights = [layer.get_base_layer().weight for layer in layers]
+    if (not layers or any(layer.disable_adapters or layer.merged or layer.lora_variant for layer in layers)
+            or any(not w.is_floating_point() or w.numel() == 0 for w in weights)):
+        return []
+    return weights
+
+
 @contextmanager
-def inference_weights(model, precision: str):
+def inference_weights(model, precision: str, merge: bool = False):
     """The model to generate with: a bf16/fp16 copy under mixed precision (plan.eval_precision), else itself.
 
     Training keeps fp32 weights for the optimizer, and autocast casts each of them again at every decoding
@@ -424,6 +445,11 @@ def inference_weights(model, precision: str):
     base_dtype) is used as it is. Beside a base trained in that dtype only the fp32 LoRA weights are cast: the
     copy shares the frozen base's tensors (`.to` of a tensor already in the dtype returns it), so it costs
     nothing there and nothing trains them.
+
+    With `merge`, a LoRA model's adapter is merged into the copy (PEFT's merge_and_unload), so generation runs
+    plain linear layers: an unmerged LoRA layer runs its own two small products, the scaling and the sum, and
+    PEFT's Python around them, at every layer and decoding step. The weights merged into are the copy's own:
+    copied where the copy would share them with the model (plan.eval_merge counts that memory).
     """
     import copy
 
@@ -431,7 +457,8 @@ def inference_weights(model, precision: str):
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     tensors = [*model.parameters(), *model.buffers()]
-    if dtype is None or all(t.dtype == dtype or not t.is_floating_point() for t in tensors):
+    merged = _merge_targets(model) if merge else []
+    if not merged and (dtype is None or all(t.dtype == dtype or not t.is_floating_point() for t in tensors)):
         yield model
         return
     # deepcopy(model).to(dtype) first copied every weight in fp32 (a transient of 2x the fp32 weights, the
@@ -444,10 +471,15 @@ def inference_weights(model, precision: str):
             # on the parameter object itself, which a plain Parameter copy would lose; nothing trains it here.
             memo[id(p)] = p
             continue
-        memo[id(p)] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+        memo[id(p)] = torch.nn.Parameter(p.detach().to(dtype or p.dtype), requires_grad=False)
+    for weight in merged:  # merged into below: their own copy, never the tensor training shares
+        if memo[id(weight)].data_ptr() == weight.data_ptr():
+            memo[id(weight)] = torch.nn.Parameter(weight.detach().to(dtype or weight.dtype, copy=True), requires_grad=False)
     for b in model.buffers():
-        memo[id(b)] = b.detach().to(dtype) if b.is_floating_point() else b.detach().clone()
+        memo[id(b)] = b.detach().to(dtype or b.dtype) if b.is_floating_point() else b.detach().clone()
     copied = copy.deepcopy(model, memo)
+    if merged:
+        copied = copied.merge_and_unload()
     try:
         yield copied
     finally:

@@ -400,6 +400,8 @@ class Run:
             base = self.model = None
         self.model = load_trained(self.run_dir, self.recipe.model.method, self.model_path, device=self.plan.device,
                                   dtype=self.plan.eval_precision, trust_remote_code=self.plan.trust_remote_code, base=base)
+        if self.plan.eval_merge and not self.full:  # loaded for this evaluation alone: merged in place, no copy
+            self.model = self.model.merge_and_unload()
 
     def evaluate_saved(self, train_record: dict) -> dict | None:
         """A resumed run whose training had finished (stopped while evaluating): evaluate the saved adapter."""

@@ -128,6 +128,14 @@ class ModelShape:
         names = dims if targets == "all-linear" else [t for t in targets if t in dims]
         return self.layers * rank * sum(dims[n] for n in names)
 
+    def lora_target_params(self, targets) -> int:
+        """Weights of the linear layers LoRA adapts (model.lora.target_modules): what merging the adapter writes."""
+        h, i, kv = self.hidden, self.intermediate, self.kv_heads * (self.hidden // self.heads)
+        sizes = {"q_proj": h * h, "k_proj": h * kv, "v_proj": h * kv, "o_proj": h * h,
+                 "gate_proj": h * i, "up_proj": h * i, "down_proj": i * h}
+        names = sizes if targets == "all-linear" else [t for t in targets if t in sizes]
+        return self.layers * sum(sizes[n] for n in names)
+
 
 def shape_from_config(config: dict) -> ModelShape:
     heads = config["num_attention_heads"]
@@ -299,6 +307,7 @@ class EvalMemoryEstimate:
     allocator: float
     total: float
     loss_pass: float = 0.0  # the held-out loss's forward pass (launcher.item_loss), before generation: the larger counts
+    merged_weights: float = 0.0  # the adapted weights copied to merge the adapter into (eval_merge), where shared
 
     @property
     def working(self) -> float:
@@ -310,6 +319,7 @@ class EvalMemoryEstimate:
         text = f"{g['total']} GiB = "
         text += f"training weights {g['training_weights']} + " if self.training_weights else ""
         text += f"evaluation weights {g['eval_weights']} + " if self.eval_weights else ""
+        text += f"merged copy of the adapted weights {g['merged_weights']} + " if self.merged_weights else ""
         if self.loss_pass > self.kv_cache + self.activations:
             text += f"held-out loss pass {g['loss_pass']} (more than generation's KV cache {g['kv_cache']} + activations {g['activations']})"
         else:
@@ -319,7 +329,7 @@ class EvalMemoryEstimate:
 
 def estimate_eval_memory(shape: ModelShape, *, eval_precision: str, training_precision: str, batch: int, prompt_len: int,
                          new_tokens: int, reloaded: bool, device: str, base_dtype: str = "fp32",
-                         quantize: str = "none") -> EvalMemoryEstimate:
+                         quantize: str = "none", merged_params: int = 0) -> EvalMemoryEstimate:
     """The evaluation's peak: generation on `batch` prompts of up to `prompt_len` tokens plus `new_tokens`.
 
     One process evaluates the model it trained: its fp32 weights stay, and under mixed precision generation
@@ -327,7 +337,10 @@ def estimate_eval_memory(shape: ModelShape, *, eval_precision: str, training_pre
     Under DeepSpeed (`reloaded`) the engine is freed and the model is loaded again in the evaluation's
     precision alone. A base trained in the evaluation's precision (base_dtype) is shared by the copy: only
     the LoRA weights are cast, which is counted nowhere; so is a 4-bit base (quantize), whose evaluation
-    precision is its compute dtype.
+    precision is its compute dtype. Merging the adapter for generation (`merged_params`: the adapted weights)
+    writes into the copy's weights: free where the copy casts them anyway (an fp32 base evaluated in half
+    precision) or into a model reloaded for the evaluation alone, a copy of those weights where it would share
+    them with training.
     """
     eval_bytes = 2.0 if eval_precision in ("bf16", "fp16") else 4.0
     if quantize == "4bit":  # generation runs on the 4-bit base it trained with (its weights cannot be cast)
@@ -337,6 +350,9 @@ def estimate_eval_memory(shape: ModelShape, *, eval_precision: str, training_pre
     else:
         training = shape.params * (4.0 if base_dtype == "fp32" else 2.0)
         weights = 0.0 if eval_bytes == 4.0 or base_dtype == eval_precision else shape.params * eval_bytes
+    # Reloaded for the evaluation alone, the model is merged in place (launcher.job.load_for_final_evaluation).
+    shared = quantize != "4bit" and not reloaded and not weights
+    merged = merged_params * eval_bytes if shared else 0.0
     head_dim = shape.hidden // shape.heads
     positions = prompt_len + new_tokens
     kv_cache = 2 * shape.layers * batch * positions * shape.kv_heads * head_dim * eval_bytes
@@ -350,9 +366,9 @@ def estimate_eval_memory(shape: ModelShape, *, eval_precision: str, training_pre
 
     loss_pass = tokens_per_batch(shape.vocab) * shape.vocab * (eval_bytes + 8)
     working = max(kv_cache + activations, loss_pass)
-    tensors = training + weights + working
+    tensors = training + weights + merged + working
     kind = "half" if training_precision in ("bf16", "fp16") else "fp32"
     # The CPU allocator's slack comes from the many short-lived tensors of each decoding step; the weights are
     # large single allocations (mmap'd by glibc and returned whole), so only the rest carries the factor.
     allocator = working * (CPU_RESIDENT_FACTOR[kind] - 1) if device == "cpu" else 0.0
-    return EvalMemoryEstimate(training, weights, kv_cache, activations, allocator, tensors + allocator, loss_pass)
+    return EvalMemoryEstimate(training, weights, kv_cache, activations, allocator, tensors + allocator, loss_pass, merged)

@@ -71,6 +71,7 @@ class Plan(BaseModel):
     loss_logits: str = "all"  # "trained": logits only at trained positions, chunked (launcher/loss.py)
     compile: bool = False  # torch.compile of the decoder blocks for training (launcher/compile.py)
     lora_dropout: str = "torch"  # "half_draw": LoRA's dropout masks with half the random draws (launcher/dropout.py)
+    eval_merge: bool = False  # the final evaluation generates with the adapter merged into its copy of the weights
     data_path: str | None = None  # the training/evaluation data the worker reads (None: generated, or the Hub)
     # The time prediction per phase (launcher.timing) and the memory predicted per phase, in GiB; what the
     # run measures is recorded beside them (launcher.phases). None: not predicted (the reason is a decision).
@@ -84,7 +85,7 @@ class Plan(BaseModel):
 
     def summary(self) -> dict:
         """The JSON view `sftlaunch plan --json` prints."""
-        keys = ("backend", "device", "precision", "base_dtype", "quantize", "loss_logits", "compile", "lora_dropout", "eval_precision", "world_size", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "threads", "max_length", "nodes", "processes_per_node", "zero_stage", "offload",
+        keys = ("backend", "device", "precision", "base_dtype", "quantize", "loss_logits", "compile", "lora_dropout", "eval_precision", "eval_merge", "world_size", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "threads", "max_length", "nodes", "processes_per_node", "zero_stage", "offload",
                 "memory_estimate_gib", "device_memory_gib", "trust_remote_code", "predicted_seconds", "predicted_memory_gib")
         out = {k: getattr(self, k) for k in keys}
         out["effective_batch_size"] = self.recipe.train.effective_batch_size
@@ -343,6 +344,7 @@ class EvalPlan(BaseModel):
     threads: int
     trust_remote_code: bool
     data_path: str | None = None
+    eval_merge: bool = False
     decisions: tuple[Decision, ...]
 
 
@@ -362,8 +364,16 @@ def make_eval_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = 
     data_path, data_why = choose_data_source(recipe, hw)
     if data_why:
         decide("data_source", "bundled" if data_path else "hub", data_why)
+    merge = recipe.model.method == "lora" and recipe.model.quantize != "4bit"
+    if merge:  # `sftlaunch eval` loads the base in fp32: a half-precision evaluation copies every weight anyway
+        cost = (0.0 if eval_precision != "fp32" else None if shape is None
+                else _eval_merge_params(recipe, shape) * 4 / GiB)
+        decide("eval_merge", True, "a run's adapter is merged into the evaluation's copy of the weights it adapts, so "
+               f"generation runs plain layers ({EVAL_MERGE_MEASURED}); "
+               + ("costs no memory (the copy casts those weights anyway)" if cost == 0 else
+                  "costs a copy of the adapted weights in fp32" + (f" ({cost:.2f} GiB)" if cost else "")))
     return EvalPlan(device=device, eval_precision=eval_precision, threads=threads, data_path=data_path,
-                    trust_remote_code=recipe.model.trust_remote_code, decisions=tuple(decisions))
+                    trust_remote_code=recipe.model.trust_remote_code, eval_merge=merge, decisions=tuple(decisions))
 
 
 def _processes(hwr, backend: str, hw: HardwareInfo, decide) -> tuple[int, int]:
@@ -510,7 +520,8 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
     else:
         threads = decide("threads", hwr.threads, "requested by the recipe (hardware.threads)")
 
-    _decide_eval_memory(recipe, shape, eval_precision, precision, base_dtype, backend, device, max_length, mem_gib, decide)
+    eval_merge = _decide_eval_memory(recipe, shape, eval_precision, precision, base_dtype, backend, device, max_length,
+                                     mem_gib, decide)
     if device == "cuda":
         _decide_host_memory(recipe, shape, hw, per_node, world_size, stage, offload, base_dtype, decide)
 
@@ -541,7 +552,7 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
                 processes_per_node=per_node, world_size=world_size, micro_batch_size=micro,
                 gradient_accumulation_steps=accumulation, gradient_checkpointing=checkpointing, threads=threads,
                 max_length=max_length, zero_stage=stage, offload=offload, base_dtype=base_dtype, quantize=quantize,
-                loss_logits=loss_logits, compile=compiled, lora_dropout=lora_dropout,
+                loss_logits=loss_logits, compile=compiled, lora_dropout=lora_dropout, eval_merge=eval_merge,
                 memory_estimate_gib=None if fit.estimate is None else round(fit.estimate.total / GiB, 2),
                 device_memory_gib=round(mem_gib, 1), trust_remote_code=trust, data_path=data_path,
                 predicted_seconds=predicted.seconds() if predicted else None, predicted_memory_gib=memory,
@@ -665,24 +676,65 @@ def _decide_host_memory(recipe: Recipe, shape: ModelShape | None, hw: HardwareIn
     decide("host_memory_gib", round(need, 2), f"{parts}; fits {budget:.1f} GiB of host RAM")
 
 
+# Generation with the adapter merged against unmerged (benchmarks/eval_lora_merge.py): where it was measured.
+# Adapters of the 12-step unit-conversion and 16-step GSM8K runs of benchmarks/time_estimate.py, 50 quick-start items.
+EVAL_MERGE_MEASURED = ("decoding steps 1.26-1.44x faster merged on a 2-core AMD EPYC with avx512_bf16, as fast as the "
+                       "base model's: benchmarks/eval_lora_merge.py")
+
+
+def _eval_merge_params(recipe: Recipe, shape: ModelShape) -> int:
+    """The weights merging a LoRA adapter for evaluation writes (launcher.evaluate.inference_weights), 0 where none
+    is merged: full fine-tuning, or a 4-bit base (PEFT's merge would re-quantize the sum). A target_modules
+    regular expression counts every decoder linear layer (an upper bound)."""
+    lora = recipe.model.lora
+    if recipe.model.method != "lora" or recipe.model.quantize == "4bit":
+        return 0
+    named = isinstance(lora.target_modules, list) or lora.target_modules == "all-linear"
+    return shape.lora_target_params(lora.target_modules) if named else shape.linear_params
+
+
 def _decide_eval_memory(recipe: Recipe, shape: ModelShape | None, eval_precision: str, precision: str, base_dtype: str,
-                        backend: str, device: str, max_length: int, mem_gib: float, decide) -> None:
+                        backend: str, device: str, max_length: int, mem_gib: float, decide) -> bool:
     """The evaluation's peak on its device, decided before training: a run that trains and then cannot evaluate
-    has spent its time for nothing (the out-of-memory back-off halves the training batch, which cannot help)."""
+    has spent its time for nothing (the out-of-memory back-off halves the training batch, which cannot help).
+    True when the trained adapter is merged for the evaluation (eval_merge), which that peak counts."""
     if shape is None:
         decide("eval_memory_gib", None, "model shape unknown: the evaluation's memory is not estimated")
-        return
+        if recipe.model.method == "lora" and recipe.model.quantize != "4bit":
+            decide("eval_merge", False, "the adapter stays unmerged while generating: with the model's shape unknown, "
+                   "the memory a merged copy of its adapted weights takes cannot be checked")
+        return False
     ev, budget = recipe.eval, mem_gib * recipe.hardware.memory_fraction
+    merged = _eval_merge_params(recipe, shape)
 
-    def estimate(batch: int):
+    def estimate(batch: int, merged_params: int | None = None):
         return estimate_eval_memory(shape, eval_precision=eval_precision, training_precision=precision, batch=batch,
                                     prompt_len=max_length, new_tokens=ev.max_new_tokens, reloaded=backend == "deepspeed",
-                                    device=device, base_dtype=base_dtype, quantize=recipe.model.quantize)
+                                    device=device, base_dtype=base_dtype, quantize=recipe.model.quantize,
+                                    merged_params=merged if merged_params is None else merged_params)
 
     est = estimate(ev.batch_size)
+    if merged:
+        cost = est.merged_weights / GiB
+        if est.total / GiB <= budget:
+            decide("eval_merge", True, "the trained adapter is merged into the evaluation's copy of the weights it "
+                   "adapts (PEFT's merge_and_unload on that copy), so generation runs plain layers: PEFT's unmerged LoRA "
+                   f"layers add their own products and Python at every layer and decoding step ({EVAL_MERGE_MEASURED}); "
+                   "the saved adapter and the weights training used are unchanged"
+                   + (f"; costs {cost:.2f} GiB while evaluating (a copy of the adapted weights, which the evaluation "
+                      "would otherwise share with training)" if cost else
+                      "; costs no memory (merged in place into the model reloaded for the evaluation)" if backend == "deepspeed"
+                      else "; costs no memory (the evaluation's copy casts those weights anyway)"))
+        else:
+            decide("eval_merge", False, f"the adapter stays unmerged while generating (slower decoding steps): a merged "
+                   f"copy of the adapted weights ({cost:.2f} GiB) would not fit {budget:.1f} GiB usable")
+            merged = 0
+            est = estimate(ev.batch_size)
     where = f"{budget:.1f} GiB usable"
     how = ("generation runs on the 4-bit base it trained with" if recipe.model.quantize == "4bit" else
            "the engine is freed and the model reloaded in " + eval_precision if backend == "deepspeed" else
+           f"generation shares the {base_dtype} base but for the adapted weights, copied to merge the adapter into"
+           if base_dtype == eval_precision != "fp32" and merged else
            f"generation shares the {base_dtype} base, only the LoRA weights are cast" if base_dtype == eval_precision != "fp32" else
            f"a {eval_precision} copy beside the trained fp32 weights" if eval_precision != "fp32" else
            "generation runs on the trained fp32 weights")
@@ -699,9 +751,10 @@ def _decide_eval_memory(recipe: Recipe, shape: ModelShape | None, eval_precision
                f"warning: prompts as long as data.max_length ({max_length} tokens) would need {est.describe()} at "
                f"eval.batch_size={ev.batch_size}, more than {where}; eval.batch_size={fits} fits even then (an "
                "out-of-memory while evaluating stops with that fix, and `sftlaunch resume` evaluates without training again)")
-        return
+        return bool(merged)
     decide("eval_memory_gib", round(est.total / GiB, 2),
            f"{est.describe()} at eval.batch_size={ev.batch_size}, {max_length}+{ev.max_new_tokens} tokens ({how}); fits {where}")
+    return bool(merged)
 
 
 def _decide_loss_logits(recipe: Recipe, backend: str, fit: MemoryFit, shape: ModelShape | None, max_length: int,

@@ -58,6 +58,7 @@ def test_deepspeed_zero_two_processes_on_cpu(tiny_recipe, tiny_model, tmp_path, 
     assert ds["zero_optimization"]["stage"] == stage
     ev = json.loads((run_dir / "eval.json").read_text())
     assert ev["train"]["steps"] == 4 and ev["trained"]["n"] == 3
+    assert json.loads((run_dir / "plan.json").read_text())["eval_merge"]  # evaluated with the adapter merged in place
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     _assert_trained_adapter_loads(run_dir, tiny_model)
 

@@ -84,6 +84,8 @@ def test_plan_decides_the_evaluation_memory_and_refuses_what_cannot_evaluate():
     decision = plan.decision("eval_memory_gib")
     # Under DeepSpeed the engine is freed and the model reloaded in bf16: 7.6B x 2 bytes, no fp32 copy beside it.
     assert 14 < decision.value < 20 and "reloaded in bf16" in decision.reason and "training weights" not in decision.reason
+    # The reloaded model serves the evaluation alone: its adapter is merged in place, no copy of the 7B weights.
+    assert plan.eval_merge and "merged in place" in plan.decision("eval_merge").reason and "merged copy" not in decision.reason
     # One GPU: the trained fp32 weights stay beside the evaluation's copy; a big batch of prompts as long as
     # data.max_length may not fit: the plan warns and names the batch that fits even then.
     big = load_recipe(GSM8K, ["model.name=Qwen/Qwen2.5-1.5B-Instruct", "eval.batch_size=512", "eval.max_new_tokens=1024"])

@@ -147,3 +147,68 @@ def test_beside_a_bf16_base_only_the_lora_weights_are_cast_and_the_base_is_share
         ids = torch.tensor([[5, 6, 7]])
         assert weights.generate(input_ids=ids, max_new_tokens=2, do_sample=False).shape == (1, 5)
     assert {p.dtype for p in lora.values()} == {torch.float32}  # training's LoRA weights untouched
+
+
+def _trained_lora(dtype: str):
+    """A tiny LoRA model whose adapter changes the outputs (PEFT starts lora_B at zero: a merge of that is a no-op)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from launcher.models import load_model
+    from tests.launcher.test_job import TINY
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(str(TINY), dtype=dtype),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+        if p.requires_grad:
+            p.data = p.data.float()  # as training keeps them (launcher.job.keep_trainable_fp32)
+    return model
+
+
+def test_a_merged_adapter_gives_the_unmerged_models_outputs_and_leaves_the_trained_model_as_it_was():
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    model = _trained_lora("fp32")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        with ev.inference_weights(model, "fp32", merge=True) as weights:
+            assert not any(isinstance(m, LoraLayer) for m in weights.modules())  # plain layers generate
+            merged = weights(input_ids=ids).logits
+    assert (unmerged - base).abs().max() > 0.1  # the adapter matters here...
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)  # ...and merging it changes nothing
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], p) for n, p in before.items())  # the trained model's weights are untouched
+    assert any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+def test_merging_beside_a_bf16_base_copies_the_adapted_weights_instead_of_writing_into_the_shared_base():
+    import torch
+
+    model = _trained_lora("bf16")
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with ev.inference_weights(model, "bf16", merge=True) as weights:
+        assert weights.generate(input_ids=ids, max_new_tokens=3, do_sample=False).shape == (1, 8)
+    now = dict(model.named_parameters())
+    assert all(torch.equal(now[n], p) for n, p in base.items())
+
+
+def test_no_merge_under_disable_adapter_so_a_base_evaluation_stays_the_base():
+    # `sftlaunch eval --compare base` evaluates the base through the same PeftModel with its adapter disabled.
+    import torch
+
+    model = _trained_lora("fp32")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=ids).logits
+        with ev.inference_weights(model, "fp32", merge=True) as weights:
+            assert weights is model
+            torch.testing.assert_close(weights(input_ids=ids).logits, base)

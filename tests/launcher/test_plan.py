@@ -239,6 +239,19 @@ def test_eval_plan_ignores_training_only_constraints_on_eight_gpus():
     assert (cpu.device, cpu.eval_precision) == ("cpu", "fp32")
 
 
+def test_sftlaunch_eval_merges_a_runs_adapter_and_says_what_it_costs():
+    from launcher.plan import make_eval_plan
+
+    def merge(hw, *overrides):
+        plan = make_eval_plan(load_recipe(RECIPE, list(overrides)), hw, SMOL)
+        return plan.eval_merge, next((d.reason for d in plan.decisions if d.field == "eval_merge"), None)
+
+    # The run's base is loaded in fp32: a bf16 evaluation casts every weight into its copy, the merge writes there.
+    assert merge(CPU_BF16)[0] and "costs no memory" in merge(CPU_BF16)[1]
+    assert merge(CPU_OLD)[0] and "fp32 (0.40 GiB)" in merge(CPU_OLD)[1]  # 106.2M adapted weights x 4 bytes
+    assert merge(CPU_BF16, "model.method=full") == (False, None)
+
+
 def test_fp16_training_evaluates_qwen2_models_in_fp32():
     from launcher.memory import find_shape
     from launcher.plan import make_eval_plan
@@ -330,6 +343,33 @@ def test_a_bf16_base_halves_the_weights_in_the_memory_estimate():
     shared, copied = bf16.decision("eval_memory_gib"), fp32.decision("eval_memory_gib")
     assert "shares the bf16 base" in shared.reason and "training weights 0.25 " in shared.reason
     assert "evaluation weights 0.25" in copied.reason and shared.value < copied.value
+
+
+def test_the_final_evaluation_merges_the_adapter_and_the_plan_counts_the_copy_where_the_base_is_shared():
+    bf16, fp32 = plan_for(CPU_BF16), plan_for(CPU_BF16, "model.base_dtype=fp32")
+    assert bf16.eval_merge and fp32.eval_merge and bf16.summary()["eval_merge"] is True
+    # SmolLM2's decoder linear layers: 30 x (2 x 576^2 + 2 x 576 x 192 + 3 x 576 x 1536) = 106.2M weights, in bf16.
+    assert SMOL.lora_target_params("all-linear") == 106_168_320 == SMOL.linear_params
+    assert "merged copy of the adapted weights 0.2 " in bf16.decision("eval_memory_gib").reason
+    assert "0.20 GiB" in bf16.decision("eval_merge").reason
+    # An fp32 base evaluated in bf16 is cast weight by weight anyway: the merge writes into that copy for free.
+    assert "merged copy" not in fp32.decision("eval_memory_gib").reason
+    assert "costs no memory" in fp32.decision("eval_merge").reason
+    two = plan_for(CPU_BF16, "model.lora.target_modules=[q_proj, v_proj]")
+    assert "merged copy of the adapted weights 0.02 " in two.decision("eval_memory_gib").reason  # 30 x 442k x 2 B
+    full = plan_for(CPU_BF16, "model.method=full")
+    assert not full.eval_merge and "eval_merge" not in [d.field for d in full.decisions]
+
+
+def test_an_adapter_stays_unmerged_for_evaluation_where_the_merged_copy_would_not_fit():
+    # Llama-3.1-8B with a bf16 base on a 24 GB GPU: training fits (16 GB of weights, small micro-batches), a merged
+    # copy of its 7B linear weights beside them does not; the evaluation then runs the unmerged adapter.
+    a10g = HardwareInfo(cpu_cores=8, ram_gb=64, cpu_bf16=False,
+                        gpus=(GpuInfo(name="A10G", memory_gb=24, compute_capability=(8, 6)),))
+    plan = plan_for(a10g, "model.name=meta-llama/Llama-3.1-8B-Instruct", "eval.batch_size=4", shape=LLAMA8B)
+    assert not plan.eval_merge
+    assert "would not fit" in plan.decision("eval_merge").reason
+    assert "merged copy" not in plan.decision("eval_memory_gib").reason
 
 
 def test_loss_logits_at_trained_positions_where_the_model_and_backend_allow_it():
