@@ -416,9 +416,10 @@ def loss_features(task, examples, tokenizer, prompt_format: str) -> list[dict]:
 
 
 def _merge_targets(model) -> list:
-    """The base weights a LoRA model's adapters would be merged into for generation, or [] when the model is no LoRA
-    model or cannot be merged as it stands: adapters disabled (a base evaluation under disable_adapter), already
-    merged, a LoRA variant (DoRA and the like, not planned for), or a base weight that is not a plain floating tensor (4-bit, or partitioned by ZeRO-3)."""
+    """The base weights a LoRA model's adapters would be merged into for generation, or [] when the model is no
+    LoRA model or cannot be merged as it stands: adapters disabled (a base evaluation under disable_adapter),
+    already merged, a LoRA variant (DoRA and the like, not planned for), or a base weight that is not a plain
+    floating tensor (4-bit, or partitioned by ZeRO-3)."""
     try:
         from peft import PeftModel
         from peft.tuners.lora import LoraLayer
@@ -428,9 +429,7 @@ def _merge_targets(model) -> list:
         return []
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     weights = [layer.get_base_layer().weight for layer in layers]
-    unmergeable = [layer for layer in layers
-                   if layer.disable_adapters or layer.merged or getattr(layer, "lora_variant", None)]  # DoRA and the like
-    if (not layers or unmergeable
+    if (not layers or any(layer.disable_adapters or layer.merged or getattr(layer, "lora_variant", None) for layer in layers)
             or any(not w.is_floating_point() or w.numel() == 0 for w in weights)):
         return []
     return weights

@@ -121,20 +121,19 @@ class ModelShape:
         h, kv = self.hidden, self.kv_heads * (self.hidden // self.heads)
         return self.layers * (2 * h * h + 2 * h * kv + 3 * h * self.intermediate)
 
-    def lora_params(self, rank: int, targets) -> int:
+    def _projections(self, targets) -> list[tuple[int, int]]:
+        """(in, out) features of each decoder layer's linear projections named by model.lora.target_modules."""
         h, i, kv = self.hidden, self.intermediate, self.kv_heads * (self.hidden // self.heads)
-        dims = {"q_proj": h + h, "k_proj": h + kv, "v_proj": h + kv, "o_proj": h + h,
-                "gate_proj": h + i, "up_proj": h + i, "down_proj": i + h}
-        names = dims if targets == "all-linear" else [t for t in targets if t in dims]
-        return self.layers * rank * sum(dims[n] for n in names)
+        dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return [dims[n] for n in (dims if targets == "all-linear" else [t for t in targets if t in dims])]
+
+    def lora_params(self, rank: int, targets) -> int:
+        return self.layers * rank * sum(a + b for a, b in self._projections(targets))
 
     def lora_target_params(self, targets) -> int:
         """Weights of the linear layers LoRA adapts (model.lora.target_modules): what merging the adapter writes."""
-        h, i, kv = self.hidden, self.intermediate, self.kv_heads * (self.hidden // self.heads)
-        sizes = {"q_proj": h * h, "k_proj": h * kv, "v_proj": h * kv, "o_proj": h * h,
-                 "gate_proj": h * i, "up_proj": h * i, "down_proj": i * h}
-        names = sizes if targets == "all-linear" else [t for t in targets if t in sizes]
-        return self.layers * sum(sizes[n] for n in names)
+        return self.layers * sum(a * b for a, b in self._projections(targets))
 
 
 def shape_from_config(config: dict) -> ModelShape:

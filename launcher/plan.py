@@ -364,14 +364,15 @@ def make_eval_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = 
     data_path, data_why = choose_data_source(recipe, hw)
     if data_why:
         decide("data_source", "bundled" if data_path else "hub", data_why)
-    merge = recipe.model.method == "lora" and recipe.model.quantize != "4bit"
+    merge = _merges_adapter(recipe)
     if merge:  # `sftlaunch eval` loads the base in fp32: a half-precision evaluation copies every weight anyway
-        cost = (0.0 if eval_precision != "fp32" else None if shape is None
-                else _eval_merge_params(recipe, shape) * 4 / GiB)
+        if eval_precision != "fp32":
+            cost = "costs no memory (the copy casts those weights anyway)"
+        else:
+            cost = "costs a copy of the adapted weights in fp32" + (
+                f" ({_eval_merge_params(recipe, shape) * 4 / GiB:.2f} GiB)" if shape else "")
         decide("eval_merge", True, "a run's adapter is merged into the evaluation's copy of the weights it adapts, so "
-               f"generation runs plain layers ({EVAL_MERGE_MEASURED}); "
-               + ("costs no memory (the copy casts those weights anyway)" if cost == 0 else
-                  "costs a copy of the adapted weights in fp32" + (f" ({cost:.2f} GiB)" if cost else "")))
+               f"generation runs plain layers ({EVAL_MERGE_MEASURED}); {cost}")
     return EvalPlan(device=device, eval_precision=eval_precision, threads=threads, data_path=data_path,
                     trust_remote_code=recipe.model.trust_remote_code, eval_merge=merge, decisions=tuple(decisions))
 
@@ -682,12 +683,18 @@ EVAL_MERGE_MEASURED = ("decoding steps 1.26-1.44x faster merged on a 2-core AMD 
                        "base model's: benchmarks/eval_lora_merge.py")
 
 
+def _merges_adapter(recipe: Recipe) -> bool:
+    """Whether the evaluation could merge a trained adapter: not for full fine-tuning (none), nor for a 4-bit base
+    (PEFT's merge would re-quantize the sum)."""
+    return recipe.model.method == "lora" and recipe.model.quantize != "4bit"
+
+
 def _eval_merge_params(recipe: Recipe, shape: ModelShape) -> int:
     """The weights merging a LoRA adapter for evaluation writes (launcher.evaluate.inference_weights), 0 where none
-    is merged: full fine-tuning, or a 4-bit base (PEFT's merge would re-quantize the sum). A target_modules
-    regular expression counts every decoder linear layer (an upper bound)."""
+    is merged (_merges_adapter). A target_modules regular expression counts every decoder linear layer (an upper
+    bound)."""
     lora = recipe.model.lora
-    if recipe.model.method != "lora" or recipe.model.quantize == "4bit":
+    if not _merges_adapter(recipe):
         return 0
     named = isinstance(lora.target_modules, list) or lora.target_modules == "all-linear"
     return shape.lora_target_params(lora.target_modules) if named else shape.linear_params
@@ -700,18 +707,18 @@ def _decide_eval_memory(recipe: Recipe, shape: ModelShape | None, eval_precision
     True when the trained adapter is merged for the evaluation (eval_merge), which that peak counts."""
     if shape is None:
         decide("eval_memory_gib", None, "model shape unknown: the evaluation's memory is not estimated")
-        if recipe.model.method == "lora" and recipe.model.quantize != "4bit":
+        if _merges_adapter(recipe):
             decide("eval_merge", False, "the adapter stays unmerged while generating: with the model's shape unknown, "
                    "the memory a merged copy of its adapted weights takes cannot be checked")
         return False
     ev, budget = recipe.eval, mem_gib * recipe.hardware.memory_fraction
     merged = _eval_merge_params(recipe, shape)
 
-    def estimate(batch: int, merged_params: int | None = None):
+    def estimate(batch: int):
         return estimate_eval_memory(shape, eval_precision=eval_precision, training_precision=precision, batch=batch,
                                     prompt_len=max_length, new_tokens=ev.max_new_tokens, reloaded=backend == "deepspeed",
                                     device=device, base_dtype=base_dtype, quantize=recipe.model.quantize,
-                                    merged_params=merged if merged_params is None else merged_params)
+                                    merged_params=merged)
 
     est = estimate(ev.batch_size)
     if merged:
