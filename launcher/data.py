@@ -156,7 +156,7 @@ TEMPLATE_TOKENS_PER_MESSAGE = 5
 
 
 # Bumped whenever measure_size counts differently, so a cached count from an older way is not reused.
-SIZE_COUNT_VERSION = "2"
+SIZE_COUNT_VERSION = "3"
 
 
 def cached_size(recipe: Recipe, data_path: str | None, max_length: int, model_path: str | None):
@@ -229,7 +229,8 @@ def measure_size(recipe: Recipe, data_path: str | None, max_length: int, model_p
     eval_tokens = [n + e for n, (_, _, e) in zip(count([q for q, _, _ in eval_parts]), eval_parts)]
     return DataSize(samples=len(train), tokens=sum(tokens), trainable_tokens=sum(min(a, t) for a, t in zip(answers, tokens)),
                     answer_tokens_max=max(answers), eval_items=len(evals),
-                    eval_prompt_tokens=round(sum(eval_tokens) / max(1, len(eval_tokens))), source=how)
+                    eval_prompt_tokens=round(sum(eval_tokens) / max(1, len(eval_tokens))),
+                    eval_prompt_tokens_max=max(eval_tokens, default=0), source=how)
 
 
 def _tokenizer_file(model_path: str | None) -> Path | None:

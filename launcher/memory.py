@@ -88,12 +88,15 @@ CPU_RESIDENT_FACTOR_FULL = 1.15
 # imported: 0.39 GiB measured on Linux, torch 2.13 CPU build). Not part of the estimates above (fitted above that
 # baseline), but part of what a run's process peaks at, which launcher.phases measures.
 CPU_RUNTIME_GIB = 0.4
-# What a process that trained still holds when its final evaluation starts, after the optimizer, gradients and
-# trainer are freed and the heap is trimmed (launcher.job.release_heap): blocks glibc cannot return from the
-# middle of its heaps, and caches of the libraries. As a share of the training estimate: measured 0.12 on the
-# quick start's smoke run (resident 1.61 GiB at the final evaluation against 1.25 GiB at the base evaluation,
-# training estimated 3.09 GiB); benchmarks/time_estimate.py checks it on its other cases.
-CPU_RETAINED_AFTER_TRAINING = 0.12
+# What a process that trained still holds when an evaluation after training starts, after the optimizer, gradients
+# and trainer are freed and the heap is trimmed (launcher.job.release_heap): blocks glibc cannot return from the
+# middle of its heaps, the libraries' caches (oneDNN's generated half-precision kernels among them), the data.
+# Measured as the final evaluation's starting resident set less CPU_RUNTIME_GIB and the weights it starts with, in
+# benchmarks/time_estimate.py's cases on a 2-core Intel Xeon with AMX and a 2-core AMD EPYC with avx512_bf16: runs
+# in half precision 0.26-0.61 GiB (mostly 0.34-0.41; micro-batches of 4, more shapes, 0.55-0.58; DeepSpeed's
+# processes 0.58-0.61), fp32 0.19-0.20. Not a share of training's estimate, as it was taken before (0.12, from one
+# run): GSM8K's case, planned at 17.5 GiB for training, kept 0.37-0.41 GiB like the 3.5 GiB quick start's.
+CPU_RETAINED_GIB = {"half": 0.4, "fp32": 0.2}
 
 
 @dataclass(frozen=True)

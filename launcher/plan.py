@@ -14,11 +14,11 @@ from pydantic import BaseModel, ConfigDict
 from launcher import trackers
 from launcher.errors import PlanError
 from launcher.hardware import HardwareInfo
-from launcher.memory import (ADAM_BYTES_PER_PARAM, CPU_RETAINED_AFTER_TRAINING, CPU_RUNTIME_GIB, LOGITS_BYTES_PER_ELEMENT, GiB,
+from launcher.memory import (ADAM_BYTES_PER_PARAM, CPU_RETAINED_GIB, CPU_RUNTIME_GIB, LOGITS_BYTES_PER_ELEMENT, GiB,
                              MemoryEstimate, ModelShape, estimate_eval_memory, estimate_memory, quantized_weight_bytes)
 from launcher.recipe import Recipe
 from launcher.tasks import get_task
-from launcher.timing import DataSize, budget_advice, predict_time
+from launcher.timing import DataSize, budget_advice, decode_steps_per_batch, predict_time
 
 # Beyond this, a bigger micro-batch on a CPU only adds padding: rows of one batch are padded to its
 # longest sample, and a CPU gains little from wider matrix products.
@@ -541,7 +541,8 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
 
     predicted = _decide_time(recipe, hw, shape, data, backend, device, precision, eval_precision, base_dtype, fit,
                              loss_logits, accumulation, world_size, nodes, threads, decide, with_compile)
-    memory = _phase_memory(fit, decisions, device)
+    memory = _phase_memory(recipe, shape, data, fit, eval_precision, precision, base_dtype, backend, device, max_length,
+                           world_size, eval_merge)
     lora_dropout = _decide_lora_dropout(recipe, device, compiled, decide)
 
     trust = decide("trust_remote_code", recipe.model.trust_remote_code,
@@ -560,18 +561,43 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
                 data_size=data if isinstance(data, DataSize) else None, decisions=tuple(decisions))
 
 
-def _phase_memory(fit: MemoryFit, decisions: list[Decision], device: str) -> dict | None:
+def _phase_memory(recipe: Recipe, shape: ModelShape | None, data, fit: MemoryFit, eval_precision: str, precision: str,
+                  base_dtype: str, backend: str, device: str, max_length: int, world_size: int,
+                  eval_merge: bool) -> dict | None:
     """The peak memory each phase is predicted to reach on its device, as launcher.phases measures it: on CPU the
-    process's resident set, which adds the libraries' own (CPU_RUNTIME_GIB) to the estimates, and to the final
-    evaluation what the process still holds from training (CPU_RETAINED_AFTER_TRAINING)."""
+    process's resident set, which adds the libraries' own (CPU_RUNTIME_GIB) to the estimates, and to an evaluation
+    that runs after training what the process still holds from it (CPU_RETAINED_GIB).
+
+    The evaluations are sized for what they will generate, not for the limits eval_memory_gib checks the fit
+    against: batches of the items there are (eval.limit), padded to the longest evaluation prompt, generating as
+    many steps as the time model expects (launcher.timing.decode_steps_per_batch). Sized for the limits, the
+    predictions were 0.52-0.73 of the measured peaks in 5 of 8 benchmark cases (benchmarks/time_estimate.py)."""
     if fit.estimate is None:
         return None
-    runtime = CPU_RUNTIME_GIB if device == "cpu" else 0.0
-    retained = CPU_RETAINED_AFTER_TRAINING * fit.estimate.total / GiB if device == "cpu" else 0.0
+    cpu = device == "cpu"
+    runtime = CPU_RUNTIME_GIB if cpu else 0.0
+    retained = CPU_RETAINED_GIB["half" if precision in ("bf16", "fp16") else "fp32"] if cpu else 0.0
     memory = {"training": round(fit.estimate.total / GiB + runtime, 2)}
-    eval_gib = next((d.value for d in decisions if d.field == "eval_memory_gib"), None)
-    if eval_gib is not None:
-        memory.update(base_eval=round(eval_gib + runtime, 2), final_eval=round(eval_gib + runtime + retained, 2))
+    if shape is None:
+        return memory
+    ev = recipe.eval
+    sized = isinstance(data, DataSize)
+    batch = max(1, min(ev.batch_size, data.eval_items)) if sized and data.eval_items else ev.batch_size
+    prompt = data.eval_prompt_tokens_max if sized and data.eval_prompt_tokens_max else max_length
+
+    def gib(which: str, merged: int) -> float:
+        steps = decode_steps_per_batch(data, which, ev.batch_size, ev.max_new_tokens) if sized else ev.max_new_tokens
+        est = estimate_eval_memory(shape, eval_precision=eval_precision, training_precision=precision, batch=batch,
+                                   prompt_len=prompt, new_tokens=round(steps), reloaded=backend == "deepspeed",
+                                   device=device, base_dtype=base_dtype, quantize=recipe.model.quantize,
+                                   merged_params=merged)
+        return est.total / GiB
+
+    merged = _eval_merge_params(recipe, shape) if eval_merge else 0
+    memory["final_eval"] = round(gib("trained", merged) + runtime + retained, 2)
+    if ev.compare_base:
+        # Several processes evaluate the base after training, on the base reloaded for the evaluation (launcher.job).
+        memory["base_eval"] = round(gib("base", 0) + runtime + (retained if world_size > 1 else 0.0), 2)
     return memory
 
 

@@ -73,6 +73,9 @@ class DataSize(BaseModel):
     eval_items: int
     eval_prompt_tokens: int  # mean prompt length of the evaluation items
     source: str
+    # The longest evaluation prompt: a generation batch is padded to its longest prompt, which sizes its KV cache.
+    # None in a count cached before it was kept: the plan then sizes the evaluation's memory for data.max_length.
+    eval_prompt_tokens_max: int | None = None
     # Answer lengths an earlier run of the same evaluation measured (launcher.history.measured_answers), per model
     # ("base", "trained"): {"decode_steps", "batches", "run"}; None: not known, the training answers' longest is used.
     measured_answers: dict[str, dict] | None = None
@@ -142,6 +145,26 @@ def activation_elements_per_token(shape: ModelShape) -> float:
 
 def _constants(device: str) -> dict:
     return CPU if device == "cpu" else GPU
+
+
+def _eval_batches(data: DataSize, eval_batch: int) -> int:
+    return math.ceil(data.eval_items / max(1, eval_batch)) if data.eval_items else 0
+
+
+def _measured_answers(data: DataSize, eval_batch: int) -> dict:
+    """Answer lengths an earlier run measured, per model, where it evaluated the same items in the same batches."""
+    batches = _eval_batches(data, eval_batch)
+    return {k: m for k, m in (data.measured_answers or {}).items() if m.get("batches") == batches}
+
+
+def decode_steps_per_batch(data: DataSize, which: str, eval_batch: int, max_new_tokens: int) -> float:
+    """Decoding steps of one evaluation batch of `which` model ("base" or "trained"): an earlier run's measured mean
+    where known, else the training answers' longest (a batch generates until its longest answer ends), at most
+    eval.max_new_tokens. The time model's steps and the evaluation memory's KV cache both follow it."""
+    m = _measured_answers(data, eval_batch).get(which)
+    if m:
+        return m["decode_steps"] / max(1, m["batches"])
+    return float(min(max_new_tokens, data.answer_tokens_max))
 
 
 def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: str, eval_precision: str,
@@ -217,15 +240,14 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
         comm_s = steps * per_step / link
     training = matmul_s + elementwise_s + fixed_s + optimizer_s + comm_s + dequantize_s
 
-    eval_batches = math.ceil(data.eval_items / max(1, eval_batch)) if data.eval_items else 0
-    measured = {k: m for k, m in (data.measured_answers or {}).items()  # the same items in the same batches
-                if m.get("batches") == eval_batches}
+    eval_batches = _eval_batches(data, eval_batch)
+    measured = _measured_answers(data, eval_batch)
 
-    def evaluation(answer_tokens: int, lengths: dict | None = None) -> tuple[float, int]:
+    def evaluation(which: str) -> tuple[float, int]:
         rate_eval = tflops.get(eval_precision, tflops[precision]) * 1e12 * (min(1.0, threads / max(1, cpu_cores)) if device == "cpu" else 1.0)
         weight_bytes = shape.params * (2 if eval_precision in ("bf16", "fp16") else 4)
         n, b, batches = data.eval_items, max(1, eval_batch), eval_batches
-        steps_per_batch = lengths["decode_steps"] / batches if lengths else min(max_new_tokens, answer_tokens)
+        steps_per_batch = decode_steps_per_batch(data, which, eval_batch, max_new_tokens)
         seconds, decode_steps = 0.0, 0
         for k in range(batches):
             rows = min(b, n - k * b)
@@ -241,8 +263,8 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
         return seconds, decode_steps
 
     answer = data.answer_tokens_max
-    trained_eval, decode_steps = evaluation(answer, measured.get("trained"))
-    base_eval, base_steps = evaluation(answer, measured.get("base")) if compare_base else (0.0, 0)
+    trained_eval, decode_steps = evaluation("trained")
+    base_eval, base_steps = evaluation("base") if compare_base else (0.0, 0)
 
     def answers(which: str) -> str:
         m = measured.get(which)
