@@ -125,3 +125,19 @@ def test_data_size_counts_each_sample_not_the_batch_padding_its_tokenizer_file_c
     assert size.samples == plain.samples == 16
     assert (size.tokens, size.trainable_tokens, size.answer_tokens_max) == (
         plain.tokens, plain.trainable_tokens, plain.answer_tokens_max)
+
+
+def test_data_size_keeps_the_longest_evaluation_prompt_which_sizes_the_evaluations_kv_cache(tiny_model):
+    """Generation pads a batch to its longest prompt (longest first: launcher.evaluate.batch_order), so the plan's
+    predicted evaluation peak takes the longest evaluation prompt, counted with the model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from launcher.data import build_examples, format_prompt, measure_size
+
+    recipe = load_recipe(ROOT / "recipes" / "unit-conversion.yaml", ["data.train_size=16", "eval.limit=12"])
+    size = measure_size(recipe, None, 512, str(tiny_model))
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    _, evals = build_examples(recipe, None)
+    lengths = [len(tok(format_prompt(ex.question, None, "plain"), add_special_tokens=False).input_ids) for ex in evals]
+    assert size.eval_items == len(lengths) == 12
+    assert size.eval_prompt_tokens_max == max(lengths) > size.eval_prompt_tokens == round(sum(lengths) / 12)
