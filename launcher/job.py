@@ -96,39 +96,6 @@ def release_heap() -> None:
         pass
 
 
-def in_own_thread(fn, threads: int):
-    """fn() in a thread of its own; its result returned, its exception raised here.
-
-    Why (nothing in torch or the standard library does this): glibc serves each thread from its own arena, and a new
-    thread gets a new one while there are fewer than 8 per core, so an evaluation after training carves its many
-    short-lived tensors (the KV cache grows by a copy at every decoding step) from a fresh heap. On the main thread
-    it reused training's heap, whose freed blocks malloc_trim had handed back: scattered over gigabytes of them, its
-    blocks faulted page after page back in. GSM8K's final evaluation after 16 steps of micro-batches up to 16 x 543
-    tokens peaked at 2.44-2.79 GiB resident on the main thread (three runs, two CPUs) and at 1.56 in its own, from
-    the same 1.02 GiB start (benchmarks/time_estimate.py --cases gsm8k, 2-core AMD EPYC). The main thread waits in
-    join(), where SIGINT and SIGTERM still raise launcher.signals.Stopped; the thread is a daemon, so a stopped
-    worker does not wait for it. torch's thread count is per thread: set again inside."""
-    import threading
-
-    import torch
-
-    box: dict = {}
-
-    def target():
-        try:
-            torch.set_num_threads(threads)
-            box["result"] = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
-            box["error"] = e
-
-    worker = threading.Thread(target=target, name="evaluation", daemon=True)
-    worker.start()
-    worker.join()
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")
-
-
 def _metrics_callback(run_dir: RunDir, meter: PhaseMeter | None = None):
     from transformers import TrainerCallback
 
@@ -175,7 +142,6 @@ class Run:
         self.full = self.recipe.model.method == "full"
         self.results: dict = {"model": self.recipe.model.name}
         self.base_records: list[dict] | None = None
-        self.trained_heap = False  # set once training's memory is freed on a CPU: later evaluations run in their own thread
         self.compile_record: dict = {}  # train.compile: the compile's seconds, or why it fell back (launcher/compile.py)
         # Each phase's seconds and peak memory beside the plan's predictions (eval.json and run.json, "phases").
         self.meter = PhaseMeter(plan.device, plan.predicted_seconds, plan.predicted_memory_gib)
@@ -254,14 +220,6 @@ class Run:
             self.model = self.model.to(self.plan.device)
         self.eval_kwargs = ev.settings(self.recipe, self.plan)
 
-    def evaluate(self, model, label: str) -> tuple[dict, list[dict]]:
-        """launcher.evaluate on the run's items; after training on a CPU in a thread of its own (in_own_thread), so its
-        allocations do not land on training's freed heap."""
-        def run():
-            return ev.evaluate(model, self.tokenizer, self.task, self.eval_examples, label=label, **self.eval_kwargs)
-
-        return in_own_thread(run, self.plan.threads) if self.trained_heap else run()
-
     def evaluate_base(self, model) -> None:
         """The base model on the evaluation items, once per run: a resumed run reads eval-base.json."""
         if not (self.recipe.eval.compare_base and self.process.main):
@@ -272,7 +230,8 @@ class Run:
             self.results["base"], self.base_records = done
         else:
             t0 = time.time()
-            self.results["base"], self.base_records = self.evaluate(model, "evaluating base")
+            self.results["base"], self.base_records = ev.evaluate(model, self.tokenizer, self.task, self.eval_examples,
+                                                                  label="evaluating base", **self.eval_kwargs)
             self.results["base"]["seconds"] = round(time.time() - t0, 1)
             self.run_dir.write_base_eval(self.results["base"], self.base_records)
             if self.plan.device == "cpu":  # training's peak is its own, not on top of the evaluation's freed blocks
@@ -418,7 +377,6 @@ class Run:
             torch.cuda.empty_cache()
         if self.plan.device == "cpu":
             release_heap()
-            self.trained_heap = True
 
     def reload_for_evaluation(self) -> None:
         """Under DeepSpeed: evaluate in this process alone, on a fresh copy (the engine's weights are sharded),
@@ -475,7 +433,8 @@ class Run:
         """The adapter on the same items; the comparison with the base; stop if its generations collapsed."""
         results, run_dir = self.results, self.run_dir
         t0 = time.time()
-        results["trained"], records = self.evaluate(self.model, "evaluating trained")
+        results["trained"], records = ev.evaluate(self.model, self.tokenizer, self.task, self.eval_examples,
+                                                  label="evaluating trained", **self.eval_kwargs)
         results["trained"]["seconds"] = round(time.time() - t0, 1)
         run_dir.write_predictions(records)
         print(ev.format_metrics("trained", results["trained"]), flush=True)

@@ -167,31 +167,3 @@ def test_lora_dropout_on_an_eager_cpu_run_draws_half_as_the_plan_says(tmp_path, 
     assert dropouts and all(type(d) is HalfDrawDropout and d.p == 0.1 for d in dropouts)
     assert "LoRA dropout 0.1 drawn as 3277/32768" in capsys.readouterr().out
 
-
-def test_evaluations_after_training_on_a_cpu_run_in_their_own_thread_and_raise_in_the_worker(tmp_path, monkeypatch):
-    """After training the evaluation allocates on a fresh heap (launcher.job.in_own_thread): GSM8K's final evaluation
-    peaked at 2.44-2.79 GiB resident on the main thread against 1.56 in its own, from the same start. Before training,
-    nothing is freed yet: the base evaluation stays on the main thread. An error inside reaches the worker as raised."""
-    import threading
-
-    from launcher import evaluate as ev
-    from launcher.hardware import HardwareInfo
-
-    run = _trained_run(tmp_path, HardwareInfo(cpu_cores=2, ram_gb=8, cpu_bf16=False))
-    seen = []
-
-    def fake_evaluate(model, tokenizer, task, items, *, label, **kwargs):
-        import torch
-
-        seen.append((label, threading.current_thread() is threading.main_thread(), torch.get_num_threads()))
-        if label == "fails":
-            raise RuntimeError("out of memory while evaluating")
-        return {"accuracy": 1.0}, []
-
-    monkeypatch.setattr(ev, "evaluate", fake_evaluate)
-    assert run.evaluate(run.model, "before") == ({"accuracy": 1.0}, [])
-    run.release_training()
-    assert run.evaluate(run.model, "after") == ({"accuracy": 1.0}, [])
-    assert seen == [("before", True, seen[0][2]), ("after", False, run.plan.threads)]
-    with pytest.raises(RuntimeError, match="out of memory while evaluating"):
-        run.evaluate(run.model, "fails")
