@@ -90,13 +90,23 @@ CPU_RESIDENT_FACTOR_FULL = 1.15
 CPU_RUNTIME_GIB = 0.4
 # What a process that trained still holds when an evaluation after training starts, after the optimizer, gradients
 # and trainer are freed and the heap is trimmed (launcher.job.release_heap): blocks glibc cannot return from the
-# middle of its heaps, the libraries' caches (oneDNN's generated half-precision kernels among them), the data.
-# Measured as the final evaluation's starting resident set less CPU_RUNTIME_GIB and the weights it starts with, in
-# benchmarks/time_estimate.py's cases on a 2-core Intel Xeon with AMX and a 2-core AMD EPYC with avx512_bf16: runs
-# in half precision 0.26-0.61 GiB (mostly 0.34-0.41; micro-batches of 4, more shapes, 0.55-0.58; DeepSpeed's
-# processes 0.58-0.61), fp32 0.19-0.20. Not a share of training's estimate, as it was taken before (0.12, from one
-# run): GSM8K's case, planned at 17.5 GiB for training, kept 0.37-0.41 GiB like the 3.5 GiB quick start's.
-CPU_RETAINED_GIB = {"half": 0.4, "fp32": 0.2}
+# middle of its heaps, the libraries' caches, the data. Measured as the final evaluation's starting resident set less
+# CPU_RUNTIME_GIB and the weights it starts with (benchmarks/time_estimate.py's cases and the quick start, a 2-core
+# Intel Xeon with AMX and a 2-core AMD EPYC with avx512_bf16). In half precision it grows with the micro-batches
+# trained, each padded to its own length (oneDNN keeps generated kernels per new shape, up to the 128 entries the CPU
+# backend allows it): 0.34-0.38 GiB after 12, 0.37-0.41 after 16 (GSM8K, planned at 17.5 GiB for training: not a
+# share of training's estimate, as it was taken before), 0.55-0.58 after 48, 0.67 after 189 (the quick start, two
+# runs on two CPUs); DeepSpeed's processes 0.58-0.61 after 8. fp32: 0.19-0.20 after 12 (not measured longer).
+CPU_RETAINED_GIB = {"half": 0.3, "fp32": 0.2}
+CPU_RETAINED_PER_MICRO_BATCH_GIB = {"half": 0.0075, "fp32": 0.0}
+CPU_RETAINED_GROWTH_CAP_GIB = 0.4
+
+
+def cpu_retained_gib(precision: str, micro_batches: float | None) -> float:
+    """What a CPU process holds after training `micro_batches` micro-batches in `precision` (None: not predicted)."""
+    kind = "half" if precision in ("bf16", "fp16") else "fp32"
+    growth = CPU_RETAINED_PER_MICRO_BATCH_GIB[kind] * (micro_batches or 0)
+    return CPU_RETAINED_GIB[kind] + min(CPU_RETAINED_GROWTH_CAP_GIB, growth)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ from pydantic import BaseModel, ConfigDict
 from launcher import trackers
 from launcher.errors import PlanError
 from launcher.hardware import HardwareInfo
-from launcher.memory import (ADAM_BYTES_PER_PARAM, CPU_RETAINED_GIB, CPU_RUNTIME_GIB, LOGITS_BYTES_PER_ELEMENT, GiB,
-                             MemoryEstimate, ModelShape, estimate_eval_memory, estimate_memory, quantized_weight_bytes)
+from launcher.memory import (ADAM_BYTES_PER_PARAM, CPU_RUNTIME_GIB, LOGITS_BYTES_PER_ELEMENT, GiB,
+                             MemoryEstimate, ModelShape, cpu_retained_gib, estimate_eval_memory, estimate_memory,
+                             quantized_weight_bytes)
 from launcher.recipe import Recipe
 from launcher.tasks import get_task
 from launcher.timing import DataSize, budget_advice, decode_steps_per_batch, predict_time
@@ -542,7 +543,7 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
     predicted = _decide_time(recipe, hw, shape, data, backend, device, precision, eval_precision, base_dtype, fit,
                              loss_logits, accumulation, world_size, nodes, threads, decide, with_compile)
     memory = _phase_memory(recipe, shape, data, fit, eval_precision, precision, base_dtype, backend, device, max_length,
-                           world_size, eval_merge)
+                           world_size, eval_merge, predicted.parts.get("micro_batches") if predicted else None)
     lora_dropout = _decide_lora_dropout(recipe, device, compiled, decide)
 
     trust = decide("trust_remote_code", recipe.model.trust_remote_code,
@@ -563,10 +564,11 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
 
 def _phase_memory(recipe: Recipe, shape: ModelShape | None, data, fit: MemoryFit, eval_precision: str, precision: str,
                   base_dtype: str, backend: str, device: str, max_length: int, world_size: int,
-                  eval_merge: bool) -> dict | None:
+                  eval_merge: bool, micro_batches: float | None = None) -> dict | None:
     """The peak memory each phase is predicted to reach on its device, as launcher.phases measures it: on CPU the
     process's resident set, which adds the libraries' own (CPU_RUNTIME_GIB) to the estimates, and to an evaluation
-    that runs after training what the process still holds from it (CPU_RETAINED_GIB).
+    that runs after training what the process still holds from it (launcher.memory.cpu_retained_gib: more after more
+    micro-batches of new shapes, up to a cap).
 
     The evaluations are sized for what they will generate, not for the limits eval_memory_gib checks the fit
     against: batches of the items there are (eval.limit), padded to the longest evaluation prompt, generating as
@@ -576,7 +578,7 @@ def _phase_memory(recipe: Recipe, shape: ModelShape | None, data, fit: MemoryFit
         return None
     cpu = device == "cpu"
     runtime = CPU_RUNTIME_GIB if cpu else 0.0
-    retained = CPU_RETAINED_GIB["half" if precision in ("bf16", "fp16") else "fp32"] if cpu else 0.0
+    retained = cpu_retained_gib(precision, micro_batches) if cpu else 0.0
     memory = {"training": round(fit.estimate.total / GiB + runtime, 2)}
     if shape is None:
         return memory

@@ -167,7 +167,7 @@ def test_each_evaluations_predicted_peak_is_sized_for_what_it_will_generate_not_
     was 0.52-0.73 of the measured peak in 5 of 8 benchmark cases; the items there are, their longest prompt and the
     answers' expected length give what the evaluation holds. The base evaluation merges no adapter, and starts before
     training: nothing is retained from it."""
-    from launcher.memory import CPU_RETAINED_GIB, CPU_RUNTIME_GIB
+    from launcher.memory import CPU_RUNTIME_GIB, cpu_retained_gib
     from launcher.timing import DataSize
 
     unit = ROOT / "recipes" / "unit-conversion.yaml"
@@ -185,9 +185,10 @@ def test_each_evaluations_predicted_peak_is_sized_for_what_it_will_generate_not_
 
     adapted = shape.lora_target_params(recipe.model.lora.target_modules)
     predicted = plan.predicted_memory_gib
+    retained = cpu_retained_gib("fp32", None)
     # One batch of the 16 items, 30 prompt tokens + the training answers' longest (103): the trained model's evaluation
     # with its merged copy and what training left, the base's with neither.
-    assert predicted["final_eval"] == round(expected(103, adapted) + CPU_RUNTIME_GIB + CPU_RETAINED_GIB["fp32"], 2)
+    assert predicted["final_eval"] == round(expected(103, adapted) + CPU_RUNTIME_GIB + retained, 2)
     assert predicted["base_eval"] == round(expected(103, 0) + CPU_RUNTIME_GIB, 2)
     assert predicted["final_eval"] - predicted["base_eval"] == pytest.approx(adapted * 4 / GiB + 0.2, abs=0.02)
     # The fit is still checked against the limits: 50 prompts of 128 tokens, 128 new tokens each.
@@ -196,15 +197,15 @@ def test_each_evaluations_predicted_peak_is_sized_for_what_it_will_generate_not_
     # Answers an earlier run measured (3 decoding steps per batch) size the KV cache instead of the training answers'.
     measured = data.model_copy(update={"measured_answers": {"trained": {"decode_steps": 3, "batches": 1, "run": "r"}}})
     short = make_plan(recipe, _rates_hardware(), shape, data=measured).predicted_memory_gib
-    assert short["final_eval"] == round(expected(3, adapted) + CPU_RUNTIME_GIB + CPU_RETAINED_GIB["fp32"], 2)
+    assert short["final_eval"] == round(expected(3, adapted) + CPU_RUNTIME_GIB + retained, 2)
     assert short["base_eval"] == predicted["base_eval"]
 
 
 def test_processes_that_evaluate_the_base_after_training_are_predicted_with_what_training_left():
     """Under DeepSpeed with several processes the base is evaluated after training, reloaded in the evaluation's
     precision (launcher.job): its prediction carries what the process retained, like the final evaluation's."""
-    from launcher.memory import CPU_RETAINED_GIB, CPU_RUNTIME_GIB
-    from launcher.timing import DataSize
+    from launcher.memory import CPU_RUNTIME_GIB, cpu_retained_gib
+    from launcher.timing import DataSize, predict_for_plan
 
     unit = ROOT / "recipes" / "unit-conversion.yaml"
     recipe = load_recipe(unit, ["hardware.backend=deepspeed", "eval.limit=24"])
@@ -215,6 +216,12 @@ def test_processes_that_evaluate_the_base_after_training_are_predicted_with_what
     assert plan.world_size == 2 and plan.precision == "bf16"
     base = estimate_eval_memory(shape, eval_precision="bf16", training_precision="bf16", batch=24, prompt_len=30,
                                 new_tokens=103, reloaded=True, device="cpu", base_dtype=plan.base_dtype).total / GiB
-    assert plan.predicted_memory_gib["base_eval"] == round(base + CPU_RUNTIME_GIB + CPU_RETAINED_GIB["half"], 2)
+    # What training left grows with its micro-batches (3 epochs of 1000 samples, 8 a micro-batch on each of the 2
+    # processes: 189 each), here up to its cap: 0.3 + 0.4 GiB.
+    micro_batches = predict_for_plan(plan, shape).parts["micro_batches"]
+    assert micro_batches == 189 and cpu_retained_gib("bf16", micro_batches) == pytest.approx(0.7)
+    # After 12 micro-batches (the benchmark's short cases): 0.3 + 12 x 0.0075 (measured 0.34-0.38); fp32 does not grow.
+    assert cpu_retained_gib("bf16", 12) == pytest.approx(0.39) and cpu_retained_gib("fp32", 189) == pytest.approx(0.2)
+    assert plan.predicted_memory_gib["base_eval"] == round(base + CPU_RUNTIME_GIB + 0.7, 2)
     # Merged in place into the reloaded model: no copy, so both evaluations predict the same peak.
     assert plan.predicted_memory_gib["final_eval"] == plan.predicted_memory_gib["base_eval"]
