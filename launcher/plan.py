@@ -564,7 +564,7 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
 
 def _phase_memory(recipe: Recipe, shape: ModelShape | None, data, fit: MemoryFit, eval_precision: str, precision: str,
                   base_dtype: str, backend: str, device: str, max_length: int, world_size: int,
-                  eval_merge: bool, micro_batches: float | None = None) -> dict | None:
+                  eval_merge: bool, micro_batches: float | None) -> dict | None:
     """The peak memory each phase is predicted to reach on its device, as launcher.phases measures it: on CPU the
     process's resident set, which adds the libraries' own (CPU_RUNTIME_GIB) to the estimates, and to an evaluation
     that runs after training what the process still holds from it (launcher.memory.cpu_retained_gib: more after more
@@ -584,7 +584,7 @@ def _phase_memory(recipe: Recipe, shape: ModelShape | None, data, fit: MemoryFit
         return memory
     ev = recipe.eval
     sized = isinstance(data, DataSize)
-    batch = max(1, min(ev.batch_size, data.eval_items)) if sized and data.eval_items else ev.batch_size
+    batch = min(ev.batch_size, data.eval_items) if sized and data.eval_items else ev.batch_size
     prompt = data.eval_prompt_tokens_max if sized and data.eval_prompt_tokens_max else max_length
 
     def gib(which: str, merged: int) -> float:

@@ -172,9 +172,9 @@ def _counted_data(eval_items: int):
 def test_each_evaluations_predicted_peak_is_sized_for_what_it_will_generate_not_for_the_limits():
     """run.json's memory ratio of an evaluation compares its peak with plan.predicted_memory_gib. Sized for the limits
     the fit is checked against (eval.batch_size prompts of data.max_length, eval.max_new_tokens each), the prediction
-    was 1.5-1.9x the measured peak in 5 of the 16 evaluations of benchmarks/time_estimate.py's 8 cases; the items there are, their longest prompt and the
-    answers' expected length give what the evaluation holds. The base evaluation merges no adapter, and starts before
-    training: nothing is retained from it."""
+    was 1.5-1.9x the measured peak in 5 of the 16 evaluations of benchmarks/time_estimate.py's 8 cases; the items
+    there are, their longest prompt and the answers' expected length give what the evaluation holds. The base
+    evaluation merges no adapter, and starts before training: nothing is retained from it."""
     from launcher.memory import CPU_RUNTIME_GIB, cpu_retained_gib
 
     unit = ROOT / "recipes" / "unit-conversion.yaml"

@@ -166,4 +166,3 @@ def test_lora_dropout_on_an_eager_cpu_run_draws_half_as_the_plan_says(tmp_path, 
     dropouts = [m.lora_dropout["default"] for m in run.model.modules() if hasattr(m, "lora_dropout")]
     assert dropouts and all(type(d) is HalfDrawDropout and d.p == 0.1 for d in dropouts)
     assert "LoRA dropout 0.1 drawn as 3277/32768" in capsys.readouterr().out
-
