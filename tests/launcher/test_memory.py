@@ -125,7 +125,11 @@ def test_resident_estimate_holds_with_checkpointing_in_the_configuration_the_pla
     # The base in the plan's precision and logits at trained positions only, 16 x 128 tokens, checkpointed: the
     # step keeps little, but each layer's recompute allocates the same transients as an uncheckpointed forward, and
     # the heap's slack follows them. Scaled with the kept tensors instead, the estimate was 0.61-0.69 of this peak.
-    # Measured 1.34-1.78 GiB (bf16, eight runs) against 1.60 planned, 2.86-2.99 (fp32) against 2.71.
+    # Measured (bf16) against 1.60 GiB planned: 1.34-1.78 in eight runs on an AMD EPYC, 1.37-1.81 in fifteen on an
+    # Intel Xeon with AMX, 1.26 once in CI; fp32 2.86-2.99 against 2.71. One run is a noisy sample of this peak:
+    # glibc raises its mmap threshold as large blocks are freed, and where the first step's transients then land in
+    # the heap varies from run to run (with the threshold fixed at 1 MiB the spread vanished, 0.87-0.91 GiB, but
+    # every step ran 1.7x slower). So the estimate is held to the median of three runs, each in a fresh process.
     from benchmarks.memory_estimate import measure
     from launcher.hardware import detect
     from launcher.models import resolve_model
@@ -133,9 +137,9 @@ def test_resident_estimate_holds_with_checkpointing_in_the_configuration_the_pla
     precision = "bf16" if detect().cpu_bf16 else "fp32"
     est = estimate_memory(SMOL, micro_batch=16, seq_len=128, precision=precision, checkpointing=True, lora_rank=8,
                           lora_targets="all-linear", device="cpu", base_dtype=precision, trained_logits=True, padded=False)
-    got = measure(str(resolve_model("embedded:smollm2-135m-instruct")), 16, 128, precision, True, "resident", "lora",
-                  precision, "trained")
-    assert 0.75 <= est.total / got <= 1.25, (precision, est.total / GiB, got / GiB)
+    runs = sorted(measure(str(resolve_model("embedded:smollm2-135m-instruct")), 16, 128, precision, True, "resident",
+                          "lora", precision, "trained") for _ in range(3))
+    assert 0.75 <= est.total / runs[1] <= 1.25, (precision, est.total / GiB, [got / GiB for got in runs])
 
 
 def test_full_fine_tuning_tensor_estimate_is_within_25_percent_on_the_tiny_model(tiny_model):
