@@ -168,6 +168,7 @@ class Run:
 
     def enter(self, phase: str) -> None:
         """Say in run.json which phase runs, and how a SIGINT/SIGTERM stops it (training: the StopRequest)."""
+        self.signals.raise_swallowed()  # the phase before ended in a Stopped that library code caught and dropped
         self.signals.phase = phase  # training's own handler is the StopRequest; the phase is still recorded
         self.meter.start(PHASE_KEYS[phase])
         if phase == SAVING:

@@ -34,8 +34,11 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-class Stopped(Exception):
-    """A SIGINT/SIGTERM ended the worker in a phase; `resume_does` says what `sftlaunch resume` will do."""
+class Stopped(BaseException):
+    """A SIGINT/SIGTERM ended the worker in a phase; `resume_does` says what `sftlaunch resume` will do.
+
+    A BaseException, as KeyboardInterrupt is: the handler raises it wherever the worker happens to be, often deep
+    in transformers or torch, and their `except Exception` (optional imports, lazy modules) must not swallow it."""
 
     def __init__(self, signum: int, phase: str, resume_does: str | None = None, step: int | None = None):
         self.signum, self.phase, self.step = signum, phase, step
@@ -53,6 +56,16 @@ class PhaseSignals:
     def __init__(self):
         self.phase = LOADING
         self.pending: int | None = None
+        self.raised: Stopped | None = None  # raised by the handler and not yet seen by the worker
+
+    def raise_swallowed(self) -> None:
+        """Raise again a Stopped that library code caught and dropped (a bare `except:`), at the next phase."""
+        if self.raised is not None:
+            raise self.raised
+
+    def seen(self) -> None:
+        """The worker has the Stopped in hand."""
+        self.raised = None
 
     def stop_now(self, phase: str) -> None:
         """From here on a signal raises Stopped where the worker is (after the save, one that came during it)."""
@@ -68,7 +81,8 @@ class PhaseSignals:
 
     def _raise(self, signum, frame):
         self.pending = None
-        raise Stopped(signum, self.phase)
+        self.raised = Stopped(signum, self.phase)
+        raise self.raised
 
     def _remember(self, signum, frame):
         self.pending = signum
@@ -78,6 +92,19 @@ class PhaseSignals:
     def _install(handler) -> None:
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, handler)
+
+
+def stop_behind(exc: BaseException) -> Stopped | None:
+    """The Stopped behind an exception that library code raised in its place: Python 3.11 turns any exception
+    from a `__set_name__` (the handler firing while a module being imported defines a class) into a RuntimeError,
+    and lazy importers re-raise what failed an import as their own error `from` it."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, Stopped):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 # -- the launcher's side: the worker has exited; what run.json must say ---------------------------------

@@ -16,7 +16,7 @@ import traceback
 from launcher.errors import SftlaunchError, StorageError
 from launcher.process import Process
 from launcher.rundir import RunDir
-from launcher.signals import LOADING, RESUME_DOES, FINAL_EVAL, TRAINING, PhaseSignals, Stopped, signal_name
+from launcher.signals import LOADING, RESUME_DOES, FINAL_EVAL, TRAINING, PhaseSignals, Stopped, signal_name, stop_behind
 
 
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
@@ -47,6 +47,7 @@ def main(argv: list[str], process: Process) -> int:
             draw_plots(run_dir)
         return code
     except Stopped as exc:
+        signals.seen()
         signals.defer("stopping")  # a second signal must not cut the status write short
         does = exc.resume_does
         if exc.phase != TRAINING and run_dir.training_done() is not None:
@@ -75,6 +76,7 @@ def _run(plan, run_dir: RunDir, process: Process, resume: bool, signals: PhaseSi
 
     try:
         results = Run(plan, run_dir, process, resume, signals)()
+        signals.raise_swallowed()
         signals.defer("recording the results")
     except TrainingHealthError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -93,6 +95,9 @@ def _run(plan, run_dir: RunDir, process: Process, resume: bool, signals: PhaseSi
         status("failed", error=str(error), exit_code=error.exit_code)
         return error.exit_code
     except BaseException as exc:
+        stopped = stop_behind(exc)
+        if stopped is not None:  # library code raised its own error in place of the signal's Stopped
+            raise stopped from None
         if isinstance(exc, Exception) and is_out_of_memory(exc):
             print(f"out of memory at micro-batch {plan.micro_batch_size}: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
             status("out_of_memory", error=str(exc).splitlines()[0], micro_batch_size=plan.micro_batch_size,
