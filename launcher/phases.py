@@ -10,6 +10,7 @@ started (start_memory_gib: what earlier phases left resident, which the phase's 
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -58,9 +59,22 @@ class PhaseMeter:
         self.predicted_memory = predicted_memory_gib or {}
         self.phases: dict[str, dict] = {}
         self._open: tuple[str, float, bool, int | None] | None = None
+        self._extra: dict = {}
 
-    def start(self, name: str) -> None:
+    def hand_over(self) -> str:
+        """The phases recorded so far, closed, for the process that carries the run on (launcher.job: the final
+        evaluation in a fresh process); `carry_on` in that process takes them back."""
         self.end()
+        return json.dumps(self.phases)
+
+    def carry_on(self, handed_over: str | None) -> None:
+        if handed_over:
+            self.phases.update(json.loads(handed_over))
+
+    def start(self, name: str, **extra) -> None:
+        """Open a phase; `extra` goes into its record as it is (e.g. fresh_process: true)."""
+        self.end()
+        self._extra = extra
         reset = True
         if self.device == "cuda":
             import torch
@@ -82,7 +96,7 @@ class PhaseMeter:
             return None
         name, t0, reset, held = self._open
         self._open = None
-        record: dict = {"seconds": round(time.perf_counter() - t0, 1)}
+        record: dict = {"seconds": round(time.perf_counter() - t0, 1), **self._extra}
         peak, what = self._peak()
         if peak is not None:
             record["peak_memory_gib"] = round(peak / GiB, 2)

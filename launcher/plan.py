@@ -73,6 +73,7 @@ class Plan(BaseModel):
     compile: bool = False  # torch.compile of the decoder blocks for training (launcher/compile.py)
     lora_dropout: str = "torch"  # "half_draw": LoRA's dropout masks with half the random draws (launcher/dropout.py)
     eval_merge: bool = False  # the final evaluation generates with the adapter merged into its copy of the weights
+    final_eval_fresh: bool = False  # the final evaluation runs in a fresh process (launcher.job.hand_over_final_evaluation)
     data_path: str | None = None  # the training/evaluation data the worker reads (None: generated, or the Hub)
     # The time prediction per phase (launcher.timing) and the memory predicted per phase, in GiB; what the
     # run measures is recorded beside them (launcher.phases). None: not predicted (the reason is a decision).
@@ -86,7 +87,7 @@ class Plan(BaseModel):
 
     def summary(self) -> dict:
         """The JSON view `sftlaunch plan --json` prints."""
-        keys = ("backend", "device", "precision", "base_dtype", "quantize", "loss_logits", "compile", "lora_dropout", "eval_precision", "eval_merge", "world_size", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "threads", "max_length", "nodes", "processes_per_node", "zero_stage", "offload",
+        keys = ("backend", "device", "precision", "base_dtype", "quantize", "loss_logits", "compile", "lora_dropout", "eval_precision", "eval_merge", "final_eval_fresh", "world_size", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "threads", "max_length", "nodes", "processes_per_node", "zero_stage", "offload",
                 "memory_estimate_gib", "device_memory_gib", "trust_remote_code", "predicted_seconds", "predicted_memory_gib")
         out = {k: getattr(self, k) for k in keys}
         out["effective_batch_size"] = self.recipe.train.effective_batch_size
@@ -522,8 +523,9 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
     else:
         threads = decide("threads", hwr.threads, "requested by the recipe (hardware.threads)")
 
+    fresh = _decide_final_eval_process(recipe, device, world_size, decide)
     eval_merge = _decide_eval_memory(recipe, shape, eval_precision, precision, base_dtype, backend, device, max_length,
-                                     mem_gib, decide)
+                                     mem_gib, decide, fresh)
     if device == "cuda":
         _decide_host_memory(recipe, shape, hw, per_node, world_size, stage, offload, base_dtype, decide)
 
@@ -541,9 +543,9 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
         return prediction
 
     predicted = _decide_time(recipe, hw, shape, data, backend, device, precision, eval_precision, base_dtype, fit,
-                             loss_logits, accumulation, world_size, nodes, threads, decide, with_compile)
+                             loss_logits, accumulation, world_size, nodes, threads, decide, with_compile, fresh)
     memory = _phase_memory(recipe, shape, data, fit, eval_precision, precision, base_dtype, backend, device, max_length,
-                           world_size, eval_merge, predicted.parts.get("micro_batches") if predicted else None)
+                           world_size, eval_merge, predicted.parts.get("micro_batches") if predicted else None, fresh)
     lora_dropout = _decide_lora_dropout(recipe, device, compiled, decide)
 
     trust = decide("trust_remote_code", recipe.model.trust_remote_code,
@@ -556,6 +558,7 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
                 gradient_accumulation_steps=accumulation, gradient_checkpointing=checkpointing, threads=threads,
                 max_length=max_length, zero_stage=stage, offload=offload, base_dtype=base_dtype, quantize=quantize,
                 loss_logits=loss_logits, compile=compiled, lora_dropout=lora_dropout, eval_merge=eval_merge,
+                final_eval_fresh=fresh,
                 memory_estimate_gib=None if fit.estimate is None else round(fit.estimate.total / GiB, 2),
                 device_memory_gib=round(mem_gib, 1), trust_remote_code=trust, data_path=data_path,
                 predicted_seconds=predicted.seconds() if predicted else None, predicted_memory_gib=memory,
@@ -564,7 +567,7 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
 
 def _phase_memory(recipe: Recipe, shape: ModelShape | None, data, fit: MemoryFit, eval_precision: str, precision: str,
                   base_dtype: str, backend: str, device: str, max_length: int, world_size: int,
-                  eval_merge: bool, micro_batches: float | None) -> dict | None:
+                  eval_merge: bool, micro_batches: float | None, fresh: bool = False) -> dict | None:
     """The peak memory each phase is predicted to reach on its device, as launcher.phases measures it: on CPU the
     process's resident set, which adds the libraries' own (CPU_RUNTIME_GIB) to the estimates, and to an evaluation
     that runs after training what the process still holds from it (launcher.memory.cpu_retained_gib: more after more
@@ -573,7 +576,9 @@ def _phase_memory(recipe: Recipe, shape: ModelShape | None, data, fit: MemoryFit
     The evaluations are sized for what they will generate, not for the limits eval_memory_gib checks the fit
     against: batches of the items there are (eval.limit), padded to the longest evaluation prompt, generating as
     many steps as the time model expects (launcher.timing.decode_steps_per_batch). Sized for the limits, the
-    predictions were 1.5-1.9x the measured peaks in 5 of the 16 evaluations of benchmarks/time_estimate.py's cases."""
+    predictions were 1.5-1.9x the measured peaks in 5 of the 16 evaluations of benchmarks/time_estimate.py's cases.
+    A final evaluation in a fresh process (`fresh`) holds nothing of training: its model loaded in the evaluation's
+    precision alone, as a reloaded one."""
     if fit.estimate is None:
         return None
     cpu = device == "cpu"
@@ -587,16 +592,19 @@ def _phase_memory(recipe: Recipe, shape: ModelShape | None, data, fit: MemoryFit
     batch = min(ev.batch_size, data.eval_items) if sized and data.eval_items else ev.batch_size
     prompt = data.eval_prompt_tokens_max if sized and data.eval_prompt_tokens_max else max_length
 
-    def gib(which: str, merged: int) -> float:
+    def gib(which: str, merged: int, reloaded: bool = backend == "deepspeed") -> float:
         steps = decode_steps_per_batch(data, which, ev.batch_size, ev.max_new_tokens) if sized else ev.max_new_tokens
         est = estimate_eval_memory(shape, eval_precision=eval_precision, training_precision=precision, batch=batch,
-                                   prompt_len=prompt, new_tokens=round(steps), reloaded=backend == "deepspeed",
+                                   prompt_len=prompt, new_tokens=round(steps), reloaded=reloaded,
                                    device=device, base_dtype=base_dtype, quantize=recipe.model.quantize,
                                    merged_params=merged)
         return est.total / GiB
 
     merged = _eval_merge_params(recipe, shape) if eval_merge else 0
-    memory["final_eval"] = round(gib("trained", merged) + runtime + retained, 2)
+    if fresh:
+        memory["final_eval"] = round(gib("trained", merged, reloaded=True) + runtime, 2)
+    else:
+        memory["final_eval"] = round(gib("trained", merged) + runtime + retained, 2)
     if ev.compare_base:
         # Several processes evaluate the base after training, on the base reloaded for the evaluation (launcher.job).
         memory["base_eval"] = round(gib("base", 0) + runtime + (retained if world_size > 1 else 0.0), 2)
@@ -605,7 +613,8 @@ def _phase_memory(recipe: Recipe, shape: ModelShape | None, data, fit: MemoryFit
 
 def _decide_time(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None, data, backend: str, device: str,
                  precision: str, eval_precision: str, base_dtype: str, fit: MemoryFit, loss_logits: str,
-                 accumulation: int, world_size: int, nodes: int, threads: int, decide, with_compile):
+                 accumulation: int, world_size: int, nodes: int, threads: int, decide, with_compile,
+                 fresh: bool = False):
     """The predicted time of each phase (launcher.timing) as a decision, and what a time budget will cut.
     `with_compile(prediction or None)` decides train.compile from the eager prediction and returns it with the
     compile counted; it is called once, on every path."""
@@ -628,7 +637,8 @@ def _decide_time(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None, dat
             cpu_cores=hw.cpu_cores, epochs=epochs, max_steps=t.max_steps, zero_stage=fit.zero_stage,
             eval_batch=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
             compare_base=recipe.eval.compare_base, base_dtype=base_dtype, quantized=recipe.model.quantize == "4bit",
-            memory_gib=None if fit.estimate is None else fit.estimate.total / GiB, elementwise_gops=hw.elementwise_gops)
+            memory_gib=None if fit.estimate is None else fit.estimate.total / GiB, elementwise_gops=hw.elementwise_gops,
+            fresh_final_eval=fresh)
 
     def training_for(samples: int, epochs: float) -> float:
         share = samples / data.samples
@@ -728,11 +738,30 @@ def _eval_merge_params(recipe: Recipe, shape: ModelShape) -> int:
     return shape.lora_target_params(lora.target_modules) if named else shape.linear_params
 
 
+def _decide_final_eval_process(recipe: Recipe, device: str, world_size: int, decide) -> bool:
+    """Whether the final evaluation runs in a fresh process (launcher.job.hand_over_final_evaluation), and why."""
+    if device != "cpu" or world_size > 1:
+        decide("final_eval_process", "same", "several processes: the main one reloads the model for the evaluation "
+               "alone, after the engine is freed" if world_size > 1 else
+               f"on {device} the evaluation's memory is the device's, from which training's is freed")
+        return False
+    if recipe.model.quantize == "4bit":
+        decide("final_eval_process", "same", "the adapter is evaluated on the 4-bit base it trained with, as it is")
+        return False
+    decide("final_eval_process", "fresh", "after saving, the worker replaces itself with a fresh process that loads the "
+           "trained model in the evaluation's precision alone: on CPU, training's freed heap (kept by the C library) "
+           "made the final evaluation fault pages back in, 1.42 GiB above its start for GSM8K against 0.50 in a process "
+           "of its own; costs one more model load (seconds)")
+    return True
+
+
 def _decide_eval_memory(recipe: Recipe, shape: ModelShape | None, eval_precision: str, precision: str, base_dtype: str,
-                        backend: str, device: str, max_length: int, mem_gib: float, decide) -> bool:
+                        backend: str, device: str, max_length: int, mem_gib: float, decide, fresh: bool = False) -> bool:
     """The evaluation's peak on its device, decided before training: a run that trains and then cannot evaluate
     has spent its time for nothing (the out-of-memory back-off halves the training batch, which cannot help).
-    True when the trained adapter is merged for the evaluation (eval_merge), which that peak counts."""
+    True when the trained adapter is merged for the evaluation (eval_merge), which that peak counts. With the final
+    evaluation in a fresh process (`fresh`) the merge is in place, and the peak checked is the base evaluation's
+    (in the training process, on the base as training loads it), which is the larger."""
     if shape is None:
         decide("eval_memory_gib", None, "model shape unknown: the evaluation's memory is not estimated")
         if _merges_adapter(recipe):
@@ -740,16 +769,21 @@ def _decide_eval_memory(recipe: Recipe, shape: ModelShape | None, eval_precision
                    "the memory a merged copy of its adapted weights takes cannot be checked")
         return False
     ev, budget = recipe.eval, mem_gib * recipe.hardware.memory_fraction
-    merged = _eval_merge_params(recipe, shape)
+    merged = 0 if fresh else _eval_merge_params(recipe, shape)
 
     def estimate(batch: int):
         return estimate_eval_memory(shape, eval_precision=eval_precision, training_precision=precision, batch=batch,
-                                    prompt_len=max_length, new_tokens=ev.max_new_tokens, reloaded=backend == "deepspeed",
-                                    device=device, base_dtype=base_dtype, quantize=recipe.model.quantize,
-                                    merged_params=merged)
+                                    prompt_len=max_length, new_tokens=ev.max_new_tokens,
+                                    reloaded=backend == "deepspeed" or (fresh and not ev.compare_base), device=device,
+                                    base_dtype=base_dtype, quantize=recipe.model.quantize, merged_params=merged)
 
     est = estimate(ev.batch_size)
-    if merged:
+    if fresh and _merges_adapter(recipe):
+        decide("eval_merge", True, "the trained adapter is merged into the model the final evaluation loads, so "
+               "generation runs plain layers: PEFT's unmerged LoRA layers add their own products and Python at every "
+               f"layer and decoding step ({EVAL_MERGE_MEASURED}); costs no memory (merged in place: that process loads "
+               "the model for the evaluation alone); the saved adapter is unchanged")
+    elif merged:
         cost = est.merged_weights / GiB
         if est.total / GiB <= budget:
             decide("eval_merge", True, "the trained adapter is merged into the evaluation's copy of the weights it "
@@ -773,6 +807,10 @@ def _decide_eval_memory(recipe: Recipe, shape: ModelShape | None, eval_precision
            f"generation shares the {base_dtype} base, only the LoRA weights are cast" if base_dtype == eval_precision != "fp32" else
            f"a {eval_precision} copy beside the trained fp32 weights" if eval_precision != "fp32" else
            "generation runs on the trained fp32 weights")
+    if fresh:
+        how = (f"the base evaluation: {how}; the final one, in a fresh process on the trained model loaded in "
+               f"{eval_precision} alone, needs no more" if ev.compare_base else
+               f"in a fresh process, the trained model loaded in {eval_precision} alone")
     one = estimate(1)
     if one.total / GiB > budget:
         raise PlanError(f"{recipe.model.name} would train here but cannot be evaluated: even one prompt needs "
@@ -786,10 +824,10 @@ def _decide_eval_memory(recipe: Recipe, shape: ModelShape | None, eval_precision
                f"warning: prompts as long as data.max_length ({max_length} tokens) would need {est.describe()} at "
                f"eval.batch_size={ev.batch_size}, more than {where}; eval.batch_size={fits} fits even then (an "
                "out-of-memory while evaluating stops with that fix, and `sftlaunch resume` evaluates without training again)")
-        return bool(merged)
+        return bool(merged) or (fresh and _merges_adapter(recipe))
     decide("eval_memory_gib", round(est.total / GiB, 2),
            f"{est.describe()} at eval.batch_size={ev.batch_size}, {max_length}+{ev.max_new_tokens} tokens ({how}); fits {where}")
-    return bool(merged)
+    return bool(merged) or (fresh and _merges_adapter(recipe))
 
 
 def _decide_loss_logits(recipe: Recipe, backend: str, fit: MemoryFit, shape: ModelShape | None, max_length: int,

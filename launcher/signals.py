@@ -107,6 +107,19 @@ def stop_behind(exc: BaseException) -> Stopped | None:
     return None
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def hold_stop_signals() -> None:
+    """Block SIGINT/SIGTERM: one that comes now waits, pending, and the block outlives an exec (signal(7)), so the
+    process that replaces this one receives it once its handlers are installed and it calls release_stop_signals."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def release_stop_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 # -- the launcher's side: the worker has exited; what run.json must say ---------------------------------
 
 def oom_kills(cgroup_file: Path = Path("/proc/self/cgroup"), cgroup_root: Path = Path("/sys/fs/cgroup")) -> int | None:

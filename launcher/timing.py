@@ -173,11 +173,13 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
                  nodes: int, threads: int, cpu_cores: int, epochs: float, max_steps: int | None, zero_stage: int,
                  eval_batch: int, max_new_tokens: int, compare_base: bool, base_dtype: str,
                  quantized: bool = False, memory_gib: float | None = None,
-                 elementwise_gops: dict | None = None) -> TimePrediction | str:
+                 elementwise_gops: dict | None = None, fresh_final_eval: bool = False) -> TimePrediction | str:
     """The predicted seconds of each phase, or why time cannot be predicted.
 
     elementwise_gops: the CPU's elementwise rate per precision in G elements/s (the probe's, or a CPU profile's);
-    a CPU's time is not predicted without it (GPUs use bandwidth_gbs for that part)."""
+    a CPU's time is not predicted without it (GPUs use bandwidth_gbs for that part). fresh_final_eval: the final
+    evaluation runs in a fresh process (Plan.final_eval_fresh), which starts the libraries and loads the trained model
+    in eval_precision first."""
     if not tflops or precision not in tflops or not bandwidth_gbs:
         return f"no {precision} matrix rate for this hardware (a profile without matmul_tflops, or the probe did not run)"
     if device == "cpu" and (not elementwise_gops or precision not in elementwise_gops or "fp32" not in elementwise_gops):
@@ -275,6 +277,8 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
                 + (", the training answers' longest" if which == "trained" else ", assumed as long as the trained model's"))
     # Loading: reading the weights (a few seconds for small models; bandwidth-bound for large ones from a page cache).
     loading = 5.0 + shape.params * (4 if base_dtype == "fp32" else 2) / 1e9
+    reload = 5.0 + shape.params * (4 if eval_precision == "fp32" else 2) / 1e9 if fresh_final_eval else 0.0
+    trained_eval += reload
     sustained = rate * c["matmul_efficiency"]
     fitted = "fitted on CPUs" if device == "cpu" else "not fitted on a GPU yet: typical figures"
     reason = (f"training ~{_minutes(training)} = {_k(tokens)} tokens x {f['total'] / 1e9:.2f} GFLOP/token / "
@@ -289,7 +293,8 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
               + (f" + dequantizing the 4-bit weights {_minutes(dequantize_s)} (not measured)" if quantized else "")
               + f" ({steps} steps, {samples_seen} samples seen); "
               + (f"base evaluation ~{_minutes(base_eval)} ({answers('base')}); " if compare_base else "")
-              + f"trained evaluation ~{_minutes(trained_eval)} ({data.eval_items} items, {answers('trained')}); "
+              + f"trained evaluation ~{_minutes(trained_eval)} ({data.eval_items} items, {answers('trained')}"
+              + (f", after a fresh process's loading ~{_minutes(reload)}" if reload else "") + "); "
               f"loading ~{_minutes(loading)}; efficiencies {fitted}; tokens: {data.source}")
     return TimePrediction(training=training, base_eval=base_eval, trained_eval=trained_eval, loading=loading,
                           flops_per_token=f["total"], tokens=tokens, samples_seen=samples_seen, steps=steps,

@@ -1,4 +1,4 @@
-"""Worker entry point: `python -m launcher.worker RUN_DIR [--resume]`. Reads plan.json, trains, evaluates.
+"""Worker entry point: `python -m launcher.worker RUN_DIR [--resume] [--final-evaluation]`. Reads plan.json, trains, evaluates.
 
 Under torchrun every rank runs this; only rank 0 writes the run's status and results. Whatever ends the
 worker, run.json says so: completed, failed (with the error), out_of_memory, or interrupted (with the
@@ -16,7 +16,8 @@ import traceback
 from launcher.errors import SftlaunchError, StorageError
 from launcher.process import Process
 from launcher.rundir import RunDir
-from launcher.signals import LOADING, RESUME_DOES, FINAL_EVAL, TRAINING, PhaseSignals, Stopped, signal_name, stop_behind
+from launcher.signals import (LOADING, RESUME_DOES, FINAL_EVAL, TRAINING, PhaseSignals, Stopped, release_stop_signals,
+                              signal_name, stop_behind)
 
 
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
@@ -25,8 +26,10 @@ ENDED: dict = {}  # this rank's last recorded state (every rank keeps it; rank 0
 
 def main(argv: list[str], process: Process) -> int:
     # First, before torch and transformers load (seconds): a SIGTERM from here on stops the worker cleanly.
+    # After training, in the process that replaced the one that trained: only the final evaluation is left.
+    final_evaluation = "--final-evaluation" in argv[1:]  # launcher.backends.base.FINAL_EVALUATION_FLAG
     signals = PhaseSignals()
-    signals.stop_now(LOADING)
+    signals.stop_now(FINAL_EVAL if final_evaluation else LOADING)
     run_dir = RunDir(argv[0])
     resume = "--resume" in argv[1:]
 
@@ -38,11 +41,16 @@ def main(argv: list[str], process: Process) -> int:
             run_dir.write_status(state, **extra)
 
     try:
+        # A signal held across the exec into this process (launcher.job.hand_over_final_evaluation) is raised here.
+        release_stop_signals()
         plan = run_dir.read_plan()
-        if process.main:
-            run_dir.write_versions()
-        status("running", resumed=resume, worker_pid=os.getpid(), phase=LOADING)
-        code = _run(plan, run_dir, process, resume, signals, status)
+        if final_evaluation:
+            status("running", worker_pid=os.getpid(), phase=FINAL_EVAL)
+        else:
+            if process.main:
+                run_dir.write_versions()
+            status("running", resumed=resume, worker_pid=os.getpid(), phase=LOADING)
+        code = _run(plan, run_dir, process, resume, signals, status, final_evaluation)
         if process.main:
             draw_plots(run_dir)
         return code
@@ -68,14 +76,15 @@ def main(argv: list[str], process: Process) -> int:
         return exc.exit_code
 
 
-def _run(plan, run_dir: RunDir, process: Process, resume: bool, signals: PhaseSignals, status) -> int:
+def _run(plan, run_dir: RunDir, process: Process, resume: bool, signals: PhaseSignals, status,
+         final_evaluation: bool = False) -> int:
     from launcher.health import TrainingHealthError
     from launcher.oom import EXIT_OUT_OF_MEMORY
     from launcher.job import Run
     from launcher.trainer import is_out_of_memory
 
     try:
-        results = Run(plan, run_dir, process, resume, signals)()
+        results = Run(plan, run_dir, process, resume, signals, final_evaluation)()
         signals.raise_swallowed()
         signals.defer("recording the results")
     except TrainingHealthError as exc:

@@ -48,6 +48,12 @@ def test_train_and_evaluate_tiny_model_end_to_end(tiny_recipe, tmp_path):
         assert measured["predicted_memory_gib"] == plan["predicted_memory_gib"][phase]
         assert measured["memory_ratio"] == pytest.approx(measured["peak_memory_gib"] / measured["predicted_memory_gib"], abs=0.01)
     assert json.loads((run_dir / "eval.json").read_text())["phases"] == status["phases"]
+    # One CPU process: the final evaluation ran in a fresh process (plan.final_eval_fresh), which started with nothing
+    # of training's memory, under the same process id the launcher waited on.
+    final = status["phases"]["final_eval"]
+    assert plan["final_eval_fresh"] and final["fresh_process"] is True
+    assert "final evaluation: in a fresh process" in result.stdout
+    assert final["start_memory_gib"] < status["phases"]["training"]["start_memory_gib"] / 2
     listed = run_cli("runs", str(tmp_path / "outputs"))
     assert listed.returncode == 0 and listed.stdout.splitlines()[0].split()[-6:] == ["time", "vs", "plan", "memory", "vs", "plan"]
     assert all(cell.endswith("x") and float(cell[:-1]) > 0 for cell in listed.stdout.splitlines()[1].split()[-2:])

@@ -174,36 +174,33 @@ def test_each_evaluations_predicted_peak_is_sized_for_what_it_will_generate_not_
     the fit is checked against (eval.batch_size prompts of data.max_length, eval.max_new_tokens each), the prediction
     was 1.5-1.9x the measured peak in 5 of the 16 evaluations of benchmarks/time_estimate.py's 8 cases; the items
     there are, their longest prompt and the answers' expected length give what the evaluation holds. The base
-    evaluation merges no adapter, and starts before training: nothing is retained from it."""
-    from launcher.memory import CPU_RUNTIME_GIB, cpu_retained_gib
+    evaluation merges no adapter, and starts before training; the final one runs in a fresh process (one CPU process),
+    on the trained model loaded for it alone: neither holds anything of training."""
+    from launcher.memory import CPU_RUNTIME_GIB
 
     unit = ROOT / "recipes" / "unit-conversion.yaml"
     recipe = load_recipe(unit, ["hardware.precision=fp32", "eval.limit=16"])
     shape = find_shape(recipe.model.name)[0]
     data = _counted_data(16)
     plan = make_plan(recipe, _rates_hardware(), shape, data=data)
-    assert plan.eval_merge
+    assert plan.eval_merge and plan.final_eval_fresh
 
-    def expected(new_tokens, merged):
+    def expected(new_tokens, reloaded):
         return estimate_eval_memory(shape, eval_precision="fp32", training_precision="fp32", batch=16, prompt_len=30,
-                                    new_tokens=new_tokens, reloaded=False, device="cpu", base_dtype="fp32",
-                                    merged_params=merged).total / GiB
+                                    new_tokens=new_tokens, reloaded=reloaded, device="cpu", base_dtype="fp32").total / GiB
 
-    adapted = shape.lora_target_params(recipe.model.lora.target_modules)
     predicted = plan.predicted_memory_gib
-    retained = cpu_retained_gib("fp32", None)
-    # One batch of the 16 items, 30 prompt tokens + the training answers' longest (103): the trained model's evaluation
-    # with its merged copy and what training left, the base's with neither.
-    assert predicted["final_eval"] == round(expected(103, adapted) + CPU_RUNTIME_GIB + retained, 2)
-    assert predicted["base_eval"] == round(expected(103, 0) + CPU_RUNTIME_GIB, 2)
-    assert predicted["final_eval"] - predicted["base_eval"] == pytest.approx(adapted * 4 / GiB + 0.2, abs=0.02)
+    # One batch of the 16 items, 30 prompt tokens + the training answers' longest (103): the trained model reloaded in
+    # fp32 (merged in place), the base as training loaded it, fp32 too: the same bytes.
+    assert predicted["final_eval"] == round(expected(103, True) + CPU_RUNTIME_GIB, 2)
+    assert predicted["base_eval"] == round(expected(103, False) + CPU_RUNTIME_GIB, 2) == predicted["final_eval"]
     # The fit is still checked against the limits: 50 prompts of 128 tokens, 128 new tokens each.
     limits = plan.decision("eval_memory_gib")
     assert "eval.batch_size=50, 128+128 tokens" in limits.reason and limits.value > predicted["final_eval"] - CPU_RUNTIME_GIB
     # Answers an earlier run measured (3 decoding steps per batch) size the KV cache instead of the training answers'.
     measured = data.model_copy(update={"measured_answers": {"trained": {"decode_steps": 3, "batches": 1, "run": "r"}}})
     short = make_plan(recipe, _rates_hardware(), shape, data=measured).predicted_memory_gib
-    assert short["final_eval"] == round(expected(3, adapted) + CPU_RUNTIME_GIB + retained, 2)
+    assert short["final_eval"] == round(expected(3, True) + CPU_RUNTIME_GIB, 2)
     assert short["base_eval"] == predicted["base_eval"]
 
 

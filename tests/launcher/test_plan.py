@@ -346,7 +346,9 @@ def test_a_bf16_base_halves_the_weights_in_the_memory_estimate():
 
 
 def test_the_final_evaluation_merges_the_adapter_and_the_plan_counts_the_copy_where_the_base_is_shared():
-    bf16, fp32 = plan_for(CPU_BF16), plan_for(CPU_BF16, "model.base_dtype=fp32")
+    # On a GPU the process that trained evaluates: the merge writes into a copy where generation would share the base.
+    bf16, fp32 = plan_for(A100), plan_for(A100, "model.base_dtype=fp32")
+    assert bf16.decision("final_eval_process").value == "same" and not bf16.final_eval_fresh
     assert bf16.eval_merge and fp32.eval_merge and bf16.summary()["eval_merge"] is True
     # SmolLM2's decoder linear layers: 30 x (2 x 576^2 + 2 x 576 x 192 + 3 x 576 x 1536) = 106.2M weights, in bf16.
     assert SMOL.lora_target_params("all-linear") == 106_168_320 == SMOL.linear_params
@@ -355,10 +357,26 @@ def test_the_final_evaluation_merges_the_adapter_and_the_plan_counts_the_copy_wh
     # An fp32 base evaluated in bf16 is cast weight by weight anyway: the merge writes into that copy for free.
     assert "merged copy" not in fp32.decision("eval_memory_gib").reason
     assert "costs no memory" in fp32.decision("eval_merge").reason
-    two = plan_for(CPU_BF16, "model.lora.target_modules=[q_proj, v_proj]")
+    two = plan_for(A100, "model.lora.target_modules=[q_proj, v_proj]")
     assert "merged copy of the adapted weights 0.02 " in two.decision("eval_memory_gib").reason  # 30 x 442k x 2 B
-    full = plan_for(CPU_BF16, "model.method=full")
+    full = plan_for(A100, "model.method=full")
     assert not full.eval_merge and "eval_merge" not in [d.field for d in full.decisions]
+
+
+def test_on_one_cpu_process_the_final_evaluation_runs_in_a_fresh_process_that_merges_in_place():
+    plan = plan_for(CPU_BF16)
+    assert plan.final_eval_fresh and plan.summary()["final_eval_fresh"] is True
+    assert plan.decision("final_eval_process").value == "fresh"
+    assert "training's freed heap" in plan.decision("final_eval_process").reason
+    # The fresh process loads the trained model for the evaluation alone: merging the adapter there takes no copy.
+    assert plan.eval_merge and "costs no memory (merged in place" in plan.decision("eval_merge").reason
+    limit = plan.decision("eval_memory_gib")
+    assert "merged copy" not in limit.reason and "the final one, in a fresh process" in limit.reason
+    # Several processes, a GPU, or a 4-bit base: the evaluation stays in the process that trained, and says why.
+    assert not plan_for(CPU_BF16, "hardware.backend=deepspeed").final_eval_fresh
+    assert not plan_for(A100).final_eval_fresh
+    qlora = plan_for(CPU_BF16, "model.quantize=4bit")
+    assert not qlora.final_eval_fresh and "4-bit base" in qlora.decision("final_eval_process").reason
 
 
 def test_an_adapter_stays_unmerged_for_evaluation_where_the_merged_copy_would_not_fit():

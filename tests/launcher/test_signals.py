@@ -74,6 +74,22 @@ def test_sigterm_stops_each_phase_with_a_true_status_and_143(tiny_recipe, tmp_pa
     assert json.loads((run_dir / "eval.json").read_text())["train"]["steps"] == steps
 
 
+def test_a_sigterm_held_across_the_exec_into_the_final_evaluation_stops_it_there(tiny_recipe, tmp_path):
+    # On one CPU process the worker replaces itself with the final evaluation's process (launcher.job): it blocks
+    # SIGINT/SIGTERM first, so one that lands in that window waits, and the new process stops on it as soon as its
+    # handlers are in place, instead of dying of the signal's default action or never seeing it.
+    assert run_cli(str(tiny_recipe)).returncode == 0
+    run_dir = next((tmp_path / "outputs").iterdir())
+    hand_over = ("import os, signal, sys\nfrom launcher.signals import hold_stop_signals\nhold_stop_signals()\n"
+                 "os.kill(os.getpid(), signal.SIGTERM)\n"
+                 f"os.execv(sys.executable, [sys.executable, '-m', 'launcher.worker', {str(run_dir)!r}, '--final-evaluation'])")
+    proc = subprocess.run([sys.executable, "-c", hand_over], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    status = _status(run_dir)
+    assert (status["status"], status["phase"], status["signal"]) == ("interrupted", "final evaluation", "SIGTERM")
+    assert "evaluates the saved adapter again, without training" in status["resume"]
+
+
 def test_sigkill_of_the_worker_is_recorded_by_the_launcher_with_137(tiny_recipe, tmp_path):
     out = tmp_path / "outputs"
     proc = _start(tiny_recipe, "train.max_steps=400", "train.save_steps=200", "eval.compare_base=false")

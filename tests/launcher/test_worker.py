@@ -73,7 +73,7 @@ def test_a_sigterm_that_python_wraps_while_an_import_defines_a_class_still_ends_
 
 def test_a_sigterm_that_library_code_swallowed_still_ends_the_run_interrupted(in_process_worker):
     class SwallowsIt:
-        def __init__(self, plan, run_dir, process, resume, signals):
+        def __init__(self, plan, run_dir, process, resume, signals, *rest):
             pass
 
         def __call__(self):
