@@ -18,7 +18,8 @@ from launcher.plan import Plan
 from launcher.phases import PhaseMeter
 from launcher.process import Process
 from launcher.rundir import RunDir
-from launcher.signals import BASE_EVAL, FINAL_EVAL, LOADING, SAVING, TRAINING, PhaseSignals, Stopped, hold_stop_signals
+from launcher.signals import (BASE_EVAL, FINAL_EVAL, LOADING, SAVING, TRAINING, PhaseSignals, Stopped, hold_stop_signals,
+                              release_stop_signals)
 from launcher.tasks import task_for
 from launcher.trained import load_trained, output_word
 from launcher.trainer import StopRequest, build_trainer
@@ -412,6 +413,9 @@ class Run:
         sys.stdout.flush()
         sys.stderr.flush()
         hold_stop_signals()
+        if self.signals.pending is not None:  # came while saving, deferred until the adapter was complete: stop here
+            release_stop_signals()
+            self.signals.stop_now(FINAL_EVAL)
         argv = [sys.executable, *worker_module_args(self.run_dir.path, self.resume), FINAL_EVALUATION_FLAG]
         os.execve(sys.executable, argv, {**os.environ, HANDOVER_ENV: record})
 

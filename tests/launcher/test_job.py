@@ -166,3 +166,33 @@ def test_lora_dropout_on_an_eager_cpu_run_draws_half_as_the_plan_says(tmp_path, 
     dropouts = [m.lora_dropout["default"] for m in run.model.modules() if hasattr(m, "lora_dropout")]
     assert dropouts and all(type(d) is HalfDrawDropout and d.p == 0.1 for d in dropouts)
     assert "LoRA dropout 0.1 drawn as 3277/32768" in capsys.readouterr().out
+
+
+def test_a_signal_deferred_while_saving_stops_the_run_instead_of_being_lost_in_the_hand_over(monkeypatch, tmp_path):
+    # A SIGTERM while the adapter is saved waits for the save; the fresh process of the final evaluation must not
+    # take its place with the signal forgotten: the run stops there, the adapter complete, and nothing stays blocked.
+    import os
+    import signal
+    from types import SimpleNamespace
+
+    from launcher.job import Run
+    from launcher.phases import PhaseMeter
+    from launcher.rundir import RunDir
+    from launcher.signals import FINAL_EVAL, SAVING, STOP_SIGNALS, PhaseSignals, Stopped
+
+    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    monkeypatch.setattr(os, "execve", lambda *args: pytest.fail("handed over with a stop pending"))
+    signals = PhaseSignals()
+    signals.defer(SAVING)
+    try:
+        signal.raise_signal(signal.SIGTERM)
+        assert signals.pending == signal.SIGTERM
+        run = SimpleNamespace(meter=PhaseMeter("cpu"), signals=signals, run_dir=RunDir(tmp_path), resume=False)
+        with pytest.raises(Stopped) as stopped:
+            Run.hand_over_final_evaluation(run)
+        assert (stopped.value.phase, stopped.value.signum) == (FINAL_EVAL, signal.SIGTERM)
+        assert not signal.pthread_sigmask(signal.SIG_BLOCK, []) & STOP_SIGNALS
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
