@@ -417,7 +417,11 @@ class Run:
             release_stop_signals()
             self.signals.stop_now(FINAL_EVAL)
         argv = [sys.executable, *worker_module_args(self.run_dir.path, self.resume), FINAL_EVALUATION_FLAG]
-        os.execve(sys.executable, argv, {**os.environ, HANDOVER_ENV: record})
+        try:
+            os.execve(sys.executable, argv, {**os.environ, HANDOVER_ENV: record})
+        except OSError:  # nothing replaced: this process fails with the error, and answers Ctrl-C again
+            release_stop_signals()
+            raise
 
     def continue_final_evaluation(self) -> dict | None:
         """The fresh process's part: the trained model alone, loaded straight in the evaluation's precision (a LoRA
