@@ -323,7 +323,7 @@ def predict_for_plan(plan, shape: ModelShape) -> TimePrediction | str:
         cpu_cores=plan.hardware.cpu_cores, epochs=r.train.epochs, max_steps=r.train.max_steps, zero_stage=plan.zero_stage,
         eval_batch=r.eval.batch_size, max_new_tokens=r.eval.max_new_tokens, compare_base=r.eval.compare_base,
         base_dtype=plan.base_dtype, quantized=plan.quantize == "4bit", memory_gib=plan.memory_estimate_gib,
-        elementwise_gops=plan.hardware.elementwise_gops)
+        elementwise_gops=plan.hardware.elementwise_gops, fresh_final_eval=plan.final_eval_fresh)
 
 
 def budget_advice(prediction: TimePrediction, data: DataSize, max_time: float, label: str, epochs: float,

@@ -221,3 +221,21 @@ def test_plan_on_a_profile_counts_the_data_without_the_machine(tmp_path):
     decision = next(d for d in data["decisions"] if d["field"] == "predicted_time")
     assert data["predicted_seconds"]["training"] > 0 and "NVIDIA T4 datasheet" in decision["reason"]
     assert "fp16" in decision["reason"]  # a T4 trains in fp16: its fp16 rate is the one divided by
+
+
+def test_a_fresh_final_evaluation_is_predicted_with_its_own_loading_and_a_plan_json_reproduces_it():
+    """On one CPU process the final evaluation starts a fresh process that loads the trained model first (Plan.
+    final_eval_fresh): its predicted seconds include that loading, and predict_for_plan, which the benchmarks use to
+    re-derive a run's prediction from plan.json, gives the plan's own seconds."""
+    from launcher.plan import Plan
+
+    recipe = load_recipe(UNIT, [])
+    shape, source = find_shape(recipe.model.name)
+    fresh = make_plan(recipe, _hardware(), shape, source, data=_data())
+    assert fresh.final_eval_fresh
+    reload = 5.0 + shape.params * 2 / 1e9  # the trained model in bf16, as the plan's loading counts its weights
+    assert "after a fresh process's loading ~5 s" in fresh.decision("predicted_time").reason
+    again = Plan.model_validate_json(fresh.model_dump_json())
+    assert predict_for_plan(again, shape).seconds() == fresh.predicted_seconds
+    alone = predict_for_plan(again.model_copy(update={"final_eval_fresh": False}), shape).seconds()
+    assert fresh.predicted_seconds["final_eval"] - alone["final_eval"] == pytest.approx(reload, abs=0.1)
