@@ -16,7 +16,7 @@ from launcher.health import TrainingHealthError, collapse_diagnosis, collapse_re
 from launcher.models import check_target_modules, load_model, load_tokenizer, resolve_model, torch_dtype
 from launcher.plan import Plan
 from launcher.phases import PhaseMeter
-from launcher.process import Process
+from launcher.process import FINAL_EVALUATION_FLAG, Process
 from launcher.rundir import RunDir
 from launcher.signals import (BASE_EVAL, FINAL_EVAL, LOADING, SAVING, TRAINING, PhaseSignals, Stopped, hold_stop_signals,
                               release_stop_signals)
@@ -404,7 +404,7 @@ class Run:
         its own. exec keeps the process id, the launcher's wait on it and the output streams; the phases recorded so
         far go along in the environment. SIGINT/SIGTERM are held (blocked, not lost) across the exec: the new
         process stops on a held one as soon as its handlers are in place (launcher.worker)."""
-        from launcher.backends.base import FINAL_EVALUATION_FLAG, worker_module_args
+        from launcher.backends.base import worker_module_args
         from launcher.worker import finish_trackers
 
         record = self.meter.hand_over()

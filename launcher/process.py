@@ -20,3 +20,8 @@ class Process:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+# `python -m launcher.worker RUN_DIR --final-evaluation`: the worker replaced itself (exec) after training, and this
+# process only evaluates what it saved (launcher.job, Plan.final_eval_fresh).
+FINAL_EVALUATION_FLAG = "--final-evaluation"

@@ -14,7 +14,7 @@ import sys
 import traceback
 
 from launcher.errors import SftlaunchError, StorageError
-from launcher.process import Process
+from launcher.process import FINAL_EVALUATION_FLAG, Process
 from launcher.rundir import RunDir
 from launcher.signals import (LOADING, RESUME_DOES, FINAL_EVAL, TRAINING, PhaseSignals, Stopped, release_stop_signals,
                               signal_name, stop_behind)
@@ -27,7 +27,7 @@ ENDED: dict = {}  # this rank's last recorded state (every rank keeps it; rank 0
 def main(argv: list[str], process: Process) -> int:
     # First, before torch and transformers load (seconds): a SIGTERM from here on stops the worker cleanly.
     # After training, in the process that replaced the one that trained: only the final evaluation is left.
-    final_evaluation = "--final-evaluation" in argv[1:]  # launcher.backends.base.FINAL_EVALUATION_FLAG
+    final_evaluation = FINAL_EVALUATION_FLAG in argv[1:]
     signals = PhaseSignals()
     signals.stop_now(FINAL_EVAL if final_evaluation else LOADING)
     run_dir = RunDir(argv[0])

@@ -36,11 +36,6 @@ class Backend(Protocol):
         ...
 
 
-# `python -m launcher.worker RUN_DIR --final-evaluation`: the worker replaced itself (exec) after training, and this
-# process only evaluates what it saved (launcher.job, Plan.final_eval_fresh).
-FINAL_EVALUATION_FLAG = "--final-evaluation"
-
-
 def worker_module_args(run_dir: Path, resume: bool = False) -> tuple[str, ...]:
     """The worker as Python's arguments (`-m launcher.worker RUN_DIR [--resume]`), for python or torchrun."""
     return ("-m", "launcher.worker", str(run_dir), *(("--resume",) if resume else ()))
