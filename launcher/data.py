@@ -156,7 +156,7 @@ TEMPLATE_TOKENS_PER_MESSAGE = 5
 
 
 # Bumped whenever measure_size counts differently, so a cached count from an older way is not reused.
-SIZE_COUNT_VERSION = "3"
+SIZE_COUNT_VERSION = "4"
 
 
 def cached_size(recipe: Recipe, data_path: str | None, max_length: int, model_path: str | None):
@@ -185,6 +185,13 @@ def cached_size(recipe: Recipe, data_path: str | None, max_length: int, model_pa
     size = measure_size(recipe, data_path, max_length, model_path)
     store_in_cache(store, size.model_dump_json())
     return size
+
+
+def batch_order(prompts: list[str]) -> list[int]:
+    """The prompts' indices in generation order (launcher.evaluate.generations): longest first, so batches hold
+    similar lengths and little padding. Here, beside the data, because the plan's time model (measure_size) orders the
+    evaluation's reference answers the same way without importing the evaluation."""
+    return sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
 
 
 def measure_size(recipe: Recipe, data_path: str | None, max_length: int, model_path: str | None):
@@ -227,10 +234,15 @@ def measure_size(recipe: Recipe, data_path: str | None, max_length: int, model_p
     answers = [n + 1 for n in count([a for _, a, _ in parts])]  # + EOS
     tokens = [min(max_length, q + a + e) for q, a, e in zip(prompts, answers, extra)]
     eval_tokens = [n + e for n, (_, _, e) in zip(count([q for q, _, _ in eval_parts]), eval_parts)]
+    # The evaluation items' own reference answers (+ EOS), in the order the evaluation generates them: a trained
+    # model answers about as long as the answers it was trained on, and a batch decodes until its longest ends.
+    eval_answers = [n + 1 for n in count([a for _, a, _ in eval_parts])]
+    order = batch_order([q for q, _, _ in eval_parts])
     return DataSize(samples=len(train), tokens=sum(tokens), trainable_tokens=sum(min(a, t) for a, t in zip(answers, tokens)),
                     answer_tokens_max=max(answers), eval_items=len(evals),
                     eval_prompt_tokens=round(sum(eval_tokens) / max(1, len(eval_tokens))),
-                    eval_prompt_tokens_max=max(eval_tokens, default=0), source=how)
+                    eval_prompt_tokens_max=max(eval_tokens, default=0),
+                    eval_answer_tokens=[eval_answers[i] for i in order] if evals else None, source=how)
 
 
 def _tokenizer_file(model_path: str | None) -> Path | None:

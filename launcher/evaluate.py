@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher import stats
-from launcher.data import format_prompt
+from launcher.data import batch_order, format_prompt
 from launcher.errors import DataError
 from launcher.jsonl import read_jsonl
 from launcher.rundir import RunDir
@@ -78,11 +78,6 @@ def generations(model, tokenizer, prompts: list[str], *, batch_size: int, max_ne
         if contiguous is not None:
             contiguous.remove()
     return [outputs[i] for i in range(len(prompts))]
-
-
-def batch_order(prompts: list[str]) -> list[int]:
-    """The prompts' indices in generation order: longest first, so batches hold similar lengths and little padding."""
-    return sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
 
 
 def answer_lengths(generated: list[Generation], prompts: list[str], batch_size: int) -> dict:

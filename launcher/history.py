@@ -153,7 +153,7 @@ ANSWER_RUNS_READ = 50
 def measured_answers(recipe) -> dict[str, dict] | None:
     """How many decoding steps the evaluations of the newest earlier run with the same evaluation took, per model, for
     the plan's evaluation time (launcher.timing): {"base": ..., "trained": ...}, each {"decode_steps", "batches",
-    "run"}; None when no earlier run in output.dir has them. Greedy decoding makes the base model's exact for the same
+    "run", "mean"}; None when no earlier run in output.dir has them. Greedy decoding makes the base model's exact for the same
     model, data and eval settings; the trained model's are taken from a run of the same recipe (output aside), a
     guide rather than a certainty (its training may differ).
     """
@@ -188,6 +188,8 @@ def measured_answers(recipe) -> dict[str, dict] | None:
             if isinstance(lengths.get("decode_steps"), int) and isinstance(lengths.get("batches"), int):
                 found[which] = {"decode_steps": lengths["decode_steps"], "batches": lengths["batches"],
                                 "run": path.parent.name}
+                if isinstance(lengths.get("mean"), (int, float)):
+                    found[which]["mean"] = lengths["mean"]
         if len(found) == 2:
             break
     return found or None

@@ -77,8 +77,12 @@ class DataSize(BaseModel):
     # None in a count cached before it was kept: the plan then sizes the evaluation's memory for data.max_length.
     eval_prompt_tokens_max: int | None = None
     # Answer lengths an earlier run of the same evaluation measured (launcher.history.measured_answers), per model
-    # ("base", "trained"): {"decode_steps", "batches", "run"}; None: not known, the training answers' longest is used.
+    # ("base", "trained"): {"decode_steps", "batches", "run"} and "mean" (tokens per answer) where it was recorded;
+    # None: not known, the evaluation's reference answers are used (eval_answer_tokens).
     measured_answers: dict[str, dict] | None = None
+    # The evaluation items' reference answers in tokens (+ EOS), in the evaluation's generation order
+    # (launcher.data.batch_order). None in a count cached before they were kept: the training answers' longest is used.
+    eval_answer_tokens: list[int] | None = None
 
 
 class TimePrediction(BaseModel):
@@ -155,6 +159,48 @@ def _measured_answers(data: DataSize, eval_batch: int) -> dict:
     """Answer lengths an earlier run measured, per model, where it evaluated the same items in the same batches."""
     batches = _eval_batches(data, eval_batch)
     return {k: m for k, m in (data.measured_answers or {}).items() if m.get("batches") == batches}
+
+
+# Rows a batch still holds after their answer ended: generation drops finished rows every DROP_FINISHED_EVERY (16)
+# decoding steps (launcher.evaluate._generate_batch), so a row stays half of that longer on average.
+ROW_LINGER_STEPS = 8
+
+
+def answer_batches(data: DataSize, which: str, eval_batch: int, max_new_tokens: int) -> tuple[list[tuple[int, float, float]], str]:
+    """Each evaluation batch of `which` model ("base" or "trained") as (rows, decoding steps, row-steps: the rows
+    the steps carry, summed), and where the answer lengths come from:
+    - an earlier run's measured answers (launcher.history.measured_answers), exact for the base model under greedy
+      decoding: its mean steps per batch, and rows that stay until their mean answer ends;
+    - else the evaluation items' reference answers: a batch decodes until its longest reference ends, each row until
+      its own does - how a model trained on the data answers; the base model, not trained on them, is assumed to
+      answer as long (a first run cannot know better);
+    - else (a size counted before the references were kept) the training answers' longest in every batch, half the
+      rows generating.
+    Every length at most eval.max_new_tokens."""
+    n, b = data.eval_items, max(1, eval_batch)
+    sizes = [min(b, n - k) for k in range(0, n, b)]
+    m = _measured_answers(data, eval_batch).get(which)
+    if m:
+        steps = m["decode_steps"] / max(1, m["batches"])
+        per_row = min(steps, m["mean"] + 1 + ROW_LINGER_STEPS) if isinstance(m.get("mean"), (int, float)) else steps / 2
+        return ([(rows, steps, max(steps, rows * per_row)) for rows in sizes],
+                f"{m['decode_steps']} decoding steps over {m['batches']} batch{'es' if m['batches'] != 1 else ''}, "
+                f"measured in {m['run']}")
+    refs = data.eval_answer_tokens
+    if refs and len(refs) == n:
+        out, start = [], 0
+        for rows in sizes:
+            lengths = [min(max_new_tokens, t) for t in refs[start:start + rows]]
+            start += rows
+            steps = max(lengths)
+            out.append((rows, float(steps), float(sum(min(steps, t + ROW_LINGER_STEPS) for t in lengths))))
+        mean = sum(min(max_new_tokens, t) for t in refs) / n
+        return out, (f"answers as long as the {n} references, {mean:.0f} tokens on average"
+                     + (", assumed for the base model too" if which == "base" else ""))
+    steps = float(min(max_new_tokens, data.answer_tokens_max))
+    return ([(rows, steps, max(steps, rows / 2 * steps)) for rows in sizes],
+            f"answers up to {round(steps)} tokens, the training answers' longest"
+            + (", assumed for the base model too" if which == "base" else ""))
 
 
 def decode_steps_per_batch(data: DataSize, which: str, eval_batch: int, max_new_tokens: int) -> float:
@@ -242,39 +288,28 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
         comm_s = steps * per_step / link
     training = matmul_s + elementwise_s + fixed_s + optimizer_s + comm_s + dequantize_s
 
-    eval_batches = _eval_batches(data, eval_batch)
-    measured = _measured_answers(data, eval_batch)
+    lengths: dict[str, str] = {}
 
     def evaluation(which: str) -> tuple[float, int]:
         rate_eval = tflops.get(eval_precision, tflops[precision]) * 1e12 * (min(1.0, threads / max(1, cpu_cores)) if device == "cpu" else 1.0)
         weight_bytes = shape.params * (2 if eval_precision in ("bf16", "fp16") else 4)
-        n, b, batches = data.eval_items, max(1, eval_batch), eval_batches
-        steps_per_batch = decode_steps_per_batch(data, which, eval_batch, max_new_tokens)
+        batches, lengths[which] = answer_batches(data, which, eval_batch, max_new_tokens)
         seconds, decode_steps = 0.0, 0
-        for k in range(batches):
-            rows = min(b, n - k * b)
+        for rows, steps, row_steps in batches:
             prefill = rows * data.eval_prompt_tokens * 2 * shape.params / (rate_eval * c["matmul_efficiency"])
-            # Rows leave the batch as their answers end: on average half of them are still generating.
-            active = max(1.0, rows / 2)
+            # Rows leave the batch as their answers end: a step carries the rows still there on average.
+            active = max(1.0, row_steps / max(1.0, steps))
             step = max(weight_bytes / (bandwidth_gbs * 1e9), active * 2 * shape.params / (rate_eval * c["matmul_efficiency"]))
-            seconds += prefill + steps_per_batch * (step + c["decode_step_seconds"])
-            decode_steps += round(steps_per_batch)
+            seconds += prefill + steps * (step + c["decode_step_seconds"])
+            decode_steps += round(steps)
         # The evaluation's loss: one forward pass over every item (prompt and reference answer, of the mean length).
         mean_answer = data.trainable_tokens / max(1, data.samples)
-        seconds += n * (data.eval_prompt_tokens + mean_answer) * 2 * shape.params / (rate_eval * c["matmul_efficiency"])
+        seconds += data.eval_items * (data.eval_prompt_tokens + mean_answer) * 2 * shape.params / (rate_eval * c["matmul_efficiency"])
         return seconds, decode_steps
 
-    answer = data.answer_tokens_max
     trained_eval, decode_steps = evaluation("trained")
     base_eval, base_steps = evaluation("base") if compare_base else (0.0, 0)
 
-    def answers(which: str) -> str:
-        m = measured.get(which)
-        if m:
-            return (f"{m['decode_steps']} decoding steps over {m['batches']} batch{'es' if m['batches'] != 1 else ''}, "
-                    f"measured in {m['run']}")
-        return (f"answers up to {min(max_new_tokens, answer)} tokens"
-                + (", the training answers' longest" if which == "trained" else ", assumed as long as the trained model's"))
     # Loading: reading the weights (a few seconds for small models; bandwidth-bound for large ones from a page cache).
     loading = 5.0 + shape.params * (4 if base_dtype == "fp32" else 2) / 1e9
     reload = 5.0 + shape.params * (4 if eval_precision == "fp32" else 2) / 1e9 if fresh_final_eval else 0.0
@@ -292,8 +327,8 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
               + (f" + gradient exchange {_minutes(comm_s)}" if comm_s else "")
               + (f" + dequantizing the 4-bit weights {_minutes(dequantize_s)} (not measured)" if quantized else "")
               + f" ({steps} steps, {samples_seen} samples seen); "
-              + (f"base evaluation ~{_minutes(base_eval)} ({answers('base')}); " if compare_base else "")
-              + f"trained evaluation ~{_minutes(trained_eval)} ({data.eval_items} items, {answers('trained')}"
+              + (f"base evaluation ~{_minutes(base_eval)} ({lengths['base']}); " if compare_base else "")
+              + f"trained evaluation ~{_minutes(trained_eval)} ({data.eval_items} items, {lengths['trained']}"
               + (f", after a fresh process's loading ~{_minutes(reload)}" if reload else "") + "); "
               f"loading ~{_minutes(loading)}; efficiencies {fitted}; tokens: {data.source}")
     return TimePrediction(training=training, base_eval=base_eval, trained_eval=trained_eval, loading=loading,

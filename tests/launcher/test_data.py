@@ -128,7 +128,7 @@ def test_data_size_counts_each_sample_not_the_batch_padding_its_tokenizer_file_c
 
 
 def test_data_size_keeps_the_longest_evaluation_prompt_which_sizes_the_evaluations_kv_cache(tiny_model):
-    """Generation pads a batch to its longest prompt (longest first: launcher.evaluate.batch_order), so the plan's
+    """Generation pads a batch to its longest prompt (longest first: launcher.data.batch_order), so the plan's
     predicted evaluation peak takes the longest evaluation prompt, counted with the model's tokenizer."""
     from transformers import AutoTokenizer
 
@@ -141,3 +141,20 @@ def test_data_size_keeps_the_longest_evaluation_prompt_which_sizes_the_evaluatio
     lengths = [len(tok(format_prompt(ex.question, None, "plain"), add_special_tokens=False).input_ids) for ex in evals]
     assert size.eval_items == len(lengths) == 12
     assert size.eval_prompt_tokens_max == max(lengths) > size.eval_prompt_tokens == round(sum(lengths) / 12)
+
+
+def test_data_size_keeps_the_evaluations_reference_answers_in_the_order_the_evaluation_generates_them(tiny_model):
+    """A first run's evaluation time (launcher.timing.answer_batches) takes each batch's longest reference answer:
+    the references' token counts (+ EOS), in the order launcher.evaluate generates the prompts (longest first)."""
+    from transformers import AutoTokenizer
+
+    from launcher.data import batch_order, build_examples, format_prompt, measure_size
+
+    recipe = load_recipe(ROOT / "recipes" / "unit-conversion.yaml", ["data.train_size=16", "eval.limit=12"])
+    size = measure_size(recipe, None, 512, str(tiny_model))
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    _, evals = build_examples(recipe, None)
+    prompts = [format_prompt(ex.question, tok, recipe.data.prompt_format) for ex in evals]  # as evaluate() builds them
+    answers = [len(tok(" " + ex.target, add_special_tokens=False).input_ids) + 1 for ex in evals]
+    assert size.eval_answer_tokens == [answers[i] for i in batch_order(prompts)]
+    assert len(set(size.eval_answer_tokens)) > 1 and size.eval_answer_tokens != answers  # the order matters here

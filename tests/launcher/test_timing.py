@@ -164,11 +164,11 @@ def test_the_evaluations_time_follows_the_answer_lengths_an_earlier_run_of_the_s
     earlier_run("other-eval", load_recipe(UNIT, [f"output.dir={out}", "eval.max_new_tokens=64"]), 10, 10)
     assert measured_answers(recipe) is None
     earlier_run("other-training", load_recipe(UNIT, [f"output.dir={out}", "train.learning_rate=1e-3"]), 180, 99)
-    assert measured_answers(recipe) == {"base": {"decode_steps": 180, "batches": 3, "run": "other-training"}}
+    assert measured_answers(recipe) == {"base": {"decode_steps": 180, "batches": 3, "run": "other-training", "mean": 20.2}}
     earlier_run("same", load_recipe(UNIT, [f"output.dir={out}", "output.name=again"]), 180, 384)  # output aside
     measured = measured_answers(recipe)  # the newest run that has each
-    assert measured == {"base": {"decode_steps": 180, "batches": 3, "run": "same"},
-                        "trained": {"decode_steps": 384, "batches": 3, "run": "same"}}
+    assert measured == {"base": {"decode_steps": 180, "batches": 3, "run": "same", "mean": 20.2},
+                        "trained": {"decode_steps": 384, "batches": 3, "run": "same", "mean": 74.8}}
 
     after = make_plan(recipe, _hardware(), shape, source, data=_data().model_copy(update={"measured_answers": measured}))
     # 150 items in 3 batches of 50 decoded 180 steps (base) and 384 (trained) against 3 x 103 assumed before.
@@ -178,7 +178,39 @@ def test_the_evaluations_time_follows_the_answer_lengths_an_earlier_run_of_the_s
     reason = after.decision("predicted_time").reason
     assert "base evaluation ~" in reason and "(180 decoding steps over 3 batches, measured in same)" in reason
     assert "384 decoding steps over 3 batches, measured in same" in reason
-    assert "assumed as long as the trained model's" in before.decision("predicted_time").reason
+    assert ("answers up to 103 tokens, the training answers' longest, assumed for the base model too"
+            in before.decision("predicted_time").reason)
+
+
+def test_a_first_runs_evaluation_decodes_each_batch_until_its_longest_reference_answer_ends():
+    """With no earlier run, every batch was given the training answers' longest (GSM8K's 415 tokens, capped at 320,
+    in each of 16 batches). A batch decodes until its own longest answer ends, and a trained model answers about as
+    long as the evaluation's references: the plan now sums each batch's longest reference."""
+    shape, source = find_shape("embedded:smollm2-135m-instruct")
+    refs = [100] + [40] * 49 + [30] * 50 + [20] * 50  # 150 items in generation order: 3 batches of 50
+    with_refs = _data().model_copy(update={"eval_answer_tokens": refs})
+
+    def predicted(data, *overrides):
+        plan = make_plan(load_recipe(UNIT, list(overrides)), _hardware(), shape, source, data=data)
+        return plan, predict_for_plan(plan, shape)
+
+    before_plan, before = predicted(_data())
+    plan, after = predicted(with_refs)
+    assert before.parts["eval_decode_steps"] == 3 * 103
+    assert after.parts["eval_decode_steps"] == after.parts["base_eval_decode_steps"] == 100 + 30 + 20
+    assert after.trained_eval < before.trained_eval and after.base_eval < before.base_eval
+    assert after.training == before.training
+    reason = plan.decision("predicted_time").reason
+    assert "answers as long as the 150 references, 30 tokens on average" in reason
+    assert "assumed for the base model too" in reason
+    # eval.max_new_tokens caps each answer: the long one stops at 64.
+    _, capped = predicted(with_refs, "eval.max_new_tokens=64")
+    assert capped.parts["eval_decode_steps"] == 64 + 30 + 20
+    # Fewer rows generate in the later steps of a batch whose answers end early: the same steps with every row
+    # as long as the longest cost more.
+    _, long_rows = predicted(_data().model_copy(update={"eval_answer_tokens": [100] * 50 + [30] * 50 + [20] * 50}))
+    assert long_rows.parts["eval_decode_steps"] == after.parts["eval_decode_steps"]
+    assert long_rows.trained_eval > after.trained_eval
 
 
 def test_a_budget_shorter_than_the_training_says_what_it_will_see_and_what_fits():
