@@ -433,6 +433,69 @@ def _busy_cpus(cores: int) -> str | None:
     return f"load average {load:.1f} on {cores} cores" if load > cores / 2 else None
 
 
+# DeepSpeed on a CPU (its CPU accelerator, Linux) builds its shared-memory collectives, the op deepspeed_shm_comm
+# (two C++ files), with torch's JIT extension loader as its process group starts (deepspeed/comm/torch.py
+# build_shm_op; ops/op_builder/cpu/comm.py ShareMemCommBuilder): in torch's extensions folder
+# (torch/utils/cpp_extension.py _get_build_directory), once per machine and install, and again for another virtual
+# environment or torch, whose paths and headers the build's ninja file records. Without a C++ compiler the build
+# fails and every rank stops with "Error building extension 'deepspeed_shm_comm'".
+DEEPSPEED_CPU_OP = "deepspeed_shm_comm"
+
+
+def deepspeed_cpu_op_to_build() -> Path | None:
+    """The folder where DeepSpeed's CPU shared-memory op will be built when a DeepSpeed run starts on this machine's
+    CPU, or None when there is nothing to build: built there already for this deepspeed and torch, installed
+    prebuilt (DS_BUILD_SHM_COMM), not Linux (DeepSpeed takes plain gloo there), or DeepSpeed or torch not installed.
+    Read from files, without importing either (the plan never imports torch)."""
+    import importlib.util
+    import re
+    import sys
+
+    if sys.platform != "linux":
+        return None
+    ds, torch = importlib.util.find_spec("deepspeed"), importlib.util.find_spec("torch")
+    if ds is None or torch is None or not ds.origin or not torch.origin:
+        return None
+    ds_dir, torch_dir = Path(ds.origin).parent, Path(torch.origin).parent
+
+    def text(path: Path) -> str:
+        try:
+            return path.read_text()
+        except OSError:
+            return ""
+
+    if re.search(rf"['\"]{DEEPSPEED_CPU_OP}['\"]\s*:\s*True", text(ds_dir / "git_version_info_installed.py")):
+        return None
+    version = text(torch_dir / "version.py")
+
+    def field(name: str) -> str | None:
+        m = re.search(rf"^{name}\s*(?::[^=\n]*)?=\s*['\"]([^'\"]+)['\"]", version, re.M)
+        return m.group(1) if m else None
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:  # torch's: $XDG_CACHE_HOME or ~/.cache (torch._appdirs.user_cache_dir), then python and build
+        hip, cuda = field("hip"), field("cuda")
+        accelerator = f"rocm{hip.replace('.', '')}" if hip else f"cu{cuda.replace('.', '')}" if cuda else "cpu"
+        cache = os.path.realpath(os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                              "torch_extensions"))
+        root = os.path.join(cache, f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_{accelerator}")
+    folder = Path(root) / DEEPSPEED_CPU_OP
+    source = ds_dir / "ops" / "csrc" / "cpu" / "comm" / "shm.cpp"
+    try:
+        built = (folder / f"{DEEPSPEED_CPU_OP}.so").stat().st_mtime
+        newest_input = max(source.stat().st_mtime, (torch_dir / "version.py").stat().st_mtime)
+    except OSError:
+        return folder
+    commands = text(folder / "build.ninja")
+    same = str(source) in commands and str(torch_dir / "include") in commands
+    return None if same and built >= newest_input else folder
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch's JIT extensions build with ($CXX, else c++: torch/utils/cpp_extension.py), if found."""
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

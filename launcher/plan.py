@@ -333,6 +333,14 @@ def runnable_here(plan: Plan, hw: HardwareInfo) -> list[str]:
         problems.append("model.quantize=4bit needs bitsandbytes, which is not installed here (pip install 'sftlaunch[qlora]')")
     if plan.backend == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         problems.append("DeepSpeed is not installed (pip install deepspeed; DS_BUILD_OPS=0 for a pure-Python install)")
+    elif plan.backend == "deepspeed" and plan.device == "cpu":
+        from launcher.hardware import cxx_compiler, deepspeed_cpu_op_to_build
+
+        folder = deepspeed_cpu_op_to_build()
+        if folder is not None and cxx_compiler() is None:
+            problems.append(f"DeepSpeed on a CPU builds its shared-memory op ({folder.name}) as the run starts, with a C++ "
+                            f"compiler, and none was found ($CXX, else c++; slim container images have none). Fix: "
+                            "install one (apt-get install g++), or hardware.backend=cpu for one process")
     return problems
 
 
@@ -627,6 +635,12 @@ def _decide_time(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None, dat
         decide("predicted_time", None, f"time not predicted: {data or 'the data was not measured'}")
         return None
     t, lora = recipe.train, recipe.model.lora
+    op_build = None
+    if backend == "deepspeed" and device == "cpu" and hw.name == "detected":
+        from launcher.hardware import deepspeed_cpu_op_to_build
+
+        folder = deepspeed_cpu_op_to_build()
+        op_build = str(folder) if folder else None
 
     def predict(size: DataSize, epochs: float):
         return predict_time(
@@ -638,7 +652,7 @@ def _decide_time(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None, dat
             eval_batch=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
             compare_base=recipe.eval.compare_base, base_dtype=base_dtype, quantized=recipe.model.quantize == "4bit",
             memory_gib=None if fit.estimate is None else fit.estimate.total / GiB, elementwise_gops=hw.elementwise_gops,
-            fresh_final_eval=fresh)
+            fresh_final_eval=fresh, op_build=op_build)
 
     def training_for(samples: int, epochs: float) -> float:
         share = samples / data.samples

@@ -54,6 +54,11 @@ CPU = {
     "start_seconds": 2.0,
     "first_touch_seconds_per_gib": 1.6,
     "decode_step_seconds": 0.1,  # fixed cost per generation step of a batch (Python, the logits processors, cache)
+    # DeepSpeed's CPU shared-memory op built on the first DeepSpeed run of a machine and install
+    # (launcher.hardware.deepspeed_cpu_op_to_build): the loading phase took 29.8 s against 5.0 s with the op built
+    # (2-core Xeon with AMX; its two C++ files compiled in 24 s side by side); first DeepSpeed runs on a 2-core EPYC
+    # loaded in 42.8 s.
+    "deepspeed_op_build_seconds": 25.0,
 }
 GPU = {"matmul_efficiency": 0.35, "elementwise_passes": 6.0, "attention_bytes_per_score": 0.0, "micro_batch_seconds": 0.03,
        "optimizer_bytes_per_param": 32.0, "start_seconds": 5.0, "first_touch_seconds_per_gib": 0.0, "decode_step_seconds": 0.015}
@@ -219,13 +224,15 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
                  nodes: int, threads: int, cpu_cores: int, epochs: float, max_steps: int | None, zero_stage: int,
                  eval_batch: int, max_new_tokens: int, compare_base: bool, base_dtype: str,
                  quantized: bool = False, memory_gib: float | None = None,
-                 elementwise_gops: dict | None = None, fresh_final_eval: bool = False) -> TimePrediction | str:
+                 elementwise_gops: dict | None = None, fresh_final_eval: bool = False,
+                 op_build: str | None = None) -> TimePrediction | str:
     """The predicted seconds of each phase, or why time cannot be predicted.
 
     elementwise_gops: the CPU's elementwise rate per precision in G elements/s (the probe's, or a CPU profile's);
     a CPU's time is not predicted without it (GPUs use bandwidth_gbs for that part). fresh_final_eval: the final
     evaluation runs in a fresh process (Plan.final_eval_fresh), which starts the libraries and loads the trained model
-    in eval_precision first."""
+    in eval_precision first. op_build: the folder where DeepSpeed's CPU op will be built as the run starts
+    (launcher.hardware.deepspeed_cpu_op_to_build), counted in the loading."""
     if not tflops or precision not in tflops or not bandwidth_gbs:
         return f"no {precision} matrix rate for this hardware (a profile without matmul_tflops, or the probe did not run)"
     if device == "cpu" and (not elementwise_gops or precision not in elementwise_gops or "fp32" not in elementwise_gops):
@@ -312,6 +319,8 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
 
     # Loading: reading the weights (a few seconds for small models; bandwidth-bound for large ones from a page cache).
     loading = 5.0 + shape.params * (4 if base_dtype == "fp32" else 2) / 1e9
+    build_s = CPU["deepspeed_op_build_seconds"] if op_build and device == "cpu" else 0.0
+    loading += build_s
     reload = 5.0 + shape.params * (4 if eval_precision == "fp32" else 2) / 1e9 if fresh_final_eval else 0.0
     trained_eval += reload
     sustained = rate * c["matmul_efficiency"]
@@ -330,7 +339,10 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
               + (f"base evaluation ~{_minutes(base_eval)} ({lengths['base']}); " if compare_base else "")
               + f"trained evaluation ~{_minutes(trained_eval)} ({data.eval_items} items, {lengths['trained']}"
               + (f", after a fresh process's loading ~{_minutes(reload)}" if reload else "") + "); "
-              f"loading ~{_minutes(loading)}; efficiencies {fitted}; tokens: {data.source}")
+              f"loading ~{_minutes(loading)}"
+              + (f" (DeepSpeed builds its CPU shared-memory op first, once: ~{_minutes(build_s)}, in {op_build})"
+                 if build_s else "")
+              + f"; efficiencies {fitted}; tokens: {data.source}")
     return TimePrediction(training=training, base_eval=base_eval, trained_eval=trained_eval, loading=loading,
                           flops_per_token=f["total"], tokens=tokens, samples_seen=samples_seen, steps=steps,
                           sustained_gflops=sustained / 1e9, reason=reason,

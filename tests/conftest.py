@@ -136,3 +136,15 @@ def fault_env(**faults) -> dict:
     """The environment that makes processes started with it inject the named faults (tests/faults)."""
     return {**{k.upper(): str(v) for k, v in faults.items()},
             "PYTHONPATH": os.pathsep.join(filter(None, [str(FAULTS), os.environ.get("PYTHONPATH")]))}
+
+
+def built_deepspeed_op(folder, ninja: str | None = None) -> None:
+    """What torch's JIT loader leaves in the extensions folder after building DeepSpeed's CPU op for this install."""
+    import importlib.util
+    from pathlib import Path
+
+    ds, torch = (Path(importlib.util.find_spec(name).origin).parent for name in ("deepspeed", "torch"))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "build.ninja").write_text(ninja or (f"cflags = -isystem {torch / 'include'}\n"
+                                                  f"build shm.o: compile {ds / 'ops/csrc/cpu/comm/shm.cpp'}\n"))
+    (folder / "deepspeed_shm_comm.so").write_bytes(b"")

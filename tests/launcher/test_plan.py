@@ -474,3 +474,22 @@ def test_qlora_is_evaluated_on_the_4bit_base_in_its_compute_dtype():
     assert "NF4 weights cannot be cast" in plan.decision("eval_precision").reason
     assert "generation runs on the 4-bit base" in plan.decision("eval_memory_gib").reason
     assert [d.field for d in plan_for(CPU_BF16).decisions].count("quantize") == 0  # no 4-bit, no line about it
+
+
+def test_deepspeed_on_a_cpu_without_a_cpp_compiler_stops_before_starting_and_says_what_to_install(tmp_path, monkeypatch):
+    """DeepSpeed's CPU process group builds its shared-memory op with a C++ compiler as it starts; with none, every
+    rank died on "Error building extension 'deepspeed_shm_comm'" after the launch (a traceback per rank)."""
+    from launcher.plan import runnable_here
+    from tests.conftest import built_deepspeed_op
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    plan = plan_for(CPU_BF16, "hardware.backend=deepspeed")
+    assert plan.backend == "deepspeed" and plan.device == "cpu"
+    (problem,) = runnable_here(plan, CPU_BF16)
+    assert problem.startswith("DeepSpeed on a CPU builds its shared-memory op (deepspeed_shm_comm) as the run starts, "
+                              "with a C++ compiler, and none was found")
+    assert "Fix: install one (apt-get install g++), or hardware.backend=cpu" in problem
+    assert runnable_here(plan_for(CPU_BF16), CPU_BF16) == []  # one process builds nothing
+    built_deepspeed_op(tmp_path / "deepspeed_shm_comm")  # built already: no compiler needed
+    assert runnable_here(plan, CPU_BF16) == []

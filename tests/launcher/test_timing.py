@@ -8,7 +8,7 @@ from launcher.plan import make_plan
 from launcher.recipe import load_recipe
 from launcher.timing import CPU as CPU_CONSTANTS
 from launcher.timing import DataSize, flops_per_token, predict_for_plan
-from tests.conftest import ROOT
+from tests.conftest import ROOT, built_deepspeed_op
 
 UNIT = ROOT / "recipes" / "unit-conversion.yaml"
 # hidden 64, 2 layers, 4 heads of 16, 2 key/value heads (kv width 32), intermediate 128, vocabulary 400, tied.
@@ -271,3 +271,34 @@ def test_a_fresh_final_evaluation_is_predicted_with_its_own_loading_and_a_plan_j
     assert predict_for_plan(again, shape).seconds() == fresh.predicted_seconds
     alone = predict_for_plan(again.model_copy(update={"final_eval_fresh": False}), shape).seconds()
     assert fresh.predicted_seconds["final_eval"] - alone["final_eval"] == pytest.approx(reload, abs=0.1)
+
+
+def test_a_first_deepspeed_run_on_a_cpu_counts_building_deepspeeds_op_and_a_later_one_does_not(tmp_path, monkeypatch):
+    """DeepSpeed's CPU process group builds its shared-memory op (two C++ files) the first time it starts with a
+    deepspeed and torch install: that run's loading took 29.8 s against 5.0 s once built (2-core Xeon with AMX), and
+    the plan had said 5.5 s for both."""
+    from launcher.hardware import deepspeed_cpu_op_to_build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = tmp_path / "deepspeed_shm_comm"
+    shape, source = find_shape("embedded:smollm2-135m-instruct")
+
+    def plan(*overrides, hw=None):
+        return make_plan(load_recipe(UNIT, list(overrides)), hw or _hardware(), shape, source, data=_data())
+
+    first = plan("hardware.backend=deepspeed")
+    assert deepspeed_cpu_op_to_build() == folder
+    assert (f"(DeepSpeed builds its CPU shared-memory op first, once: ~25 s, in {folder})"
+            in first.decision("predicted_time").reason)
+    built_deepspeed_op(folder)
+    later = plan("hardware.backend=deepspeed")
+    assert first.predicted_seconds["loading"] - later.predicted_seconds["loading"] == pytest.approx(25, abs=0.1)
+    assert "shared-memory op" not in later.decision("predicted_time").reason
+    # Built for another virtual environment (its paths in the ninja file): built again for this one.
+    built_deepspeed_op(folder, ninja="build shm.o: compile /elsewhere/venv/deepspeed/ops/csrc/cpu/comm/shm.cpp\n")
+    assert deepspeed_cpu_op_to_build() == folder
+    assert plan("hardware.backend=deepspeed").predicted_seconds["loading"] == first.predicted_seconds["loading"]
+    # One CPU process never builds it; a profile's plan (another machine) does not look at this one's folders.
+    assert "shared-memory op" not in plan().decision("predicted_time").reason
+    profile = _hardware(name="cpu-2core")
+    assert "shared-memory op" not in plan("hardware.backend=deepspeed", hw=profile).decision("predicted_time").reason
