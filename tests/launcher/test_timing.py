@@ -183,8 +183,8 @@ def test_the_evaluations_time_follows_the_answer_lengths_an_earlier_run_of_the_s
 
 
 def test_a_first_runs_evaluation_decodes_each_batch_until_its_longest_reference_answer_ends():
-    """With no earlier run, every batch was given the training answers' longest (GSM8K's 415 tokens, capped at 320,
-    in each of 16 batches). A batch decodes until its own longest answer ends, and a trained model answers about as
+    """With no earlier run, every batch was given the training answers' longest (GSM8K's first 400 training samples:
+    455 tokens, capped at eval.max_new_tokens 320, in every batch). A batch decodes until its own longest answer ends, and a trained model answers about as
     long as the evaluation's references: the plan now sums each batch's longest reference."""
     shape, source = find_shape("embedded:smollm2-135m-instruct")
     refs = [100] + [40] * 49 + [30] * 50 + [20] * 50  # 150 items in generation order: 3 batches of 50
