@@ -19,7 +19,7 @@ from launcher.memory import (ADAM_BYTES_PER_PARAM, CPU_RUNTIME_GIB, LOGITS_BYTES
                              quantized_weight_bytes)
 from launcher.recipe import Recipe
 from launcher.tasks import get_task
-from launcher.timing import DataSize, budget_advice, decode_steps_per_batch, predict_time
+from launcher.timing import DataSize, budget_advice, decode_steps_per_batch, evaluation_generates, predict_time
 
 # Beyond this, a bigger micro-batch on a CPU only adds padding: rows of one batch are padded to its
 # longest sample, and a CPU gains little from wider matrix products.
@@ -652,7 +652,7 @@ def _decide_time(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None, dat
             eval_batch=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
             compare_base=recipe.eval.compare_base, base_dtype=base_dtype, quantized=recipe.model.quantize == "4bit",
             memory_gib=None if fit.estimate is None else fit.estimate.total / GiB, elementwise_gops=hw.elementwise_gops,
-            fresh_final_eval=fresh, op_build=op_build)
+            fresh_final_eval=fresh, op_build=op_build, generates=evaluation_generates(recipe))
 
     def training_for(samples: int, epochs: float) -> float:
         share = samples / data.samples

@@ -225,14 +225,15 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
                  eval_batch: int, max_new_tokens: int, compare_base: bool, base_dtype: str,
                  quantized: bool = False, memory_gib: float | None = None,
                  elementwise_gops: dict | None = None, fresh_final_eval: bool = False,
-                 op_build: str | None = None) -> TimePrediction | str:
+                 op_build: str | None = None, generates: bool = True) -> TimePrediction | str:
     """The predicted seconds of each phase, or why time cannot be predicted.
 
     elementwise_gops: the CPU's elementwise rate per precision in G elements/s (the probe's, or a CPU profile's);
     a CPU's time is not predicted without it (GPUs use bandwidth_gbs for that part). fresh_final_eval: the final
     evaluation runs in a fresh process (Plan.final_eval_fresh), which starts the libraries and loads the trained model
     in eval_precision first. op_build: the folder where DeepSpeed's CPU op will be built as the run starts
-    (launcher.hardware.deepspeed_cpu_op_to_build), counted in the loading."""
+    (launcher.hardware.deepspeed_cpu_op_to_build), counted in the loading. generates: whether the evaluation generates
+    answers (evaluation_generates), or only takes the held-out loss."""
     if not tflops or precision not in tflops or not bandwidth_gbs:
         return f"no {precision} matrix rate for this hardware (a profile without matmul_tflops, or the probe did not run)"
     if device == "cpu" and (not elementwise_gops or precision not in elementwise_gops or "fp32" not in elementwise_gops):
@@ -301,6 +302,8 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
         rate_eval = tflops.get(eval_precision, tflops[precision]) * 1e12 * (min(1.0, threads / max(1, cpu_cores)) if device == "cpu" else 1.0)
         weight_bytes = shape.params * (2 if eval_precision in ("bf16", "fp16") else 4)
         batches, lengths[which] = answer_batches(data, which, eval_batch, max_new_tokens)
+        if not generates:
+            batches, lengths[which] = [], "no generation (eval.metrics is empty): the held-out loss only"
         seconds, decode_steps = 0.0, 0
         for rows, steps, row_steps in batches:
             prefill = rows * data.eval_prompt_tokens * 2 * shape.params / (rate_eval * c["matmul_efficiency"])
@@ -356,6 +359,12 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
                                  "base_eval_fixed_s": base_steps * c["decode_step_seconds"]})
 
 
+def evaluation_generates(recipe) -> bool:
+    """Whether the evaluation generates answers: the chat task without eval.metrics is evaluated by its held-out loss
+    alone (launcher.tasks.chat.ChatTask.generates)."""
+    return recipe.data.task != "chat" or bool(recipe.eval.metrics)
+
+
 def predict_for_plan(plan, shape: ModelShape) -> TimePrediction | str:
     """predict_time with a written plan's own inputs (benchmarks re-derive the parts of a run's prediction)."""
     r = plan.recipe
@@ -370,7 +379,8 @@ def predict_for_plan(plan, shape: ModelShape) -> TimePrediction | str:
         cpu_cores=plan.hardware.cpu_cores, epochs=r.train.epochs, max_steps=r.train.max_steps, zero_stage=plan.zero_stage,
         eval_batch=r.eval.batch_size, max_new_tokens=r.eval.max_new_tokens, compare_base=r.eval.compare_base,
         base_dtype=plan.base_dtype, quantized=plan.quantize == "4bit", memory_gib=plan.memory_estimate_gib,
-        elementwise_gops=plan.hardware.elementwise_gops, fresh_final_eval=plan.final_eval_fresh)
+        elementwise_gops=plan.hardware.elementwise_gops, fresh_final_eval=plan.final_eval_fresh,
+        generates=evaluation_generates(r))
 
 
 def budget_advice(prediction: TimePrediction, data: DataSize, max_time: float, label: str, epochs: float,

@@ -302,3 +302,21 @@ def test_a_first_deepspeed_run_on_a_cpu_counts_building_deepspeeds_op_and_a_late
     assert "shared-memory op" not in plan().decision("predicted_time").reason
     profile = _hardware(name="cpu-2core")
     assert "shared-memory op" not in plan("hardware.backend=deepspeed", hw=profile).decision("predicted_time").reason
+
+
+def test_a_chat_evaluation_without_metrics_is_predicted_without_generation():
+    """The chat task without eval.metrics evaluates by held-out loss alone (it generates nothing): its evaluations
+    were predicted with decoding steps they never take."""
+    shape, source = find_shape("embedded:smollm2-135m-instruct")
+    chat = ROOT / "recipes" / "chat.yaml"
+
+    def predicted(*overrides):
+        plan = make_plan(load_recipe(chat, list(overrides)), _hardware(), shape, source, data=_data())
+        return plan, predict_for_plan(plan, shape)
+
+    _, generating = predicted()
+    plan, loss_only = predicted("eval.metrics=[]")
+    assert generating.parts["eval_decode_steps"] > 0 and loss_only.parts["eval_decode_steps"] == 0
+    assert loss_only.parts["base_eval_decode_steps"] == 0
+    assert 0 < loss_only.trained_eval < generating.trained_eval and 0 < loss_only.base_eval < generating.base_eval
+    assert "no generation (eval.metrics is empty): the held-out loss only" in plan.decision("predicted_time").reason
