@@ -2,7 +2,7 @@
 
 Runs short real runs of the shipped recipes with the embedded SmolLM2-135M (LoRA with and without gradient
 checkpointing, fp32 and the plan's precision, a small micro-batch, full fine-tuning, DeepSpeed over gloo, GSM8K's
-long samples), each through `sftlaunch run` as a user would, then prints per case and phase: predicted and
+long samples, a chat file of the user's own conversations), each through `sftlaunch run` as a user would, then prints per case and phase: predicted and
 measured seconds and their ratio, predicted and measured peak memory and theirs (run.json's "phases").
 
 --fit: least squares of the CPU constants in launcher/timing.py (elementwise operations per activation element in
@@ -42,6 +42,8 @@ CASES = {
     "deepspeed": [*UNIT, "hardware.backend=deepspeed", "train.max_steps=8", "eval.limit=24"],
     "gsm8k": ["recipes/gsm8k.yaml", EMBEDDED, "train.max_steps=16", "eval.limit=16", "data.max_samples=400",
               "train.save_steps=1000"],
+    # The user's own conversations (data.task: chat): the chat template's tokens, answers at the last assistant turn.
+    "chat": ["recipes/chat.yaml", "train.max_steps=8", "eval.limit=32", "train.save_steps=1000"],
 }
 PHASES = ("loading", "base_eval", "training", "final_eval")
 

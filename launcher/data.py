@@ -156,7 +156,7 @@ TEMPLATE_TOKENS_PER_MESSAGE = 5
 
 
 # Bumped whenever measure_size counts differently, so a cached count from an older way is not reused.
-SIZE_COUNT_VERSION = "4"
+SIZE_COUNT_VERSION = "5"
 
 
 def cached_size(recipe: Recipe, data_path: str | None, max_length: int, model_path: str | None):
@@ -242,7 +242,8 @@ def measure_size(recipe: Recipe, data_path: str | None, max_length: int, model_p
                     answer_tokens_max=max(answers), eval_items=len(evals),
                     eval_prompt_tokens=round(sum(eval_tokens) / max(1, len(eval_tokens))),
                     eval_prompt_tokens_max=max(eval_tokens, default=0),
-                    eval_answer_tokens=[eval_answers[i] for i in order] if evals else None, source=how)
+                    eval_answer_tokens=[eval_answers[i] for i in order] if evals else None,
+                    sample_tokens_max=max(tokens), source=how)
 
 
 def _tokenizer_file(model_path: str | None) -> Path | None:

@@ -320,6 +320,7 @@ class EvalMemoryEstimate:
     total: float
     loss_pass: float = 0.0  # the held-out loss's forward pass (launcher.item_loss), before generation: the larger counts
     merged_weights: float = 0.0  # the adapted weights copied to merge the adapter into (eval_merge), where shared
+    generates: bool = True  # False: the held-out loss alone (a chat evaluation without eval.metrics)
 
     @property
     def working(self) -> float:
@@ -332,7 +333,9 @@ class EvalMemoryEstimate:
         text += f"training weights {g['training_weights']} + " if self.training_weights else ""
         text += f"evaluation weights {g['eval_weights']} + " if self.eval_weights else ""
         text += f"merged copy of the adapted weights {g['merged_weights']} + " if self.merged_weights else ""
-        if self.loss_pass > self.kv_cache + self.activations:
+        if not self.generates:
+            text += f"held-out loss pass {g['loss_pass']} (no generation)"
+        elif self.loss_pass > self.kv_cache + self.activations:
             text += f"held-out loss pass {g['loss_pass']} (more than generation's KV cache {g['kv_cache']} + activations {g['activations']})"
         else:
             text += f"KV cache {g['kv_cache']} + activations {g['activations']}"
@@ -341,7 +344,7 @@ class EvalMemoryEstimate:
 
 def estimate_eval_memory(shape: ModelShape, *, eval_precision: str, training_precision: str, batch: int, prompt_len: int,
                          new_tokens: int, reloaded: bool, device: str, base_dtype: str = "fp32",
-                         quantize: str = "none", merged_params: int = 0) -> EvalMemoryEstimate:
+                         quantize: str = "none", merged_params: int = 0, generates: bool = True) -> EvalMemoryEstimate:
     """The evaluation's peak: generation on `batch` prompts of up to `prompt_len` tokens plus `new_tokens`.
 
     One process evaluates the model it trained: its fp32 weights stay, and under mixed precision generation
@@ -352,7 +355,8 @@ def estimate_eval_memory(shape: ModelShape, *, eval_precision: str, training_pre
     precision is its compute dtype. Merging the adapter for generation (`merged_params`: the adapted weights)
     writes into the copy's weights: free where the copy casts them anyway (an fp32 base evaluated in half
     precision) or into a model reloaded for the evaluation alone, a copy of those weights where it would share
-    them with training.
+    them with training. `generates` False: an evaluation by held-out loss alone (launcher.timing.evaluation_generates),
+    which holds no KV cache and runs no prompt pass beyond the loss's.
     """
     eval_bytes = 2.0 if eval_precision in ("bf16", "fp16") else 4.0
     if quantize == "4bit":  # generation runs on the 4-bit base it trained with (its weights cannot be cast)
@@ -372,6 +376,8 @@ def estimate_eval_memory(shape: ModelShape, *, eval_precision: str, training_pre
     # logits come out in the model's dtype and are upcast to fp32 for the choice of the next token.
     activations = batch * prompt_len * (4 * shape.hidden + 3 * shape.intermediate) * eval_bytes
     activations += batch * shape.vocab * (eval_bytes + 8)
+    if not generates:
+        kv_cache = activations = 0.0
     # The held-out loss (launcher.item_loss) runs first, a batch of up to 2^25 logits at a time: the logits in the
     # model's dtype, their fp32 copy at the trained positions and its log-softmax.
     from launcher.item_loss import tokens_per_batch
@@ -383,4 +389,5 @@ def estimate_eval_memory(shape: ModelShape, *, eval_precision: str, training_pre
     # The CPU allocator's slack comes from the many short-lived tensors of each decoding step; the weights are
     # large single allocations (mmap'd by glibc and returned whole), so only the rest carries the factor.
     allocator = working * (CPU_RESIDENT_FACTOR[kind] - 1) if device == "cpu" else 0.0
-    return EvalMemoryEstimate(training, weights, kv_cache, activations, allocator, tensors + allocator, loss_pass, merged)
+    return EvalMemoryEstimate(training, weights, kv_cache, activations, allocator, tensors + allocator, loss_pass, merged,
+                              generates)

@@ -550,10 +550,16 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
         compiled, prediction = _decide_compile(recipe, hw, backend, device, precision, quantize, prediction, decide)
         return prediction
 
+    # The training's peak as the run will reach it: micro-batches padded to the data's longest sample.
+    peak = fit.estimate
+    if shape is not None and fit.estimate is not None and padded_length(data, max_length) < max_length:
+        peak = _training_estimate(recipe, backend, device, precision, base_dtype, shape, fit.micro, fit.checkpointing,
+                                  fit.zero_stage, fit.offload, world_size, padded_length(data, max_length))
     predicted = _decide_time(recipe, hw, shape, data, backend, device, precision, eval_precision, base_dtype, fit,
-                             loss_logits, accumulation, world_size, nodes, threads, decide, with_compile, fresh)
+                             loss_logits, accumulation, world_size, nodes, threads, decide, with_compile, peak, fresh)
     memory = _phase_memory(recipe, shape, data, fit, eval_precision, precision, base_dtype, backend, device, max_length,
-                           world_size, eval_merge, predicted.parts.get("micro_batches") if predicted else None, fresh)
+                           world_size, eval_merge, predicted.parts.get("micro_batches") if predicted else None, peak,
+                           fresh)
     lora_dropout = _decide_lora_dropout(recipe, device, compiled, decide)
 
     trust = decide("trust_remote_code", recipe.model.trust_remote_code,
@@ -575,7 +581,8 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
 
 def _phase_memory(recipe: Recipe, shape: ModelShape | None, data, fit: MemoryFit, eval_precision: str, precision: str,
                   base_dtype: str, backend: str, device: str, max_length: int, world_size: int,
-                  eval_merge: bool, micro_batches: float | None, fresh: bool = False) -> dict | None:
+                  eval_merge: bool, micro_batches: float | None, peak: MemoryEstimate | None,
+                  fresh: bool = False) -> dict | None:
     """The peak memory each phase is predicted to reach on its device, as launcher.phases measures it: on CPU the
     process's resident set, which adds the libraries' own (CPU_RUNTIME_GIB) to the estimates, and to an evaluation
     that runs after training what the process still holds from it (launcher.memory.cpu_retained_gib: more after more
@@ -586,17 +593,22 @@ def _phase_memory(recipe: Recipe, shape: ModelShape | None, data, fit: MemoryFit
     many steps as the time model expects (launcher.timing.decode_steps_per_batch). Sized for the limits, the
     predictions were 1.5-1.9x the measured peaks in 5 of the 16 evaluations of benchmarks/time_estimate.py's cases.
     A final evaluation in a fresh process (`fresh`) holds nothing of training: its model loaded in the evaluation's
-    precision alone, as a reloaded one."""
-    if fit.estimate is None:
+    precision alone, as a reloaded one.
+
+    Training is sized the same way (`peak`): its micro-batches are padded to their longest sample, so the peak comes
+    from the data's longest (counted by the pre-flight: padded_length), not data.max_length, which the fit is checked
+    against. Sized for data.max_length, the chat recipe's training (256 tokens, its longest sample 185) was predicted
+    at 1.39x its measured peak."""
+    if fit.estimate is None or peak is None:
         return None
     cpu = device == "cpu"
     runtime = CPU_RUNTIME_GIB if cpu else 0.0
     retained = cpu_retained_gib(precision, micro_batches) if cpu else 0.0
-    memory = {"training": round(fit.estimate.total / GiB + runtime, 2)}
+    sized = isinstance(data, DataSize)
+    memory = {"training": round(peak.total / GiB + runtime, 2)}
     if shape is None:
         return memory
     ev = recipe.eval
-    sized = isinstance(data, DataSize)
     batch = min(ev.batch_size, data.eval_items) if sized and data.eval_items else ev.batch_size
     prompt = data.eval_prompt_tokens_max if sized and data.eval_prompt_tokens_max else max_length
 
@@ -605,7 +617,7 @@ def _phase_memory(recipe: Recipe, shape: ModelShape | None, data, fit: MemoryFit
         est = estimate_eval_memory(shape, eval_precision=eval_precision, training_precision=precision, batch=batch,
                                    prompt_len=prompt, new_tokens=round(steps), reloaded=reloaded,
                                    device=device, base_dtype=base_dtype, quantize=recipe.model.quantize,
-                                   merged_params=merged)
+                                   merged_params=merged, generates=evaluation_generates(recipe))
         return est.total / GiB
 
     merged = _eval_merge_params(recipe, shape) if eval_merge else 0
@@ -622,7 +634,7 @@ def _phase_memory(recipe: Recipe, shape: ModelShape | None, data, fit: MemoryFit
 def _decide_time(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None, data, backend: str, device: str,
                  precision: str, eval_precision: str, base_dtype: str, fit: MemoryFit, loss_logits: str,
                  accumulation: int, world_size: int, nodes: int, threads: int, decide, with_compile,
-                 fresh: bool = False):
+                 peak: MemoryEstimate | None, fresh: bool = False):
     """The predicted time of each phase (launcher.timing) as a decision, and what a time budget will cut.
     `with_compile(prediction or None)` decides train.compile from the eager prediction and returns it with the
     compile counted; it is called once, on every path."""
@@ -651,7 +663,7 @@ def _decide_time(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None, dat
             cpu_cores=hw.cpu_cores, epochs=epochs, max_steps=t.max_steps, zero_stage=fit.zero_stage,
             eval_batch=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
             compare_base=recipe.eval.compare_base, base_dtype=base_dtype, quantized=recipe.model.quantize == "4bit",
-            memory_gib=None if fit.estimate is None else fit.estimate.total / GiB, elementwise_gops=hw.elementwise_gops,
+            memory_gib=None if peak is None else peak.total / GiB, elementwise_gops=hw.elementwise_gops,
             fresh_final_eval=fresh, op_build=op_build, generates=evaluation_generates(recipe))
 
     def training_for(samples: int, epochs: float) -> float:
@@ -789,7 +801,8 @@ def _decide_eval_memory(recipe: Recipe, shape: ModelShape | None, eval_precision
         return estimate_eval_memory(shape, eval_precision=eval_precision, training_precision=precision, batch=batch,
                                     prompt_len=max_length, new_tokens=ev.max_new_tokens,
                                     reloaded=backend == "deepspeed" or (fresh and not ev.compare_base), device=device,
-                                    base_dtype=base_dtype, quantize=recipe.model.quantize, merged_params=merged)
+                                    base_dtype=base_dtype, quantize=recipe.model.quantize, merged_params=merged,
+                                    generates=evaluation_generates(recipe))
 
     est = estimate(ev.batch_size)
     if fresh and _merges_adapter(recipe):
@@ -839,8 +852,9 @@ def _decide_eval_memory(recipe: Recipe, shape: ModelShape | None, eval_precision
                f"eval.batch_size={ev.batch_size}, more than {where}; eval.batch_size={fits} fits even then (an "
                "out-of-memory while evaluating stops with that fix, and `sftlaunch resume` evaluates without training again)")
         return bool(merged) or (fresh and _merges_adapter(recipe))
-    decide("eval_memory_gib", round(est.total / GiB, 2),
-           f"{est.describe()} at eval.batch_size={ev.batch_size}, {max_length}+{ev.max_new_tokens} tokens ({how}); fits {where}")
+    sized_for = (f"eval.batch_size={ev.batch_size}, {max_length}+{ev.max_new_tokens} tokens" if est.generates else
+                 "the held-out loss alone: eval.metrics is empty, nothing is generated")
+    decide("eval_memory_gib", round(est.total / GiB, 2), f"{est.describe()} at {sized_for} ({how}); fits {where}")
     return bool(merged) or (fresh and _merges_adapter(recipe))
 
 
@@ -900,6 +914,35 @@ class MemoryFit(NamedTuple):
     why: str = ""  # why checkpointing is on, when the planner turned it on
 
 
+def _training_estimate(recipe: Recipe, backend: str, device: str, precision: str, base_dtype: str, shape: ModelShape,
+                       micro: int, checkpointing: bool, stage: int, offload: bool, world_size: int,
+                       seq_len: int) -> MemoryEstimate:
+    """launcher.memory.estimate_memory for one layout, micro-batches padded to `seq_len` tokens."""
+    lora = recipe.model.lora
+    return estimate_memory(shape, micro_batch=micro, seq_len=seq_len, precision=precision, checkpointing=checkpointing,
+                           lora_rank=lora.rank, lora_targets=lora.target_modules, zero_stage=stage,
+                           world_size=world_size, offload=offload, device=device, method=recipe.model.method,
+                           base_dtype=base_dtype, quantize=recipe.model.quantize,
+                           trained_logits=trained_logits_blocker(recipe, backend, stage, shape) is None)
+
+
+def padded_length(data, max_length: int) -> int:
+    """The longest a micro-batch is padded to: the data's longest sample as the pre-flight counted it (at most
+    data.max_length), or data.max_length where the count did not keep it."""
+    longest = data.sample_tokens_max if isinstance(data, DataSize) and data.sample_tokens_max else max_length
+    return min(longest, max_length)
+
+
+def training_peak_gib(plan: Plan, shape: ModelShape) -> float | None:
+    """A written plan's training peak on its device at the data's longest sample (launcher.timing.predict_for_plan:
+    the first step's first touch of memory), as make_plan predicted it; None where memory was not estimated."""
+    if plan.memory_estimate_gib is None:
+        return None
+    return _training_estimate(plan.recipe, plan.backend, plan.device, plan.precision, plan.base_dtype, shape,
+                              plan.micro_batch_size, plan.gradient_checkpointing, plan.zero_stage, plan.offload,
+                              plan.world_size, padded_length(plan.data_size, plan.max_length)).total / GiB
+
+
 def _fit_memory(recipe: Recipe, backend: str, device: str, precision: str, base_dtype: str, shape: ModelShape | None,
                 per_rank: int, max_length: int, world_size: int, budget_gib: float) -> MemoryFit:
     """The first layout, in order of speed, that fits.
@@ -908,7 +951,7 @@ def _fit_memory(recipe: Recipe, backend: str, device: str, precision: str, base_
     checkpointing (recompute costs ~30%), unless checkpointing is what buys a micro-batch of at least 4.
     If nothing fits, the smallest layout is returned with its estimate, and the caller reports it.
     """
-    hwr, lora = recipe.hardware, recipe.model.lora
+    hwr = recipe.hardware
     fixed_micro = None if hwr.micro_batch_size == "auto" else hwr.micro_batch_size
     if shape is None:
         micro = fixed_micro or _largest_pow2_divisor(per_rank, CPU_MAX_MICRO_BATCH if backend == "cpu" else GPU_DEFAULT_MICRO_BATCH)
@@ -931,11 +974,8 @@ def _fit_memory(recipe: Recipe, backend: str, device: str, precision: str, base_
     def largest_fit(stage, offload, ckpt) -> tuple[MemoryFit | None, MemoryEstimate]:
         """The largest micro-batch that fits this layout (None if none does), and the last estimate made."""
         for micro in micros:
-            est = estimate_memory(shape, micro_batch=micro, seq_len=max_length, precision=precision, checkpointing=ckpt,
-                                  lora_rank=lora.rank, lora_targets=lora.target_modules, zero_stage=stage,
-                                  world_size=world_size, offload=offload, device=device, method=recipe.model.method,
-                                  base_dtype=base_dtype, quantize=recipe.model.quantize,
-                                  trained_logits=trained_logits_blocker(recipe, backend, stage, shape) is None)
+            est = _training_estimate(recipe, backend, device, precision, base_dtype, shape, micro, ckpt, stage, offload,
+                                     world_size, max_length)
             if est.total / GiB <= budget_gib:
                 return MemoryFit(micro, ckpt, stage, offload, est), est
         return None, est

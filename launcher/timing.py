@@ -42,7 +42,7 @@ from launcher.memory import ACT_BYTES, ModelShape
 #   rate (AdamW alone measured 2.2 ns per weight there, 14 operations; nothing to speak of for LoRA's 2.4M weights);
 # - the phase starts with the trainer's set-up (2 s) and the first step's first touch of the run's memory (the
 #   first batch is the longest: transformers' length-grouped sampler puts it first): 1.6 s per GiB of the
-#   planned peak (GSM8K's first step took 39 s, the next ones 7.8 s).
+#   predicted peak, at the data's longest sample (GSM8K's first step took 39 s, the next ones 7.8 s).
 # GPUs: not fitted (no GPU run yet): typical figures for small models, stated as such in the plan's reason; their
 # elementwise work is bound by memory bandwidth (passes over the activation bytes).
 CPU = {
@@ -88,6 +88,9 @@ class DataSize(BaseModel):
     # The evaluation items' reference answers in tokens (+ EOS), in the evaluation's generation order
     # (launcher.data.batch_order). None in a count cached before they were kept: the training answers' longest is used.
     eval_answer_tokens: list[int] | None = None
+    # The longest training sample in tokens, at most data.max_length: micro-batches are padded to their longest
+    # sample, so the training's peak comes from the one that holds it. None in a count cached before it was kept.
+    sample_tokens_max: int | None = None
 
 
 class TimePrediction(BaseModel):
@@ -209,13 +212,12 @@ def answer_batches(data: DataSize, which: str, eval_batch: int, max_new_tokens: 
 
 
 def decode_steps_per_batch(data: DataSize, which: str, eval_batch: int, max_new_tokens: int) -> float:
-    """Decoding steps of one evaluation batch of `which` model ("base" or "trained"): an earlier run's measured mean
-    where known, else the training answers' longest (a batch generates until its longest answer ends), at most
-    eval.max_new_tokens. The time model's steps and the evaluation memory's KV cache both follow it."""
-    m = _measured_answers(data, eval_batch).get(which)
-    if m:
-        return m["decode_steps"] / max(1, m["batches"])
-    return float(min(max_new_tokens, data.answer_tokens_max))
+    """Decoding steps of the evaluation batch of `which` model ("base" or "trained") that decodes longest, which
+    sizes the evaluation memory's KV cache: from answer_batches, as the time model's steps are (an earlier run's
+    measured mean steps per batch where known, else the longest reference answer, else the training answers'
+    longest), at most eval.max_new_tokens."""
+    batches, _ = answer_batches(data, which, eval_batch, max_new_tokens)
+    return max((steps for _, steps, _ in batches), default=float(min(max_new_tokens, data.answer_tokens_max)))
 
 
 def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: str, eval_precision: str,
@@ -231,7 +233,8 @@ def predict_time(shape: ModelShape, data: DataSize, *, device: str, precision: s
     elementwise_gops: the CPU's elementwise rate per precision in G elements/s (the probe's, or a CPU profile's);
     a CPU's time is not predicted without it (GPUs use bandwidth_gbs for that part). fresh_final_eval: the final
     evaluation runs in a fresh process (Plan.final_eval_fresh), which starts the libraries and loads the trained model
-    in eval_precision first. op_build: the folder where DeepSpeed's CPU op will be built as the run starts
+    in eval_precision first. memory_gib: the training's predicted peak, micro-batches padded to the data's longest
+    sample (launcher.plan.padded_length), which the first step touches. op_build: the folder where DeepSpeed's CPU op will be built as the run starts
     (launcher.hardware.deepspeed_cpu_op_to_build), counted in the loading. generates: whether the evaluation generates
     answers (evaluation_generates), or only takes the held-out loss."""
     if not tflops or precision not in tflops or not bandwidth_gbs:
@@ -367,6 +370,8 @@ def evaluation_generates(recipe) -> bool:
 
 def predict_for_plan(plan, shape: ModelShape) -> TimePrediction | str:
     """predict_time with a written plan's own inputs (benchmarks re-derive the parts of a run's prediction)."""
+    from launcher.plan import training_peak_gib
+
     r = plan.recipe
     if plan.data_size is None:
         return "the plan has no data size"
@@ -378,7 +383,7 @@ def predict_for_plan(plan, shape: ModelShape) -> TimePrediction | str:
         accumulation=plan.gradient_accumulation_steps, world_size=plan.world_size, nodes=plan.nodes, threads=plan.threads,
         cpu_cores=plan.hardware.cpu_cores, epochs=r.train.epochs, max_steps=r.train.max_steps, zero_stage=plan.zero_stage,
         eval_batch=r.eval.batch_size, max_new_tokens=r.eval.max_new_tokens, compare_base=r.eval.compare_base,
-        base_dtype=plan.base_dtype, quantized=plan.quantize == "4bit", memory_gib=plan.memory_estimate_gib,
+        base_dtype=plan.base_dtype, quantized=plan.quantize == "4bit", memory_gib=training_peak_gib(plan, shape),
         elementwise_gops=plan.hardware.elementwise_gops, fresh_final_eval=plan.final_eval_fresh,
         generates=evaluation_generates(r))
 

@@ -158,3 +158,19 @@ def test_data_size_keeps_the_evaluations_reference_answers_in_the_order_the_eval
     answers = [len(tok(" " + ex.target, add_special_tokens=False).input_ids) + 1 for ex in evals]
     assert size.eval_answer_tokens == [answers[i] for i in batch_order(prompts)]
     assert len(set(size.eval_answer_tokens)) > 1 and size.eval_answer_tokens != answers  # the order matters here
+
+
+def test_data_size_keeps_the_longest_training_sample_as_training_encodes_it(tiny_model):
+    """Micro-batches are padded to their longest sample, so the plan's predicted training peak takes the data's
+    longest sample as the training pipeline encodes it (launcher.data.encode_examples), at most data.max_length."""
+    from transformers import AutoTokenizer
+
+    from launcher.data import build_examples, encode_examples, measure_size
+
+    recipe = load_recipe(ROOT / "recipes" / "unit-conversion.yaml", ["data.train_size=16", "eval.limit=12"])
+    train, _ = build_examples(recipe, None)
+    features, _ = encode_examples(train, AutoTokenizer.from_pretrained(tiny_model), 512, recipe.data.prompt_format)
+    longest = max(len(f["input_ids"]) for f in features)
+    assert min(len(f["input_ids"]) for f in features) < longest < 512  # the samples differ, none cut
+    assert measure_size(recipe, None, 512, str(tiny_model)).sample_tokens_max == longest
+    assert measure_size(recipe, None, longest - 3, str(tiny_model)).sample_tokens_max == longest - 3

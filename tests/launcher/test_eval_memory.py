@@ -226,3 +226,40 @@ def test_processes_that_evaluate_the_base_after_training_are_predicted_with_what
     assert plan.predicted_memory_gib["base_eval"] == round(base + CPU_RUNTIME_GIB + 0.7, 2)
     # Merged in place into the reloaded model: no copy, so both evaluations predict the same peak.
     assert plan.predicted_memory_gib["final_eval"] == plan.predicted_memory_gib["base_eval"]
+
+
+def test_a_first_runs_evaluation_memory_follows_the_longest_reference_answer_and_a_loss_only_one_its_loss_pass():
+    """On a first run the evaluation's KV cache is sized for the decoding steps the time model expects: until the
+    longest reference answer ends (launcher.timing.answer_batches), not the training answers' longest. A chat
+    evaluation without eval.metrics generates nothing: its peak is the held-out loss pass, and its fit is checked
+    for that, not for a KV cache of eval.batch_size x (data.max_length + eval.max_new_tokens)."""
+    from launcher.memory import CPU_RUNTIME_GIB
+
+    recipe = load_recipe(ROOT / "recipes" / "unit-conversion.yaml", ["hardware.precision=fp32", "eval.limit=16"])
+    shape = find_shape(recipe.model.name)[0]
+    data = _counted_data(16).model_copy(update={"eval_answer_tokens": [61] + [40] * 15})
+    predicted = make_plan(recipe, _rates_hardware(), shape, data=data).predicted_memory_gib
+
+    def expected(new_tokens, reloaded, generates=True, batch=16, prompt=30):
+        return estimate_eval_memory(shape, eval_precision="fp32", training_precision="fp32", batch=batch, prompt_len=prompt,
+                                    new_tokens=new_tokens, reloaded=reloaded, device="cpu", base_dtype="fp32",
+                                    generates=generates).total / GiB
+
+    assert predicted["final_eval"] == round(expected(61, True) + CPU_RUNTIME_GIB, 2)  # the training answers': 103
+    assert predicted["base_eval"] == round(expected(61, False) + CPU_RUNTIME_GIB, 2)
+
+    # 64 prompts of up to 200 tokens: generation's KV cache and prompt pass outgrow the loss pass's logits.
+    chat = ROOT / "recipes" / "chat.yaml"
+    data = _counted_data(64).model_copy(update={"eval_prompt_tokens_max": 200})
+    generating = make_plan(load_recipe(chat, ["eval.batch_size=64"]), _rates_hardware(), shape, data=data)
+    loss_only = make_plan(load_recipe(chat, ["eval.batch_size=64", "eval.metrics=[]"]), _rates_hardware(), shape, data=data)
+    assert generating.eval_precision == loss_only.eval_precision == "bf16"
+    loss_pass = estimate_eval_memory(shape, eval_precision="bf16", training_precision="bf16", batch=64, prompt_len=200,
+                                     new_tokens=0, reloaded=True, device="cpu", base_dtype=loss_only.base_dtype,
+                                     generates=False)
+    assert loss_pass.kv_cache == loss_pass.activations == 0 and loss_pass.working == loss_pass.loss_pass > 0
+    assert loss_only.predicted_memory_gib["final_eval"] == round(loss_pass.total / GiB + CPU_RUNTIME_GIB, 2)
+    assert loss_only.predicted_memory_gib["final_eval"] < generating.predicted_memory_gib["final_eval"]
+    fit = loss_only.decision("eval_memory_gib")
+    assert "held-out loss pass" in fit.reason and "no generation" in fit.reason and "KV cache" not in fit.reason
+    assert fit.value < generating.decision("eval_memory_gib").value

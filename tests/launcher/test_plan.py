@@ -493,3 +493,41 @@ def test_deepspeed_on_a_cpu_without_a_cpp_compiler_stops_before_starting_and_say
     assert runnable_here(plan_for(CPU_BF16), CPU_BF16) == []  # one process builds nothing
     built_deepspeed_op(tmp_path / "deepspeed_shm_comm")  # built already: no compiler needed
     assert runnable_here(plan, CPU_BF16) == []
+
+
+def test_the_training_peak_is_predicted_at_the_datas_longest_sample_and_the_fit_checked_at_data_max_length():
+    """Micro-batches are padded to their longest sample, so a run's training peak comes from the data's longest, not
+    from data.max_length: the chat recipe (max_length 256, its longest sample 185 tokens) was predicted at 7.22 GiB
+    for training that peaked at 5.21 (benchmarks/time_estimate.py's chat case). The micro-batch is still fitted at
+    data.max_length, the bound no sample exceeds."""
+    from launcher.memory import CPU_RUNTIME_GIB, GiB, estimate_memory
+    from launcher.timing import DataSize
+
+    recipe = load_recipe(ROOT / "recipes" / "chat.yaml", [])
+    data = DataSize(samples=573, tokens=60_978, trainable_tokens=26_630, answer_tokens_max=58, eval_items=32,
+                    eval_prompt_tokens=53, eval_prompt_tokens_max=113, sample_tokens_max=185, source="test")
+    plan = make_plan(recipe, CPU_BF16, SMOL, data=data)
+    assert plan.max_length == 256 and plan.micro_batch_size == 16
+
+    def at(tokens):
+        return estimate_memory(SMOL, micro_batch=16, seq_len=tokens, precision=plan.precision,
+                               checkpointing=plan.gradient_checkpointing, lora_rank=recipe.model.lora.rank,
+                               lora_targets=recipe.model.lora.target_modules, device="cpu", base_dtype=plan.base_dtype,
+                               trained_logits=plan.loss_logits == "trained").total / GiB
+
+    assert plan.memory_estimate_gib == round(at(256), 2)
+    assert plan.predicted_memory_gib["training"] == round(at(185) + CPU_RUNTIME_GIB, 2)
+    assert at(256) - at(185) > 1.0  # the activations scale with the padded length: over a GiB here
+    # A count kept by an older sftlaunch, without the longest sample: data.max_length, as before.
+    older = make_plan(recipe, CPU_BF16, SMOL, data=data.model_copy(update={"sample_tokens_max": None}))
+    assert older.predicted_memory_gib["training"] == round(at(256) + CPU_RUNTIME_GIB, 2)
+    # The time model's start counts the first step's first touch of that peak (the first batch is the longest), in
+    # the plan and in predict_for_plan (what benchmarks/time_estimate.py fits with) alike.
+    from launcher.timing import CPU, predict_for_plan
+
+    rates = CPU_BF16.model_copy(update={"matmul_tflops": {"fp32": 0.2, "bf16": 0.88}, "memory_bandwidth_gbs": 100,
+                                        "elementwise_gops": {"fp32": 5.0, "bf16": 6.0}, "rates_source": "test"})
+    timed = make_plan(load_recipe(ROOT / "recipes" / "chat.yaml", ["train.compile=false"]), rates, SMOL, data=data)
+    prediction = predict_for_plan(timed, SMOL)
+    assert prediction.parts["start_s"] == pytest.approx(CPU["start_seconds"] + CPU["first_touch_seconds_per_gib"] * at(185))
+    assert timed.predicted_seconds["training"] == pytest.approx(prediction.training, abs=0.5)
