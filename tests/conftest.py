@@ -143,8 +143,15 @@ def built_deepspeed_op(folder, ninja: str | None = None) -> None:
     import importlib.util
     from pathlib import Path
 
+    import os
+    import sysconfig
+
     ds, torch = (Path(importlib.util.find_spec(name).origin).parent for name in ("deepspeed", "torch"))
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "build.ninja").write_text(ninja or (f"cflags = -isystem {torch / 'include'}\n"
-                                                  f"build shm.o: compile {ds / 'ops/csrc/cpu/comm/shm.cpp'}\n"))
+    # The lines of torch's build.ninja (torch/utils/cpp_extension.py) that name this install and this machine.
+    (folder / "build.ninja").write_text(ninja or (
+        f"cxx = {os.environ.get('CXX', 'c++')}\n"
+        f"cflags = -DTORCH_EXTENSION_NAME=deepspeed_shm_comm -isystem {torch / 'include'} "
+        f"-isystem {sysconfig.get_path('include', scheme='posix_prefix')} -fPIC -O2 -fopenmp\n"
+        f"build shm.o: compile {ds / 'ops/csrc/cpu/comm/shm.cpp'}\n"))
     (folder / "deepspeed_shm_comm.so").write_bytes(b"")

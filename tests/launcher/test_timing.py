@@ -298,6 +298,20 @@ def test_a_first_deepspeed_run_on_a_cpu_counts_building_deepspeeds_op_and_a_late
     built_deepspeed_op(folder, ninja="build shm.o: compile /elsewhere/venv/deepspeed/ops/csrc/cpu/comm/shm.cpp\n")
     assert deepspeed_cpu_op_to_build() == folder
     assert plan("hardware.backend=deepspeed").predicted_seconds["loading"] == first.predicted_seconds["loading"]
+    # Built by a clone whose paths contain this install's (/tmp/ci/work/main/.venv/... holds /work/main/.venv/...):
+    # a benchmark's DeepSpeed run after CI on the same machine loaded in 30.2 s against 5.5 predicted.
+    built_deepspeed_op(folder)
+    ours = (folder / "build.ninja").read_text()
+    (folder / "build.ninja").write_text(ours.replace(" /", " /tmp/ci/"))
+    assert deepspeed_cpu_op_to_build() == folder
+    # Built with another compiler ($CXX then) or another Python's headers: ninja builds again.
+    (folder / "build.ninja").write_text(ours.replace("cxx = ", "cxx = /usr/bin/other-"))
+    assert deepspeed_cpu_op_to_build() == folder
+    (folder / "build.ninja").write_text(ours.replace("-isystem /", "-isystem /elsewhere/python/").replace(
+        "-isystem /elsewhere/python/", "-isystem /", 1))
+    assert "/elsewhere/python/" in (folder / "build.ninja").read_text() and deepspeed_cpu_op_to_build() == folder
+    (folder / "build.ninja").write_text(ours)
+    assert deepspeed_cpu_op_to_build() is None
     # One CPU process never builds it; a profile's plan (another machine) does not look at this one's folders.
     assert "shared-memory op" not in plan().decision("predicted_time").reason
     profile = _hardware(name="cpu-2core")
