@@ -490,7 +490,7 @@ def deepspeed_cpu_op_to_build() -> Path | None:
     # Ninja builds again when a command changed: compare the parts of the command torch's JIT loader would write now
     # that can differ on one machine (torch/utils/cpp_extension.py: _write_ninja_file_to_build_library's sources, its
     # torch and Python.h include folders from sysconfig, get_cxx_compiler's $CXX or c++). Each path whole: compared
-    # as substrings, a build from a clone at /tmp/x/work/main (whose paths contain /work/main's) passed for this one's.
+    # as substrings, a build from a clone at /tmp/x/src/app (whose paths contain /src/app's) passed for this one's.
     # Seen once: after another checkout's tests had built the op on this machine, a DeepSpeed run loaded in 30.2 s
     # against 5.5 predicted, building it again.
     commands = text(folder / "build.ninja")

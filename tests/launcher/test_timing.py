@@ -298,7 +298,7 @@ def test_a_first_deepspeed_run_on_a_cpu_counts_building_deepspeeds_op_and_a_late
     built_deepspeed_op(folder, ninja="build shm.o: compile /elsewhere/venv/deepspeed/ops/csrc/cpu/comm/shm.cpp\n")
     assert deepspeed_cpu_op_to_build() == folder
     assert plan("hardware.backend=deepspeed").predicted_seconds["loading"] == first.predicted_seconds["loading"]
-    # Built by a clone whose paths contain this install's (/tmp/ci/work/main/.venv/... holds /work/main/.venv/...):
+    # Built by a clone whose paths contain this install's (/tmp/ci/src/app/.venv/... holds /src/app/.venv/...):
     # a benchmark's DeepSpeed run after CI on the same machine loaded in 30.2 s against 5.5 predicted.
     built_deepspeed_op(folder)
     ours = (folder / "build.ninja").read_text()
