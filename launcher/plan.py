@@ -551,13 +551,12 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
         return prediction
 
     # The training's peak as the run will reach it: micro-batches padded to the data's longest sample.
-    peak = fit.estimate
-    if shape is not None and fit.estimate is not None and padded_length(data, max_length) < max_length:
-        peak = _training_estimate(recipe, backend, device, precision, base_dtype, shape, fit.micro, fit.checkpointing,
-                                  fit.zero_stage, fit.offload, world_size, padded_length(data, max_length))
+    peak = None if fit.estimate is None else _training_estimate(
+        recipe, backend, device, precision, base_dtype, shape, fit.micro, fit.checkpointing, fit.zero_stage,
+        fit.offload, world_size, padded_length(data, max_length))
     predicted = _decide_time(recipe, hw, shape, data, backend, device, precision, eval_precision, base_dtype, fit,
                              loss_logits, accumulation, world_size, nodes, threads, decide, with_compile, peak, fresh)
-    memory = _phase_memory(recipe, shape, data, fit, eval_precision, precision, base_dtype, backend, device, max_length,
+    memory = _phase_memory(recipe, shape, data, eval_precision, precision, base_dtype, backend, device, max_length,
                            world_size, eval_merge, predicted.parts.get("micro_batches") if predicted else None, peak,
                            fresh)
     lora_dropout = _decide_lora_dropout(recipe, device, compiled, decide)
@@ -579,7 +578,7 @@ def make_plan(recipe: Recipe, hw: HardwareInfo, shape: ModelShape | None = None,
                 data_size=data if isinstance(data, DataSize) else None, decisions=tuple(decisions))
 
 
-def _phase_memory(recipe: Recipe, shape: ModelShape | None, data, fit: MemoryFit, eval_precision: str, precision: str,
+def _phase_memory(recipe: Recipe, shape: ModelShape | None, data, eval_precision: str, precision: str,
                   base_dtype: str, backend: str, device: str, max_length: int, world_size: int,
                   eval_merge: bool, micro_batches: float | None, peak: MemoryEstimate | None,
                   fresh: bool = False) -> dict | None:
@@ -599,7 +598,7 @@ def _phase_memory(recipe: Recipe, shape: ModelShape | None, data, fit: MemoryFit
     from the data's longest (counted by the pre-flight: padded_length), not data.max_length, which the fit is checked
     against. Sized for data.max_length, the chat recipe's training (256 tokens, its longest sample 185) was predicted
     at 1.39x its measured peak."""
-    if fit.estimate is None or peak is None:
+    if peak is None:
         return None
     cpu = device == "cpu"
     runtime = CPU_RUNTIME_GIB if cpu else 0.0
